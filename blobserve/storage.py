@@ -1,0 +1,259 @@
+"""
+The content-addressed blob store on a local file system.
+
+Committed blobs live at C{ROOT/blobs/<algorithm>/<first two hex>/<hex>};
+downloads in progress are written to C{ROOT/tmp/}, on the same file system, so
+that a commit is a rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from blobserve.digest import Digest
+
+log = Logger()
+
+_T = TypeVar("_T")
+
+#: Runs a blocking call away from the reactor thread and returns its result.
+RunBlocking = Callable[..., "Deferred[Any]"]
+
+
+@define
+class BlobReader:
+    """
+    A read handle on one blob file, owned by whoever opened it.
+
+    Reads are positional, so several readers never disturb each other or a
+    writer appending to the same file.
+    """
+
+    _fd: int
+    _closed: bool = field(default=False, init=False)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """
+        Read up to C{size} bytes at C{offset}; fewer only at the end of the file.
+        """
+        return os.pread(self._fd, size, offset)
+
+    def size(self) -> int:
+        """
+        The file's current length.
+        """
+        return os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        """
+        Release the handle. Closing twice is harmless.
+        """
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+@define
+class TemporaryBlob:
+    """
+    A blob being written: a file under C{ROOT/tmp/} that is not yet trusted.
+
+    Its owner (the download) writes to it, opens readers on it for clients that
+    follow the download, and ends it with L{IBlobStore.commit} or
+    L{IBlobStore.discard}.
+    """
+
+    digest: Digest
+    path: str
+    _fd: int
+    _closed: bool = field(default=False, init=False)
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data}.
+
+        @raise OSError: if the file system refuses it (a full disk, an I/O error).
+        """
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def open_reader(self) -> BlobReader:
+        """
+        A new, independent read handle on this file. It stays valid after the
+        file is committed (renamed) or discarded (removed).
+
+        @raise ValueError: if this temporary has been closed.
+        """
+        if self._closed:
+            raise ValueError(f"{self.path} is closed")
+        # A duplicate of the read-write descriptor: it needs no path, so the
+        # rename in commit cannot race with a reader opening the file.
+        return BlobReader(os.dup(self._fd))
+
+    def fsync(self) -> None:
+        """
+        Make the written bytes durable. Blocking: call it from a thread.
+        """
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """
+        Release the write handle; readers already opened stay valid.
+        """
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+class IBlobStore(Interface):
+    """
+    Where verified blobs are kept, addressed by their digest.
+    """
+
+    def open(digest: Digest) -> BlobReader | None:
+        """
+        Open the committed blob C{digest} for reading, or return L{None} if the
+        store does not hold it.
+        """
+
+    def create_temporary(digest: Digest) -> TemporaryBlob:
+        """
+        Create an empty temporary file for a download of C{digest}.
+
+        @raise OSError: if the file cannot be created.
+        """
+
+    def commit(temporary: TemporaryBlob) -> Deferred[None]:
+        """
+        Make a fully written and verified temporary blob durable and visible to
+        L{open} under its digest, atomically: a reader sees the whole blob or
+        none. The temporary's write handle is left open for its owner to close.
+
+        @return: fires once the blob is visible, or fails (and the temporary is
+            removed) if the file system refuses.
+        """
+
+    def discard(temporary: TemporaryBlob) -> None:
+        """
+        Remove a temporary blob that will not be committed, and close it.
+        """
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@implementer(IBlobStore)
+@define
+class DirectoryBlobStore:
+    """
+    An L{IBlobStore} in a directory of the local file system.
+
+    @ivar root: the store's directory.
+    @ivar run_blocking: runs the slow parts of a commit (the fsync calls) away
+        from the reactor thread.
+    """
+
+    root: str
+    run_blocking: RunBlocking = deferToThread
+
+    def __attrs_post_init__(self) -> None:
+        os.makedirs(self._blobs, exist_ok=True)
+        os.makedirs(self._tmp, exist_ok=True)
+
+    @property
+    def _blobs(self) -> str:
+        return os.path.join(self.root, "blobs")
+
+    @property
+    def _tmp(self) -> str:
+        return os.path.join(self.root, "tmp")
+
+    def path_for(self, digest: Digest) -> str:
+        """
+        Where the committed blob C{digest} lives.
+        """
+        return os.path.join(self._blobs, digest.algorithm, digest.hex[:2], digest.hex)
+
+    def remove_stale_temporaries(self) -> int:
+        """
+        Remove the temporary files a previous run left behind, and say how many.
+        """
+        removed = 0
+        for entry in os.scandir(self._tmp):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    def open(self, digest: Digest) -> BlobReader | None:
+        try:
+            fd = os.open(self.path_for(digest), os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return BlobReader(fd)
+
+    def create_temporary(self, digest: Digest) -> TemporaryBlob:
+        fd = -1
+        for attempt in range(100):
+            path = os.path.join(
+                self._tmp, f"{digest.algorithm}-{digest.hex}.{os.urandom(4).hex()}"
+            )
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if attempt == 99:
+                    raise
+                continue
+            break
+        return TemporaryBlob(digest, path, fd)
+
+    def commit(self, temporary: TemporaryBlob) -> Deferred[None]:
+        final = self.path_for(temporary.digest)
+        directory = os.path.dirname(final)
+
+        def rename(_: object) -> Deferred[None]:
+            # In the reactor thread, so that whoever looks the digest up next
+            # finds either the in-flight download or the committed file.
+            created = not os.path.isdir(directory)
+            os.makedirs(directory, exist_ok=True)
+            os.rename(temporary.path, final)
+            return self.run_blocking(self._sync_directories, directory, created)
+
+        def failed(reason: Any) -> Any:
+            self.discard(temporary)
+            return reason
+
+        d: Deferred[None] = self.run_blocking(temporary.fsync)
+        d.addCallback(rename)
+        d.addErrback(failed)
+        return d
+
+    @staticmethod
+    def _sync_directories(directory: str, created: bool) -> None:
+        _fsync_directory(directory)
+        if created:
+            _fsync_directory(os.path.dirname(directory))
+
+    def discard(self, temporary: TemporaryBlob) -> None:
+        try:
+            os.unlink(temporary.path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.failure("could not remove {path}", path=temporary.path)
+        temporary.close()
