@@ -1,0 +1,80 @@
+"""
+The single-flight table: at most one running L{Download} per digest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from blobserve.digest import Digest
+from blobserve.download import Download
+
+log = Logger()
+
+
+class IInFlightTable(Interface):
+    """
+    The downloads running now, by digest.
+    """
+
+    def join(name: str, digest: Digest) -> Download:
+        """
+        The running download of C{digest}; if there is none, start one for
+        repository C{name} and return it. However many callers join, a digest
+        is fetched once at a time.
+        """
+
+    def get(digest: Digest) -> Download | None:
+        """
+        The running download of C{digest}, or L{None}; never starts one.
+        """
+
+    def __len__() -> int:
+        """
+        How many downloads are running.
+        """
+
+
+@implementer(IInFlightTable)
+class InFlightTable:
+    """
+    An L{IInFlightTable} in memory. A download leaves the table when it ends,
+    committed or failed, so the next request for its digest finds the store or
+    starts afresh.
+    """
+
+    def __init__(self, create: Callable[[str, Digest], Download]) -> None:
+        """
+        @param create: makes a download (not yet started) of a digest for a
+            repository name.
+        """
+        self._create = create
+        self._downloads: dict[Digest, Download] = {}
+
+    def join(self, name: str, digest: Digest) -> Download:
+        download = self._downloads.get(digest)
+        if download is not None:
+            return download
+        download = self._create(name, digest)
+        # In the table before it starts: a download that ends at once still
+        # leaves the table.
+        self._downloads[digest] = download
+        download.when_done().addCallback(lambda _: self._forget(download))
+        download.start()
+        return download
+
+    def get(self, digest: Digest) -> Download | None:
+        return self._downloads.get(digest)
+
+    def __len__(self) -> int:
+        return len(self._downloads)
+
+    def __iter__(self) -> Iterator[Download]:
+        return iter(list(self._downloads.values()))
+
+    def _forget(self, download: Download) -> None:
+        if self._downloads.get(download.digest) is download:
+            del self._downloads[download.digest]

@@ -1,0 +1,179 @@
+"""
+L{FollowingProducer}: streams one blob from disk to one HTTP request, following
+the file as it grows.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from blobserve.storage import BlobReader
+from blobserve.writer import IBlobProgress
+
+log = Logger()
+
+#: The most a producer reads from disk at once: its whole memory per client,
+#: beside the transport's own buffer.
+CHUNK_SIZE = 128 * 1024
+
+
+@implementer(IBlobProgress)
+@frozen
+class CompleteBlob:
+    """
+    The progress of a blob that is already whole, such as a committed one.
+    """
+
+    length: int
+
+    def when_beyond(self, offset: int) -> Deferred[int]:
+        return succeed(self.length)
+
+
+class ShortRead(Exception):
+    """
+    The file on disk ended before the length it was said to have.
+    """
+
+
+@implementer(IPushProducer)
+class FollowingProducer:
+    """
+    Writes a blob to a request from a L{BlobReader}, in chunks of at most
+    L{CHUNK_SIZE}, as fast as the client takes them and no faster.
+
+    It reads only while the request's transport wants data, so a slow client
+    costs one chunk of memory, never more. It sends the last byte of a blob of
+    known length only once the blob is verified, so a blob that fails
+    verification never reaches a client as a complete body: the connection is
+    aborted instead. It owns its reader and closes it when it stops, for
+    whatever reason.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        reader: BlobReader,
+        progress: IBlobProgress,
+        length: int | None,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        """
+        @param length: the C{Content-Length} the response declared, if any.
+        """
+        self._request = request
+        self._reader = reader
+        self._progress = progress
+        self._length = length
+        self._chunk_size = chunk_size
+        self._offset = 0
+        self._available = 0
+        self._complete = False
+        self._paused = False
+        self._stopped = False
+        self._waiting: Deferred[int] | None = None
+
+    def start(self) -> None:
+        """
+        Send the response headers at once, register with the request and
+        begin writing the body.
+        """
+        # Clients give up on a response whose headers do not come: send them
+        # now, not with the first body byte.
+        self._request.write(b"")
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._pump()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """
+        The client went away: stop, and release the reader and any
+        subscription.
+        """
+        if not self._stopped:
+            self._release()
+
+    def _pump(self) -> None:
+        while not self._paused and not self._stopped:
+            limit = self._available
+            if not self._complete and self._length is not None:
+                # Hold the last byte back until the blob is verified.
+                limit = min(limit, self._length - 1)
+            if self._offset < limit:
+                size = min(self._chunk_size, limit - self._offset)
+                data = self._reader.read(self._offset, size)
+                if not data:
+                    self._abort(Failure(ShortRead(f"file ends at {self._offset}")))
+                    return
+                self._offset += len(data)
+                self._request.write(data)
+            elif self._complete:
+                self._finish()
+                return
+            else:
+                if self._waiting is None:
+                    self._waiting = self._progress.when_beyond(self._available)
+                    self._waiting.addCallbacks(self._advanced, self._failed)
+                return
+
+    def _advanced(self, available: int) -> None:
+        self._waiting = None
+        if available <= self._available:
+            self._complete = True
+        else:
+            self._available = available
+        self._pump()
+
+    def _failed(self, reason: Failure) -> None:
+        self._waiting = None
+        if reason.check(CancelledError) and self._stopped:
+            return
+        self._abort(reason)
+
+    def _finish(self) -> None:
+        if self._length is not None and self._offset != self._length:
+            self._abort(
+                Failure(ShortRead(f"blob of {self._offset} bytes, not {self._length}"))
+            )
+            return
+        self._release()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _abort(self, reason: Failure) -> None:
+        """
+        Cut the connection, so the client sees a truncated body rather than a
+        complete one.
+        """
+        log.warn(
+            "aborting response after {offset} bytes: {reason}",
+            offset=self._offset,
+            reason=reason.getErrorMessage(),
+        )
+        self._release()
+        self._request.unregisterProducer()
+        transport = self._request.transport
+        if transport is not None:
+            cast(ITCPTransport, transport).abortConnection()
+
+    def _release(self) -> None:
+        self._stopped = True
+        self._reader.close()
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()

@@ -1,0 +1,183 @@
+"""
+The registry's HTTP face: routing, OCI error bodies and headers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from blobserve.digest import Digest, InvalidDigest
+from blobserve.download import Landing
+from blobserve.inflight import IInFlightTable
+from blobserve.names import InvalidName, parse_name
+from blobserve.producer import CompleteBlob, FollowingProducer
+from blobserve.storage import IBlobStore
+from blobserve.upstream import BlobInfo, BlobUnknown, IUpstream, UpstreamError
+
+log = Logger()
+
+_BLOB_PATH = re.compile(rb"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
+_BASE_PATHS = {b"/v2", b"/v2/"}
+
+
+class OCIError(Exception):
+    """
+    An error the client is told about with the distribution spec's error body.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_for(reason: Failure) -> OCIError:
+    """
+    The OCI error that tells a client why its blob cannot be served.
+    """
+    if reason.check(OCIError):
+        return reason.value  # type: ignore[return-value]
+    if reason.check(BlobUnknown):
+        return OCIError(404, "BLOB_UNKNOWN", "blob unknown to registry")
+    if reason.check(UpstreamError):
+        return OCIError(502, "UNKNOWN", reason.getErrorMessage())
+    if reason.check(OSError):
+        log.failure("storage error", reason)
+        return OCIError(503, "UNAVAILABLE", "the cache cannot store blobs right now")
+    log.failure("unexpected error", reason)
+    return OCIError(500, "UNKNOWN", "internal error")
+
+
+def write_error(request: Request, error: OCIError) -> bytes:
+    """
+    Set the status and headers of C{error} on C{request} and return its body.
+    """
+    body = json.dumps(
+        {"errors": [{"code": error.code, "message": error.message, "detail": None}]}
+    ).encode()
+    request.setResponseCode(error.status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def _blob_headers(request: Request, digest: Digest, length: int | None) -> None:
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", b"application/octet-stream")
+    request.setHeader(b"Docker-Content-Digest", str(digest).encode())
+    request.setHeader(b"ETag", f'"{digest}"'.encode())
+    if length is not None:
+        request.setHeader(b"Content-Length", b"%d" % length)
+
+
+class RegistryResource(Resource):
+    """
+    The read-only part of the registry API that a pull-through blob cache
+    serves: C{/v2/} and blobs by digest.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self, store: IBlobStore, downloads: IInFlightTable, upstream: IUpstream
+    ) -> None:
+        super().__init__()
+        self._store = store
+        self._downloads = downloads
+        self._upstream = upstream
+
+    def render(self, request: Request) -> bytes | int:
+        request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+        try:
+            return self._route(request)
+        except OCIError as error:
+            body = write_error(request, error)
+            return b"" if request.method == b"HEAD" else body
+
+    def _route(self, request: Request) -> bytes | int:
+        path = request.path
+        if request.method not in (b"GET", b"HEAD"):
+            raise OCIError(405, "UNSUPPORTED", "this registry mirror is read-only")
+        if path in _BASE_PATHS:
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", b"2")
+            return b"{}"
+        match = _BLOB_PATH.fullmatch(path)
+        if match is None:
+            raise OCIError(404, "NOT_FOUND", "no such endpoint")
+        name, digest = _parse_blob_path(match)
+        if request.method == b"HEAD":
+            return self._head_blob(request, name, digest)
+        return self._get_blob(request, name, digest)
+
+    def _get_blob(self, request: Request, name: str, digest: Digest) -> int:
+        reader = self._store.open(digest)
+        if reader is not None:
+            length = reader.size()
+            _blob_headers(request, digest, length)
+            FollowingProducer(request, reader, CompleteBlob(length), length).start()
+            return NOT_DONE_YET
+
+        ready = self._downloads.join(name, digest).when_ready()
+        # A client that leaves before the upstream answers stops waiting; the
+        # download goes on.
+        request.notifyFinish().addErrback(lambda _: ready.cancel())
+
+        def follow(landing: Landing) -> None:
+            _blob_headers(request, digest, landing.length)
+            producer = FollowingProducer(
+                request, landing.open_reader(), landing.progress, landing.length
+            )
+            producer.start()
+
+        ready.addCallbacks(follow, lambda reason: _finish_with_error(request, reason))
+        return NOT_DONE_YET
+
+    def _head_blob(self, request: Request, name: str, digest: Digest) -> int | bytes:
+        reader = self._store.open(digest)
+        if reader is not None:
+            try:
+                _blob_headers(request, digest, reader.size())
+            finally:
+                reader.close()
+            return b""
+
+        d = self._upstream.stat_blob(name, digest)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+
+        def answer(info: BlobInfo) -> None:
+            _blob_headers(request, digest, info.length)
+            request.finish()
+
+        d.addCallbacks(answer, lambda reason: _finish_with_error(request, reason))
+        return NOT_DONE_YET
+
+
+def _parse_blob_path(match: re.Match[bytes]) -> tuple[str, Digest]:
+    try:
+        name = parse_name(match["name"].decode("ascii"))
+    except (UnicodeDecodeError, InvalidName) as e:
+        raise OCIError(400, "NAME_INVALID", str(e)) from None
+    try:
+        digest = Digest.parse(match["digest"].decode("ascii"))
+    except (UnicodeDecodeError, InvalidDigest) as e:
+        raise OCIError(400, "DIGEST_INVALID", str(e)) from None
+    return name, digest
+
+
+def _finish_with_error(request: Request, reason: Failure) -> None:
+    """
+    Answer a request whose headers are not sent yet with an OCI error.
+    """
+    if reason.check(CancelledError):
+        return  # the client has gone
+    request.write(write_error(request, error_for(reason)))
+    request.finish()
