@@ -1,0 +1,37 @@
+# make run:  install blobserve in a virtual environment and start it with defaults.
+# make test: install everything the tests need (Debian packages, Python
+#            packages) and run every check: lint, types, unit and integration tests.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBIAN_PACKAGES := docker-registry skopeo
+
+.PHONY: run test debian-packages
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+run: $(BIN)/python
+	$(BIN)/pip install --quiet .
+	$(BIN)/twistd --nodaemon --pidfile= blobserve
+
+debian-packages:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends $$missing; fi
+
+test: debian-packages $(BIN)/python
+	$(BIN)/pip install --quiet '.[test]'
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	@# pytest exits 5 when it collected no tests: that is a failure here.
+	$(BIN)/pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; \
+	exit $$status

@@ -1,0 +1,193 @@
+"""
+In-memory doubles for the unit tests: an upstream whose answers the test
+controls, and an HTTP connection to a resource over a StringTransport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from attrs import define, field
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IProtocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from blobserve.digest import Digest
+from blobserve.upstream import BlobInfo, IUpstream
+
+_T = TypeVar("_T")
+
+
+def result_of(d: Deferred[_T]) -> _T:
+    """
+    The result a Deferred has already fired with.
+    """
+    results: list[_T] = []
+    failures: list[Failure] = []
+    d.addCallbacks(results.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def failure_of(d: Deferred[Any]) -> Failure:
+    """
+    The failure a Deferred has already failed with.
+    """
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures, "the Deferred has not failed"
+    return failures[0]
+
+
+def has_fired(d: Deferred[Any]) -> bool:
+    """
+    Whether C{d} has a result yet (which this leaves in place).
+    """
+    return bool(d.called)
+
+
+def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """
+    A C{run_blocking} for the store that runs the call at once, in this thread.
+    """
+    return maybeDeferred(f, *args)
+
+
+@implementer(IResponse)
+@define
+class FakeResponse:
+    """
+    A 200 response whose body the test delivers through L{protocol}.
+    """
+
+    length: Any = UNKNOWN_LENGTH
+    code: int = 200
+    phrase: bytes = b"OK"
+    version: tuple[bytes, int, int] = (b"HTTP", 1, 1)
+    headers: Headers = field(factory=Headers)
+    previousResponse: IResponse | None = None
+    request: Any = None
+    protocol: IProtocol | None = None
+    transport: StringTransport = field(factory=StringTransport)
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+
+@implementer(IUpstream)
+@define
+class FakeUpstream:
+    """
+    An upstream that records what it is asked and answers with Deferreds the
+    test fires.
+    """
+
+    fetches: list[tuple[str, Digest, Deferred[IResponse]]] = field(factory=list)
+    stats: list[tuple[str, Digest]] = field(factory=list)
+    size: int | None = None
+    refusal: Exception | None = None
+
+    def fetch_blob(self, name: str, digest: Digest) -> Deferred[IResponse]:
+        d: Deferred[IResponse] = Deferred()
+        self.fetches.append((name, digest, d))
+        if self.refusal is not None:
+            d.errback(self.refusal)
+        return d
+
+    def stat_blob(self, name: str, digest: Digest) -> Deferred[BlobInfo]:
+        self.stats.append((name, digest))
+        return succeed(BlobInfo(self.size))
+
+
+class ClientTransport(StringTransport):
+    """
+    A server's transport to one client, in memory: it tells an abort from an
+    orderly close and, like a real socket, pauses its producer once more than
+    C{buffer_limit} bytes wait to be sent.
+    """
+
+    aborted = False
+    buffer_limit: int | None = None
+    _sent = 0
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        waiting = len(self.io.getvalue()) - self._sent
+        if (
+            self.buffer_limit is not None
+            and waiting > self.buffer_limit
+            and self.producer is not None
+            and self.producerState == "producing"
+        ):
+            self.producerState = "paused"
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """
+        Act as if the client read everything: resume the producer.
+        """
+        self._sent = len(self.io.getvalue())
+        if self.producer is not None and self.producerState == "paused":
+            self.producerState = "producing"
+            self.producer.resumeProducing()
+
+
+@define
+class Connection:
+    """
+    One client connection to a site, in memory.
+    """
+
+    channel: Any
+    transport: ClientTransport
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def request(self, method: str, path: str) -> None:
+        self.send(f"{method} {path} HTTP/1.1\r\nHost: blobserve\r\n\r\n".encode())
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """
+        The status, headers and raw body written so far.
+        """
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        return int(status_line.split()[1]), headers, body
+
+    def disconnect(self) -> None:
+        self.channel.connectionLost(Failure(ConnectionLost()))
+
+
+def connect(resource: IResource) -> Connection:
+    """
+    Connect a new client to a site serving C{resource}.
+    """
+    site = Site(resource, timeout=None)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = ClientTransport()
+    channel.makeConnection(transport)
+    return Connection(channel, transport)

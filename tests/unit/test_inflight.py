@@ -1,0 +1,59 @@
+"""
+The single-flight table: one download per digest, forgotten when it ends.
+"""
+
+from functools import partial
+from pathlib import Path
+
+from fakes import FakeUpstream, failure_of, run_now
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from blobserve.digest import Digest
+from blobserve.download import Download
+from blobserve.inflight import IInFlightTable, InFlightTable
+from blobserve.storage import DirectoryBlobStore
+from blobserve.upstream import BlobUnknown
+
+DIGEST = Digest.of(b"one")
+OTHER = Digest.of(b"other")
+
+
+def table_for(tmp_path: Path) -> tuple[InFlightTable, FakeUpstream]:
+    upstream = FakeUpstream()
+    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    create = partial(Download, upstream=upstream, store=store, clock=Clock())
+    return InFlightTable(create), upstream
+
+
+def test_provides_interface(tmp_path: Path) -> None:
+    assert verifyObject(IInFlightTable, table_for(tmp_path)[0])
+
+
+def test_joining_a_running_download_starts_no_other(tmp_path: Path) -> None:
+    table, upstream = table_for(tmp_path)
+    first = table.join("a", DIGEST)
+    assert table.join("b", DIGEST) is first
+    assert table.get(DIGEST) is first
+    assert table.join("a", OTHER) is not first
+    assert len(upstream.fetches) == 2
+    assert len(table) == 2
+
+
+def test_ended_download_leaves_the_table(tmp_path: Path) -> None:
+    table, upstream = table_for(tmp_path)
+    first = table.join("a", DIGEST)
+    upstream.fetches[0][2].errback(Failure(BlobUnknown()))
+    assert table.get(DIGEST) is None
+    assert len(table) == 0
+    assert table.join("a", DIGEST) is not first
+    assert len(upstream.fetches) == 2
+
+
+def test_download_ending_at_once_leaves_the_table(tmp_path: Path) -> None:
+    table, upstream = table_for(tmp_path)
+    upstream.refusal = BlobUnknown()
+    download = table.join("a", DIGEST)
+    assert len(table) == 0
+    failure_of(download.when_ready()).trap(BlobUnknown)

@@ -1,0 +1,276 @@
+"""
+The registry resource with the real table, download, writer, producer and
+store, an upstream double and in-memory connections.
+"""
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+from attrs import define
+from fakes import Connection, FakeResponse, FakeUpstream, connect, run_now
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from blobserve.digest import Digest
+from blobserve.download import Download
+from blobserve.inflight import InFlightTable
+from blobserve.resource import RegistryResource
+from blobserve.storage import DirectoryBlobStore
+from blobserve.upstream import BlobUnknown, UpstreamError
+
+DATA = bytes(range(256)) * 400
+DIGEST = Digest.of(DATA)
+BLOB = f"/v2/library/busybox/blobs/{DIGEST}"
+
+
+@define
+class Registry:
+    store: DirectoryBlobStore
+    upstream: FakeUpstream
+    table: InFlightTable
+    resource: RegistryResource
+    root: Path
+
+    def get(self, path: str = BLOB, method: str = "GET") -> Connection:
+        connection = connect(self.resource)
+        connection.request(method, path)
+        return connection
+
+    def answer(self, index: int = -1, length: int | None = len(DATA)) -> FakeResponse:
+        """
+        Make the upstream answer a fetch with a 200 whose body the test sends.
+        """
+        response = FakeResponse(length=UNKNOWN_LENGTH if length is None else length)
+        self.upstream.fetches[index][2].callback(response)
+        return response
+
+    def committed(self, digest: Digest = DIGEST) -> bool:
+        return Path(self.store.path_for(digest)).exists()
+
+    def temporaries(self) -> list[Path]:
+        return list((self.root / "tmp").iterdir())
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    upstream = FakeUpstream()
+    table = InFlightTable(
+        partial(Download, upstream=upstream, store=store, clock=Clock())
+    )
+    return Registry(
+        store, upstream, table, RegistryResource(store, table, upstream), tmp_path
+    )
+
+
+def error_code(connection: Connection) -> tuple[int, str]:
+    status, headers, body = connection.response()
+    assert headers["content-type"] == "application/json"
+    return status, json.loads(body)["errors"][0]["code"]
+
+
+def test_base_endpoint_says_registry_v2(registry: Registry) -> None:
+    status, headers, body = registry.get("/v2/").response()
+    assert status == 200
+    assert headers["docker-distribution-api-version"] == "registry/2.0"
+    assert json.loads(body) == {}
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v2/Library/busybox/blobs/" + str(DIGEST), 400, "NAME_INVALID"),
+        ("/v2/a/../b/blobs/" + str(DIGEST), 400, "NAME_INVALID"),
+        ("/v2/a%2f..%2fb/blobs/" + str(DIGEST), 400, "NAME_INVALID"),
+        (
+            "/v2/busybox/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
+            400,
+            "DIGEST_INVALID",
+        ),
+        ("/v2/busybox/blobs/sha256:abc", 400, "DIGEST_INVALID"),
+        ("/v2/busybox/blobs/sha512:" + "0" * 64, 400, "DIGEST_INVALID"),
+        ("/v2/busybox/tags/list/x", 404, "NOT_FOUND"),
+        ("/etc/passwd", 404, "NOT_FOUND"),
+    ],
+)
+def test_bad_requests_get_oci_errors_and_never_reach_upstream(
+    registry: Registry, path: str, status: int, code: str
+) -> None:
+    assert error_code(registry.get(path)) == (status, code)
+    assert registry.upstream.fetches == []
+    assert registry.upstream.stats == []
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+def test_write_methods_are_unsupported(registry: Registry, method: str) -> None:
+    assert error_code(registry.get(BLOB, method)) == (405, "UNSUPPORTED")
+
+
+def test_concurrent_misses_fetch_once_and_stream_to_all(registry: Registry) -> None:
+    clients = [registry.get() for _ in range(3)]
+    assert len(registry.upstream.fetches) == 1
+    name, digest, _ = registry.upstream.fetches[0]
+    assert (name, digest) == ("library/busybox", DIGEST)
+    assert all(client.transport.value() == b"" for client in clients)
+
+    response = registry.answer()
+    # Headers go out as soon as the upstream has answered, before any byte.
+    for client in clients:
+        status, headers, body = client.response()
+        assert status == 200
+        assert headers["content-length"] == str(len(DATA))
+        assert headers["docker-content-digest"] == str(DIGEST)
+        assert headers["content-type"] == "application/octet-stream"
+        assert body == b""
+
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA[:40000])
+    late = registry.get()
+    assert len(registry.upstream.fetches) == 1
+    # The late joiner catches up from disk at once.
+    assert late.response()[2] == DATA[:40000]
+    response.protocol.dataReceived(DATA[40000:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+
+    for client in [*clients, late]:
+        assert client.response()[2] == DATA
+        assert not client.transport.aborted
+    assert registry.committed()
+    assert registry.temporaries() == []
+    assert len(registry.table) == 0
+
+
+def test_unknown_length_is_streamed_chunked(registry: Registry) -> None:
+    client = registry.get()
+    response = registry.answer(length=None)
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    _status, headers, body = client.response()
+    assert "content-length" not in headers
+    assert headers["transfer-encoding"] == "chunked"
+    assert body.endswith(b"\r\n0\r\n\r\n")
+    assert registry.committed()
+
+
+def test_client_leaving_does_not_stop_the_download(registry: Registry) -> None:
+    early = registry.get()
+    early.disconnect()
+    response = registry.answer()
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA[:1000])
+    halfway = registry.get()
+    halfway.disconnect()
+    response.protocol.dataReceived(DATA[1000:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert response.transport.producerState == "producing"
+    assert registry.committed()
+
+
+def test_corrupt_blob_is_never_committed_and_clients_are_cut_off(
+    registry: Registry,
+) -> None:
+    clients = [registry.get(), registry.get()]
+    response = registry.answer()
+    assert response.protocol is not None
+    corrupt = bytearray(DATA)
+    corrupt[5] ^= 0xFF
+    response.protocol.dataReceived(bytes(corrupt))
+    response.protocol.connectionLost(Failure(ResponseDone()))
+
+    for client in clients:
+        assert client.transport.aborted
+        assert len(client.response()[2]) < len(DATA)
+    assert not registry.committed()
+    assert registry.temporaries() == []
+    assert len(registry.table) == 0
+
+    # The next request starts afresh.
+    retry = registry.get()
+    assert len(registry.upstream.fetches) == 2
+    response = registry.answer()
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert retry.response()[2] == DATA
+    assert registry.committed()
+
+
+@pytest.mark.parametrize(
+    ("reason", "status", "code"),
+    [
+        (BlobUnknown("no such blob"), 404, "BLOB_UNKNOWN"),
+        (UpstreamError("upstream answered 503"), 502, "UNKNOWN"),
+        (UpstreamError("unreachable: connection refused"), 502, "UNKNOWN"),
+    ],
+)
+def test_upstream_failure_before_headers_is_an_oci_error(
+    registry: Registry, reason: Exception, status: int, code: str
+) -> None:
+    client = registry.get()
+    registry.upstream.fetches[0][2].errback(Failure(reason))
+    assert error_code(client) == (status, code)
+    assert len(registry.table) == 0
+    registry.get()
+    assert len(registry.upstream.fetches) == 2
+
+
+def test_unexpected_failure_is_a_500_without_details(registry: Registry) -> None:
+    client = registry.get()
+    registry.upstream.fetches[0][2].errback(Failure(ConnectionRefusedError()))
+    assert error_code(client) == (500, "UNKNOWN")
+    assert b"Traceback" not in client.response()[2]
+    assert b"Connection" not in client.response()[2]
+
+
+def test_store_that_cannot_create_files_answers_503(registry: Registry) -> None:
+    (registry.root / "tmp").rmdir()
+    client = registry.get()
+    response = registry.answer()
+    assert error_code(client) == (503, "UNAVAILABLE")
+    assert response.transport.producerState == "stopped"
+    assert len(registry.table) == 0
+
+
+def commit(registry: Registry) -> None:
+    temporary = registry.store.create_temporary(DIGEST)
+    temporary.write(DATA)
+    registry.store.commit(temporary)
+    temporary.close()
+
+
+def test_hit_is_served_from_store_without_upstream(registry: Registry) -> None:
+    commit(registry)
+    status, headers, body = registry.get().response()
+    assert (status, body) == (200, DATA)
+    assert headers["content-length"] == str(len(DATA))
+    assert headers["docker-content-digest"] == str(DIGEST)
+    assert headers["content-type"] == "application/octet-stream"
+    assert headers["etag"] == f'"{DIGEST}"'
+    assert registry.upstream.fetches == []
+    assert registry.upstream.stats == []
+
+
+def test_head_of_hit_answers_from_store(registry: Registry) -> None:
+    commit(registry)
+    status, headers, body = registry.get(method="HEAD").response()
+    assert (status, body) == (200, b"")
+    assert headers["content-length"] == str(len(DATA))
+    assert headers["docker-content-digest"] == str(DIGEST)
+    assert registry.upstream.stats == []
+
+
+def test_head_of_miss_asks_upstream_and_never_downloads(registry: Registry) -> None:
+    registry.upstream.size = 1234
+    status, headers, body = registry.get(method="HEAD").response()
+    assert (status, body) == (200, b"")
+    assert headers["content-length"] == "1234"
+    assert headers["docker-content-digest"] == str(DIGEST)
+    assert registry.upstream.stats == [("library/busybox", DIGEST)]
+    assert registry.upstream.fetches == []
+    assert len(registry.table) == 0

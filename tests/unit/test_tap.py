@@ -1,0 +1,92 @@
+"""
+twistd wiring: the plugin is found, options parse, the service listens.
+"""
+
+from pathlib import Path
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactor
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.web.server import Site
+
+from blobserve.resource import RegistryResource
+from blobserve.tap import Options, makeService
+
+
+def test_plugin_is_found() -> None:
+    makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+    assert makers["blobserve"].options is Options
+
+
+def test_defaults() -> None:
+    options = Options()
+    options.parseOptions([])
+    assert options["listen"] == "tcp:5000:interface=127.0.0.1"
+    assert options["upstream"] == "https://registry-1.docker.io"
+    assert options["storage"] == "./blobserve-data"
+
+
+def test_flags() -> None:
+    options = Options()
+    options.parseOptions(
+        [
+            "--listen",
+            "tcp:6000:interface=::1",
+            "--upstream",
+            "http://127.0.0.1:5100",
+            "--storage",
+            "/srv/blobs",
+            "--upstream-idle-timeout",
+            "5",
+        ]
+    )
+    assert options["listen"] == "tcp:6000:interface=::1"
+    assert options["upstream"] == "http://127.0.0.1:5100"
+    assert options["storage"] == "/srv/blobs"
+    assert options["upstream-idle-timeout"] == 5.0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--upstream", "registry-1.docker.io"],
+        ["--upstream", "ftp://example"],
+        ["--upstream-timeout", "0"],
+        ["--upstream-idle-timeout", "soon"],
+    ],
+)
+def test_bad_flags_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(UsageError):
+        Options().parseOptions(argv)
+
+
+def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> None:
+    options = Options()
+    options.parseOptions(
+        ["--listen", "tcp:5555:interface=127.0.0.1", "--storage", str(tmp_path)]
+    )
+    reactor = MemoryReactor()
+    service = makeService(options, reactor)
+    servers = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    assert len(servers) == 1
+
+    service.startService()
+    port, factory, _, interface = reactor.tcpServers[0]
+    assert (port, interface) == (5555, "127.0.0.1")
+    assert isinstance(factory, Site)
+    assert isinstance(factory.resource, RegistryResource)
+    assert (tmp_path / "blobs").is_dir()
+    assert (tmp_path / "tmp").is_dir()
+    service.stopService()
+
+
+def test_start_removes_unfinished_downloads(tmp_path: Path) -> None:
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / "sha256-abc.1234").write_bytes(b"partial")
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path)])
+    makeService(options, MemoryReactor())
+    assert list((tmp_path / "tmp").iterdir()) == []
