@@ -177,7 +177,7 @@ def _finish_with_error(request: Request, reason: Failure) -> None:
     """
     Answer a request whose headers are not sent yet with an OCI error.
     """
-    if reason.check(CancelledError):
+    if reason.check(CancelledError) or request.channel is None:
         return  # the client has gone
     request.write(write_error(request, error_for(reason)))
     request.finish()

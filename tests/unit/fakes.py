@@ -101,6 +101,7 @@ class FakeUpstream:
     stats: list[tuple[str, Digest]] = field(factory=list)
     size: int | None = None
     refusal: Exception | None = None
+    stat_answer: Deferred[BlobInfo] | None = None
 
     def fetch_blob(self, name: str, digest: Digest) -> Deferred[IResponse]:
         d: Deferred[IResponse] = Deferred()
@@ -111,6 +112,8 @@ class FakeUpstream:
 
     def stat_blob(self, name: str, digest: Digest) -> Deferred[BlobInfo]:
         self.stats.append((name, digest))
+        if self.stat_answer is not None:
+            return self.stat_answer
         return succeed(BlobInfo(self.size))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from attrs import define
 from fakes import Connection, FakeResponse, FakeUpstream, connect, run_now
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -21,7 +22,7 @@ from blobserve.download import Download
 from blobserve.inflight import InFlightTable
 from blobserve.resource import RegistryResource
 from blobserve.storage import DirectoryBlobStore
-from blobserve.upstream import BlobUnknown, UpstreamError
+from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError
 
 DATA = bytes(range(256)) * 400
 DIGEST = Digest.of(DATA)
@@ -274,3 +275,18 @@ def test_head_of_miss_asks_upstream_and_never_downloads(registry: Registry) -> N
     assert registry.upstream.stats == [("library/busybox", DIGEST)]
     assert registry.upstream.fetches == []
     assert len(registry.table) == 0
+
+
+def test_client_leaving_during_head_is_left_alone(registry: Registry) -> None:
+    # Like RegistryUpstream, this upstream reports a cancelled request as an
+    # upstream error rather than as a cancellation.
+    pending: Deferred[BlobInfo] = Deferred(
+        lambda d: d.errback(UpstreamError("no answer"))
+    )
+    registry.upstream.stat_answer = pending
+    client = registry.get(method="HEAD")
+    client.disconnect()
+    assert client.transport.value() == b""
+    errors: list[Failure] = []
+    pending.addErrback(errors.append)
+    assert errors == []

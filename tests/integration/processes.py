@@ -1,0 +1,191 @@
+"""
+Real servers for the integration tests: Debian's docker-registry and blobserve
+under twistd, each started on loopback and stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from blobserve.digest import Digest
+
+#: How long a server may take to start or stop.
+DEADLINE = 30.0
+
+
+def free_port() -> int:
+    """
+    A TCP port on 127.0.0.1 that nothing listens on right now.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_pid(process: subprocess.Popen[bytes]) -> None:
+    """
+    Stop a server by its PID: SIGTERM, then SIGKILL if it lingers.
+    """
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=DEADLINE)
+
+
+def wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """
+    Block until C{url} answers, failing with the server's log if it exits or
+    takes longer than L{DEADLINE}.
+    """
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not answer {url} in time:\n{log.read_text()}")
+
+
+class RegistryProcess:
+    """
+    Debian's docker-registry (distribution 2.8) with a file-system store,
+    without authentication, on a loopback port.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("docker-registry")
+        if binary is None:
+            raise RuntimeError("docker-registry is not installed: run `make test`")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = directory / "config.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n"
+            "storage:\n"
+            f"  filesystem:\n    rootdirectory: {directory / 'data'}\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        )
+        self.log = directory / "registry.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [binary, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT
+            )
+        wait_for_http(f"{self.url}/v2/", self.process, self.log)
+
+    def push_blob(self, name: str, data: bytes) -> Digest:
+        """
+        Upload C{data} as a blob of repository C{name}, monolithically.
+        """
+        digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+        start = urllib.request.Request(
+            f"{self.url}/v2/{name}/blobs/uploads/", method="POST"
+        )
+        with urllib.request.urlopen(start) as response:
+            location = response.headers["Location"]
+        if location.startswith("/"):
+            location = self.url + location
+        separator = "&" if "?" in location else "?"
+        put = urllib.request.Request(
+            f"{location}{separator}digest={digest}",
+            data=data,
+            method="PUT",
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        with urllib.request.urlopen(put) as response:
+            assert response.status == 201
+        return digest
+
+    def stop(self) -> None:
+        stop_pid(self.process)
+
+
+class BlobserveProcess:
+    """
+    blobserve as a user runs it: C{twistd -n blobserve}, found as an installed
+    plugin (it runs outside the source tree), listening on a loopback port.
+    """
+
+    def __init__(self, directory: Path, upstream: str, storage: Path) -> None:
+        self.directory = directory
+        self.upstream = upstream
+        self.storage = storage
+        self.log = directory / "blobserve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> None:
+        twistd = Path(sys.executable).with_name("twistd")
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [
+                    str(twistd),
+                    "--nodaemon",
+                    "--pidfile=",
+                    "blobserve",
+                    "--listen=tcp:0:interface=127.0.0.1",
+                    f"--upstream={self.upstream}",
+                    f"--storage={self.storage}",
+                ],
+                cwd=self.directory,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"blobserve exited:\n{self.log.read_text()}")
+            started = re.search(
+                rb"Site starting on (\d+)", self.log.read_bytes()[offset:]
+            )
+            if started:
+                self.port = int(started.group(1))
+                return
+            await deferLater(reactor, 0.05, lambda: None)
+        raise RuntimeError(f"blobserve did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_pid(self.process)
+
+    def memory(self) -> dict[str, int]:
+        """
+        The process's resident memory now (C{VmRSS}) and at its peak
+        (C{VmHWM}), in bytes.
+        """
+        figures = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                figures[key] = int(value.split()[0]) * 1024
+        return figures

@@ -1,0 +1,169 @@
+"""
+blobserve as a real process, between real clients on loopback and a real
+docker-registry upstream reached through a throttling relay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
+
+from blobserve.digest import Digest
+from clients import Client, Fetch, stalled_client
+from processes import DEADLINE, BlobserveProcess
+from relay import Relay
+
+Blob = tuple[Digest, bytes]
+
+
+def blob_url(server: BlobserveProcess, digest: Digest) -> str:
+    return f"{server.url}/v2/test/blobs/blobs/{digest}"
+
+
+def committed_path(server: BlobserveProcess, digest: Digest) -> Path:
+    return server.storage / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+
+def assert_correct(fetch: Fetch, data: bytes) -> None:
+    assert fetch.status == 200
+    assert fetch.complete, fetch.error
+    assert fetch.length == len(data)
+    assert fetch.sha256 == hashlib.sha256(data).hexdigest()
+
+
+async def until(condition: object, what: str) -> None:
+    """
+    Wait, up to the deadline, for C{condition()} to hold.
+    """
+    deadline = time.monotonic() + DEADLINE
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sixteen_cold_clients_cause_one_upstream_get(
+    blobserve: BlobserveProcess, relay: Relay, client: Client, blob: Blob
+) -> None:
+    digest, data = blob
+    downloads = [client.get(blob_url(blobserve, digest)) for _ in range(16)]
+    fetches = await gatherResults([d.finished() for d in downloads])
+
+    for fetch in fetches:
+        assert_correct(fetch, data)
+        assert fetch.headers["docker-content-digest"] == str(digest)
+        assert fetch.declared_length == len(data)
+    assert relay.count("GET", str(digest)) == 1
+    await until(committed_path(blobserve, digest).exists, "the commit")
+
+
+@pytest_twisted.ensureDeferred
+async def test_late_joiner_reads_disk_then_follows_live_edge(
+    blobserve: BlobserveProcess, relay: Relay, client: Client, blob: Blob
+) -> None:
+    digest, data = blob
+    first = client.get(blob_url(blobserve, digest))
+    await first.when_received(len(data) // 4)
+    late = client.get(blob_url(blobserve, digest))
+    await late.when_received(1)
+    assert first.fetch.done_at is None, "the download ended before the late joiner"
+    await late.when_received(len(data) // 2)
+    # The late joiner caught up with what was on disk and follows the edge.
+    assert first.fetch.done_at is None
+
+    for fetch in await gatherResults([first.finished(), late.finished()]):
+        assert_correct(fetch, data)
+    assert relay.count("GET", str(digest)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_halfway_does_not_stop_the_download(
+    blobserve: BlobserveProcess, relay: Relay, client: Client, blob: Blob
+) -> None:
+    digest, data = blob
+    leaving = client.get(blob_url(blobserve, digest), stop_after=len(data) // 2)
+    fetch = await leaving.finished()
+    assert fetch.error is not None
+    assert fetch.length < len(data)
+
+    await until(committed_path(blobserve, digest).exists, "the commit")
+    assert committed_path(blobserve, digest).read_bytes() == data
+    again = await client.get(blob_url(blobserve, digest)).finished()
+    assert_correct(again, data)
+    assert relay.count("GET", str(digest)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_upstream_body_is_never_committed(
+    blobserve: BlobserveProcess, relay: Relay, client: Client, blob: Blob
+) -> None:
+    digest, data = blob
+    relay.corrupt_at = len(data) // 2
+    downloads = [client.get(blob_url(blobserve, digest)) for _ in range(3)]
+    for fetch in await gatherResults([d.finished() for d in downloads]):
+        # A truncated body, never a clean end.
+        assert fetch.status == 200
+        assert fetch.error is not None
+        assert fetch.length < len(data)
+    assert not committed_path(blobserve, digest).exists()
+    assert list((blobserve.storage / "tmp").iterdir()) == []
+
+    relay.corrupt_at = None
+    fetch = await client.get(blob_url(blobserve, digest)).finished()
+    assert_correct(fetch, data)
+    assert relay.count("GET", str(digest)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_clients_hold_up_nobody_and_cost_no_memory(
+    blobserve: BlobserveProcess, relay: Relay, client: Client, registry: object
+) -> None:
+    import os
+
+    size = 96 * 1024 * 1024
+    data = os.urandom(size)
+    digest = registry.push_blob("test/blobs", data)  # type: ignore[attr-defined]
+    relay.rate = 64 * 1024 * 1024
+    before = blobserve.memory()["VmRSS"]
+
+    stalled = [
+        stalled_client(blobserve.port, f"/v2/test/blobs/blobs/{digest}")
+        for _ in range(4)
+    ]
+    normal = [client.get(blob_url(blobserve, digest)) for _ in range(4)]
+    for fetch in await gatherResults([d.finished() for d in normal]):
+        assert_correct(fetch, data)
+    await until(committed_path(blobserve, digest).exists, "the commit")
+
+    # The stalled clients are still connected, far behind, and the server
+    # buffered nothing for them: its peak memory grew by much less than the
+    # blob, let alone four times the blob.
+    growth = blobserve.memory()["VmHWM"] - before
+    assert growth < 32 * 1024 * 1024, f"peak RSS grew by {growth >> 20} MiB"
+    for s in stalled:
+        s.close()
+    assert relay.count("GET", str(digest)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarted_service_serves_from_store_without_upstream(
+    blobserve: BlobserveProcess, relay: Relay, client: Client, blob: Blob
+) -> None:
+    digest, data = blob
+    assert_correct(await client.get(blob_url(blobserve, digest)).finished(), data)
+    await until(committed_path(blobserve, digest).exists, "the commit")
+    blobserve.stop()
+
+    relay.stop()
+    connections = relay.connections
+    await blobserve.start()
+    fetch = await client.get(blob_url(blobserve, digest)).finished()
+    assert_correct(fetch, data)
+    assert relay.connections == connections
+    assert relay.count("GET", str(digest)) == 1
