@@ -33,6 +33,8 @@ class Fetch:
     declared_length: int | None = None
     length: int = 0
     sha256: str = ""
+    #: The first few KiB of the body, for error bodies.
+    opening: bytes = b""
     error: Failure | None = None
     started_at: float = 0.0
     first_byte_at: float | None = None
@@ -61,6 +63,8 @@ class _BodyRecorder(Protocol):
         if self.fetch.first_byte_at is None:
             self.fetch.first_byte_at = time.monotonic()
         self.hasher.update(data)
+        if self.fetch.length < 4096:
+            self.fetch.opening += data[: 4096 - self.fetch.length]
         self.fetch.length += len(data)
         self._notify()
         if self.stop_after is not None and self.fetch.length >= self.stop_after:
@@ -89,7 +93,9 @@ class Client:
 
     pool: HTTPConnectionPool
 
-    def get(self, url: str, stop_after: int | None = None) -> _Download:
+    def get(
+        self, url: str, stop_after: int | None = None, method: str = "GET"
+    ) -> _Download:
         fetch = Fetch(started_at=time.monotonic())
         recorder = _BodyRecorder(fetch, stop_after)
 
@@ -107,7 +113,8 @@ class Client:
             fetch.error = reason
             recorder.done.succeed_with(fetch)
 
-        treq.get(url, pool=self.pool, unbuffered=True).addCallbacks(got, failed)
+        d = treq.request(method, url, pool=self.pool, unbuffered=True)
+        d.addCallbacks(got, failed)
         return _Download(recorder)
 
 

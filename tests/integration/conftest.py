@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.web.client import HTTPConnectionPool
 
 from blobserve.digest import Digest
+
 from clients import Client
 from processes import BlobserveProcess, RegistryProcess
 from relay import Relay

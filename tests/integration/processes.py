@@ -126,10 +126,21 @@ class BlobserveProcess:
     plugin (it runs outside the source tree), listening on a loopback port.
     """
 
-    def __init__(self, directory: Path, upstream: str, storage: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        upstream: str,
+        storage: Path,
+        flags: list[str] | None = None,
+    ) -> None:
+        """
+        @param flags: blobserve's command line; by default it listens on a
+            free loopback port and uses C{upstream} and C{storage}.
+        """
         self.directory = directory
         self.upstream = upstream
         self.storage = storage
+        self.flags = flags
         self.log = directory / "blobserve.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -146,17 +157,16 @@ class BlobserveProcess:
     async def start(self) -> None:
         twistd = Path(sys.executable).with_name("twistd")
         offset = self.log.stat().st_size if self.log.exists() else 0
+        flags = self.flags
+        if flags is None:
+            flags = [
+                "--listen=tcp:0:interface=127.0.0.1",
+                f"--upstream={self.upstream}",
+                f"--storage={self.storage}",
+            ]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [
-                    str(twistd),
-                    "--nodaemon",
-                    "--pidfile=",
-                    "blobserve",
-                    "--listen=tcp:0:interface=127.0.0.1",
-                    f"--upstream={self.upstream}",
-                    f"--storage={self.storage}",
-                ],
+                [str(twistd), "--nodaemon", "--pidfile=", "blobserve", *flags],
                 cwd=self.directory,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -46,7 +47,9 @@ class Relay(Factory):
         Start listening on a free loopback port, and return it.
         """
         self._listening = self.reactor.listenTCP(0, self, interface="127.0.0.1")
-        self.port = int(self._listening.getHost().port)
+        address = self._listening.getHost()
+        assert isinstance(address, IPv4Address)
+        self.port = address.port
         return self.port
 
     def stop(self) -> None:

@@ -6,6 +6,8 @@ docker-registry upstream reached through a throttling relay.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
@@ -15,8 +17,9 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 
 from blobserve.digest import Digest
+
 from clients import Client, Fetch, stalled_client
-from processes import DEADLINE, BlobserveProcess
+from processes import DEADLINE, BlobserveProcess, RegistryProcess, free_port
 from relay import Relay
 
 Blob = tuple[Digest, bytes]
@@ -122,13 +125,13 @@ async def test_corrupt_upstream_body_is_never_committed(
 
 @pytest_twisted.ensureDeferred
 async def test_stalled_clients_hold_up_nobody_and_cost_no_memory(
-    blobserve: BlobserveProcess, relay: Relay, client: Client, registry: object
+    blobserve: BlobserveProcess,
+    relay: Relay,
+    client: Client,
+    registry: RegistryProcess,
 ) -> None:
-    import os
-
-    size = 96 * 1024 * 1024
-    data = os.urandom(size)
-    digest = registry.push_blob("test/blobs", data)  # type: ignore[attr-defined]
+    data = os.urandom(96 * 1024 * 1024)
+    digest = registry.push_blob("test/blobs", data)
     relay.rate = 64 * 1024 * 1024
     before = blobserve.memory()["VmRSS"]
 
@@ -167,3 +170,61 @@ async def test_restarted_service_serves_from_store_without_upstream(
     assert_correct(fetch, data)
     assert relay.connections == connections
     assert relay.count("GET", str(digest)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_of_cold_blob_asks_upstream_and_downloads_nothing(
+    blobserve: BlobserveProcess, relay: Relay, client: Client, blob: Blob
+) -> None:
+    digest, data = blob
+    fetch = await client.get(blob_url(blobserve, digest), method="HEAD").finished()
+    assert fetch.status == 200
+    assert fetch.headers["docker-content-digest"] == str(digest)
+    # A client keeps a HEAD response's Content-Length among its headers.
+    assert fetch.headers["content-length"] == str(len(data))
+    assert relay.count("HEAD", str(digest)) == 1
+    assert relay.count("GET", str(digest)) == 0
+    assert not committed_path(blobserve, digest).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_blob_unknown_upstream_is_blob_unknown(
+    blobserve: BlobserveProcess, client: Client
+) -> None:
+    missing = Digest.of(os.urandom(32))
+    fetch = await client.get(blob_url(blobserve, missing)).finished()
+    assert fetch.status == 404
+    assert json.loads(fetch.opening)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_upstream_is_a_502_and_the_service_goes_on(
+    tmp_path: Path, client: Client
+) -> None:
+    server = BlobserveProcess(
+        tmp_path, f"http://127.0.0.1:{free_port()}", tmp_path / "storage"
+    )
+    await server.start()
+    try:
+        fetch = await client.get(blob_url(server, Digest.of(b"x"))).finished()
+        assert fetch.status == 502
+        error = json.loads(fetch.opening)["errors"][0]
+        assert "unreachable" in error["message"]
+        base = await client.get(f"{server.url}/v2/").finished()
+        assert base.status == 200
+        assert base.headers["docker-distribution-api-version"] == "registry/2.0"
+    finally:
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_starts_with_working_defaults(tmp_path: Path, client: Client) -> None:
+    server = BlobserveProcess(tmp_path, "", tmp_path / "unused", flags=[])
+    await server.start()
+    try:
+        assert server.port == 5000
+        base = await client.get("http://127.0.0.1:5000/v2/").finished()
+        assert base.status == 200
+        assert (tmp_path / "blobserve-data" / "blobs").is_dir()
+    finally:
+        server.stop()

@@ -5,7 +5,6 @@ The single-flight table: one download per digest, forgotten when it ends.
 from functools import partial
 from pathlib import Path
 
-from fakes import FakeUpstream, failure_of, run_now
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -15,6 +14,8 @@ from blobserve.download import Download
 from blobserve.inflight import IInFlightTable, InFlightTable
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import BlobUnknown
+
+from fakes import FakeUpstream, failure_of, run_now
 
 DIGEST = Digest.of(b"one")
 OTHER = Digest.of(b"other")

@@ -5,7 +5,6 @@ FollowingProducer: one request, one reader, bounded reads, honest endings.
 from pathlib import Path
 
 import pytest
-from fakes import Connection, connect, run_now
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -18,6 +17,8 @@ from blobserve.digest import Digest
 from blobserve.producer import CompleteBlob, FollowingProducer
 from blobserve.storage import BlobReader, DirectoryBlobStore, TemporaryBlob
 from blobserve.writer import ChunkWriter, IBlobProgress
+
+from fakes import Connection, connect, run_now
 
 CHUNK = 1000
 DATA = bytes(range(256)) * 50  # 12800 bytes: 13 chunks

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from attrs import define
-from fakes import Connection, FakeResponse, FakeUpstream, connect, run_now
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -23,6 +22,8 @@ from blobserve.inflight import InFlightTable
 from blobserve.resource import RegistryResource
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError
+
+from fakes import Connection, FakeResponse, FakeUpstream, connect, run_now
 
 DATA = bytes(range(256)) * 400
 DIGEST = Digest.of(DATA)

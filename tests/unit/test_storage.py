@@ -5,11 +5,12 @@ The directory store: temporaries, atomic commits, lookups.
 from pathlib import Path
 
 import pytest
-from fakes import failure_of, result_of, run_now
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
 from blobserve.storage import DirectoryBlobStore, IBlobStore
+
+from fakes import failure_of, result_of, run_now
 
 DATA = b"a layer" * 1000
 DIGEST = Digest.of(DATA)

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 import pytest
-from fakes import failure_of, result_of
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
@@ -27,6 +26,8 @@ from blobserve.upstream import (
     RegistryUpstream,
     UpstreamError,
 )
+
+from fakes import failure_of, result_of
 
 _T = TypeVar("_T")
 DATA = b"blob bytes" * 100

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from fakes import failure_of, has_fired, result_of, run_now
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
@@ -25,6 +24,8 @@ from blobserve.writer import (
     UpstreamStalled,
     VerificationFailed,
 )
+
+from fakes import failure_of, has_fired, result_of, run_now
 
 DATA = bytes(range(256)) * 40
 DIGEST = Digest.of(DATA)
