@@ -63,18 +63,22 @@ class FollowingProducer:
         request: Request,
         reader: BlobReader,
         progress: IBlobProgress,
-        length: int | None,
+        start: int = 0,
+        end: int | None = None,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
         """
-        @param length: the C{Content-Length} the response declared, if any.
+        @param start: the offset of the first byte to send.
+        @param end: the offset just past the last byte to send, if the blob's
+            length is known; the response must declare C{end - start} as its
+            C{Content-Length}. L{None} sends everything up to the blob's end.
         """
         self._request = request
         self._reader = reader
         self._progress = progress
-        self._length = length
+        self._end = end
         self._chunk_size = chunk_size
-        self._offset = 0
+        self._offset = start
         self._available = 0
         self._complete = False
         self._paused = False
@@ -111,9 +115,9 @@ class FollowingProducer:
     def _pump(self) -> None:
         while not self._paused and not self._stopped:
             limit = self._available
-            if not self._complete and self._length is not None:
+            if self._end is not None:
                 # Hold the last byte back until the blob is verified.
-                limit = min(limit, self._length - 1)
+                limit = min(limit, self._end if self._complete else self._end - 1)
             if self._offset < limit:
                 size = min(self._chunk_size, limit - self._offset)
                 data = self._reader.read(self._offset, size)
@@ -146,9 +150,9 @@ class FollowingProducer:
         self._abort(reason)
 
     def _finish(self) -> None:
-        if self._length is not None and self._offset != self._length:
+        if self._end is not None and self._offset != self._end:
             self._abort(
-                Failure(ShortRead(f"blob of {self._offset} bytes, not {self._length}"))
+                Failure(ShortRead(f"blob ends at {self._offset}, not {self._end}"))
             )
             return
         self._release()

@@ -18,8 +18,10 @@ from blobserve.download import Landing
 from blobserve.inflight import IInFlightTable
 from blobserve.names import InvalidName, parse_name
 from blobserve.producer import CompleteBlob, FollowingProducer
-from blobserve.storage import IBlobStore
+from blobserve.ranges import UnsatisfiableRange, parse_range
+from blobserve.storage import BlobReader, IBlobStore
 from blobserve.upstream import BlobInfo, BlobUnknown, IUpstream, UpstreamError
+from blobserve.writer import IBlobProgress
 
 log = Logger()
 
@@ -74,6 +76,7 @@ def _blob_headers(request: Request, digest: Digest, length: int | None) -> None:
     request.setHeader(b"Content-Type", b"application/octet-stream")
     request.setHeader(b"Docker-Content-Digest", str(digest).encode())
     request.setHeader(b"ETag", f'"{digest}"'.encode())
+    request.setHeader(b"Accept-Ranges", b"bytes")
     if length is not None:
         request.setHeader(b"Content-Length", b"%d" % length)
 
@@ -122,8 +125,7 @@ class RegistryResource(Resource):
         reader = self._store.open(digest)
         if reader is not None:
             length = reader.size()
-            _blob_headers(request, digest, length)
-            FollowingProducer(request, reader, CompleteBlob(length), length).start()
+            _stream(request, digest, reader, CompleteBlob(length), length)
             return NOT_DONE_YET
 
         ready = self._downloads.join(name, digest).when_ready()
@@ -132,11 +134,8 @@ class RegistryResource(Resource):
         request.notifyFinish().addErrback(lambda _: ready.cancel())
 
         def follow(landing: Landing) -> None:
-            _blob_headers(request, digest, landing.length)
-            producer = FollowingProducer(
-                request, landing.open_reader(), landing.progress, landing.length
-            )
-            producer.start()
+            reader = landing.open_reader()
+            _stream(request, digest, reader, landing.progress, landing.length)
 
         ready.addCallbacks(follow, lambda reason: _finish_with_error(request, reason))
         return NOT_DONE_YET
@@ -159,6 +158,42 @@ class RegistryResource(Resource):
 
         d.addCallbacks(answer, lambda reason: _finish_with_error(request, reason))
         return NOT_DONE_YET
+
+
+def _stream(
+    request: Request,
+    digest: Digest,
+    reader: BlobReader,
+    progress: IBlobProgress,
+    length: int | None,
+) -> None:
+    """
+    Answer a blob GET with the whole blob or the single range it asks for,
+    read by C{reader} as C{progress} says it lands.
+    """
+    byte_range = None
+    if length is not None:
+        try:
+            byte_range = parse_range(_header(request, b"range"), length)
+        except UnsatisfiableRange as e:
+            reader.close()
+            request.setHeader(b"Content-Range", b"bytes */%d" % length)
+            request.write(write_error(request, OCIError(416, "RANGE_INVALID", str(e))))
+            request.finish()
+            return
+    _blob_headers(request, digest, length)
+    start, end = 0, length
+    if byte_range is not None:
+        start, end = byte_range.start, byte_range.end
+        request.setResponseCode(206)
+        request.setHeader(b"Content-Range", byte_range.content_range.encode())
+        request.setHeader(b"Content-Length", b"%d" % (end - start))
+    FollowingProducer(request, reader, progress, start, end).start()
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")
 
 
 def _parse_blob_path(match: re.Match[bytes]) -> tuple[str, Digest]:

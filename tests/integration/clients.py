@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from blobserve.oneshot import OneShotEvent
@@ -94,7 +95,11 @@ class Client:
     pool: HTTPConnectionPool
 
     def get(
-        self, url: str, stop_after: int | None = None, method: str = "GET"
+        self,
+        url: str,
+        stop_after: int | None = None,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
     ) -> _Download:
         fetch = Fetch(started_at=time.monotonic())
         recorder = _BodyRecorder(fetch, stop_after)
@@ -113,7 +118,7 @@ class Client:
             fetch.error = reason
             recorder.done.succeed_with(fetch)
 
-        d = treq.request(method, url, pool=self.pool, unbuffered=True)
+        d = treq.request(method, url, headers=headers, pool=self.pool, unbuffered=True)
         d.addCallbacks(got, failed)
         return _Download(recorder)
 

@@ -5,49 +5,19 @@ docker-registry upstream reached through a throttling relay.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
-from twisted.internet.task import deferLater
 
 from blobserve.digest import Digest
 
-from clients import Client, Fetch, stalled_client
-from processes import DEADLINE, BlobserveProcess, RegistryProcess, free_port
+from checks import Blob, assert_correct, blob_url, committed_path, until
+from clients import Client, stalled_client
+from processes import BlobserveProcess, RegistryProcess, free_port
 from relay import Relay
-
-Blob = tuple[Digest, bytes]
-
-
-def blob_url(server: BlobserveProcess, digest: Digest) -> str:
-    return f"{server.url}/v2/test/blobs/blobs/{digest}"
-
-
-def committed_path(server: BlobserveProcess, digest: Digest) -> Path:
-    return server.storage / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
-
-
-def assert_correct(fetch: Fetch, data: bytes) -> None:
-    assert fetch.status == 200
-    assert fetch.complete, fetch.error
-    assert fetch.length == len(data)
-    assert fetch.sha256 == hashlib.sha256(data).hexdigest()
-
-
-async def until(condition: object, what: str) -> None:
-    """
-    Wait, up to the deadline, for C{condition()} to hold.
-    """
-    deadline = time.monotonic() + DEADLINE
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

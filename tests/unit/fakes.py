@@ -166,8 +166,12 @@ class Connection:
     def send(self, data: bytes) -> None:
         self.channel.dataReceived(data)
 
-    def request(self, method: str, path: str) -> None:
-        self.send(f"{method} {path} HTTP/1.1\r\nHost: blobserve\r\n\r\n".encode())
+    def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> None:
+        lines = [f"{method} {path} HTTP/1.1", "Host: blobserve"]
+        lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
 
     def response(self) -> tuple[int, dict[str, str], bytes]:
         """

@@ -66,7 +66,7 @@ class FollowingResource(Resource):
             request,
             self.reader,  # type: ignore[arg-type]
             self.progress,
-            self.length,
+            end=self.length,
             chunk_size=CHUNK,
         ).start()
         return NOT_DONE_YET

@@ -38,9 +38,14 @@ class Registry:
     resource: RegistryResource
     root: Path
 
-    def get(self, path: str = BLOB, method: str = "GET") -> Connection:
+    def get(
+        self,
+        path: str = BLOB,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+    ) -> Connection:
         connection = connect(self.resource)
-        connection.request(method, path)
+        connection.request(method, path, headers)
         return connection
 
     def answer(self, index: int = -1, length: int | None = len(DATA)) -> FakeResponse:
@@ -291,3 +296,58 @@ def test_client_leaving_during_head_is_left_alone(registry: Registry) -> None:
     errors: list[Failure] = []
     pending.addErrback(errors.append)
     assert errors == []
+
+
+def test_range_of_stored_blob(registry: Registry) -> None:
+    commit(registry)
+    client = registry.get(headers={"Range": "bytes=1000-1999"})
+    status, headers, body = client.response()
+    assert (status, body) == (206, DATA[1000:2000])
+    assert headers["content-range"] == f"bytes 1000-1999/{len(DATA)}"
+    assert headers["content-length"] == "1000"
+    assert headers["accept-ranges"] == "bytes"
+
+
+def test_suffix_range_of_stored_blob(registry: Registry) -> None:
+    commit(registry)
+    status, _, body = registry.get(headers={"Range": "bytes=-10"}).response()
+    assert (status, body) == (206, DATA[-10:])
+
+
+@pytest.mark.parametrize("header", [f"bytes={len(DATA)}-", "bytes=9-3", "bytes=x"])
+def test_unsatisfiable_range_is_416(registry: Registry, header: str) -> None:
+    commit(registry)
+    client = registry.get(headers={"Range": header})
+    assert error_code(client) == (416, "RANGE_INVALID")
+    assert client.response()[1]["content-range"] == f"bytes */{len(DATA)}"
+
+
+def test_range_of_blob_in_flight_waits_for_its_bytes(registry: Registry) -> None:
+    first = registry.get()
+    response = registry.answer()
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA[:1000])
+    ranged = registry.get(headers={"Range": "bytes=50000-50999"})
+    status, headers, body = ranged.response()
+    assert (status, body) == (206, b"")
+    assert headers["content-range"] == f"bytes 50000-50999/{len(DATA)}"
+
+    response.protocol.dataReceived(DATA[1000:60000])
+    # All but the last byte of the range: the blob is not verified yet.
+    assert ranged.response()[2] == DATA[50000:50999]
+    response.protocol.dataReceived(DATA[60000:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert ranged.response()[2] == DATA[50000:51000]
+    assert not ranged.transport.aborted
+    assert first.response()[2] == DATA
+    assert len(registry.upstream.fetches) == 1
+
+
+def test_range_of_blob_that_fails_verification_is_cut_off(registry: Registry) -> None:
+    ranged = registry.get(headers={"Range": "bytes=0-99"})
+    response = registry.answer()
+    assert response.protocol is not None
+    response.protocol.dataReceived(b"\0" * len(DATA))
+    assert ranged.response()[2] == b"\0" * 99
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert ranged.transport.aborted

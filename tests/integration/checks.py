@@ -1,0 +1,46 @@
+"""
+What the integration tests check again and again: a blob's URL and place in
+the store, a correct body, a condition reached in time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from blobserve.digest import Digest
+
+from clients import Fetch
+from processes import DEADLINE, BlobserveProcess
+
+Blob = tuple[Digest, bytes]
+
+
+def blob_url(server: BlobserveProcess, digest: Digest) -> str:
+    return f"{server.url}/v2/test/blobs/blobs/{digest}"
+
+
+def committed_path(server: BlobserveProcess, digest: Digest) -> Path:
+    return server.storage / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+
+def assert_correct(fetch: Fetch, data: bytes) -> None:
+    assert fetch.status == 200
+    assert fetch.complete, fetch.error
+    assert fetch.length == len(data)
+    assert fetch.sha256 == hashlib.sha256(data).hexdigest()
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """
+    Wait, up to the deadline, for C{condition()} to hold.
+    """
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await deferLater(reactor, 0.05, lambda: None)
