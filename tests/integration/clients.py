@@ -118,7 +118,12 @@ class Client:
             fetch.error = reason
             recorder.done.succeed_with(fetch)
 
-        d = treq.request(method, url, headers=headers, pool=self.pool, unbuffered=True)
+        request_headers = Headers()
+        for key, value in (headers or {}).items():
+            request_headers.addRawHeader(key, value)
+        d = treq.request(
+            method, url, headers=request_headers, pool=self.pool, unbuffered=True
+        )
         d.addCallbacks(got, failed)
         return _Download(recorder)
 
