@@ -53,9 +53,9 @@ class Download:
 
     def __init__(
         self,
+        upstream: IUpstream,
         name: str,
         digest: Digest,
-        upstream: IUpstream,
         store: IBlobStore,
         clock: IReactorTime,
         idle_timeout: float = 30.0,

@@ -11,6 +11,7 @@ from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
 from blobserve.download import Download
+from blobserve.upstream import IUpstream
 
 log = Logger()
 
@@ -20,11 +21,11 @@ class IInFlightTable(Interface):
     The downloads running now, by digest.
     """
 
-    def join(name: str, digest: Digest) -> Download:
+    def join(name: str, digest: Digest, upstream: IUpstream) -> Download:
         """
-        The running download of C{digest}; if there is none, start one for
-        repository C{name} and return it. However many callers join, a digest
-        is fetched once at a time.
+        The running download of C{digest}; if there is none, start one from
+        repository C{name} of C{upstream} and return it. However many callers
+        join, a digest is fetched once at a time.
         """
 
     def get(digest: Digest) -> Download | None:
@@ -46,19 +47,19 @@ class InFlightTable:
     starts afresh.
     """
 
-    def __init__(self, create: Callable[[str, Digest], Download]) -> None:
+    def __init__(self, create: Callable[[IUpstream, str, Digest], Download]) -> None:
         """
-        @param create: makes a download (not yet started) of a digest for a
-            repository name.
+        @param create: makes a download (not yet started) of a digest from a
+            repository of an upstream.
         """
         self._create = create
         self._downloads: dict[Digest, Download] = {}
 
-    def join(self, name: str, digest: Digest) -> Download:
+    def join(self, name: str, digest: Digest, upstream: IUpstream) -> Download:
         download = self._downloads.get(digest)
         if download is not None:
             return download
-        download = self._create(name, digest)
+        download = self._create(upstream, name, digest)
         # In the table before it starts: a download that ends at once still
         # leaves the table.
         self._downloads[digest] = download

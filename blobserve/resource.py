@@ -20,7 +20,14 @@ from blobserve.names import InvalidName, parse_name
 from blobserve.producer import CompleteBlob, FollowingProducer
 from blobserve.ranges import UnsatisfiableRange, parse_range
 from blobserve.storage import BlobReader, IBlobStore
-from blobserve.upstream import BlobInfo, BlobUnknown, IUpstream, UpstreamError
+from blobserve.upstream import (
+    BlobInfo,
+    BlobUnknown,
+    IUpstream,
+    UnknownRegistry,
+    UpstreamError,
+    Upstreams,
+)
 from blobserve.writer import IBlobProgress
 
 log = Logger()
@@ -90,12 +97,12 @@ class RegistryResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, store: IBlobStore, downloads: IInFlightTable, upstream: IUpstream
+        self, store: IBlobStore, downloads: IInFlightTable, upstreams: Upstreams
     ) -> None:
         super().__init__()
         self._store = store
         self._downloads = downloads
-        self._upstream = upstream
+        self._upstreams = upstreams
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -128,7 +135,8 @@ class RegistryResource(Resource):
             _stream(request, digest, reader, CompleteBlob(length), length)
             return NOT_DONE_YET
 
-        ready = self._downloads.join(name, digest).when_ready()
+        upstream = self._upstream_for(request)
+        ready = self._downloads.join(name, digest, upstream).when_ready()
         # A client that leaves before the upstream answers stops waiting; the
         # download goes on.
         request.notifyFinish().addErrback(lambda _: ready.cancel())
@@ -140,6 +148,22 @@ class RegistryResource(Resource):
         ready.addCallbacks(follow, lambda reason: _finish_with_error(request, reason))
         return NOT_DONE_YET
 
+    def _upstream_for(self, request: Request) -> IUpstream:
+        """
+        The upstream a request is for: the registry a containerd mirror
+        request names with C{?ns=}, or the default.
+        """
+        names = request.args.get(b"ns") if request.args else None
+        registry = names[0].decode("latin-1") if names else None
+        try:
+            return self._upstreams.for_registry(registry)
+        except UnknownRegistry:
+            raise OCIError(
+                404,
+                "NAME_UNKNOWN",
+                f"this mirror has no upstream for {str(registry)[:100]}",
+            ) from None
+
     def _head_blob(self, request: Request, name: str, digest: Digest) -> int | bytes:
         reader = self._store.open(digest)
         if reader is not None:
@@ -149,7 +173,7 @@ class RegistryResource(Resource):
                 reader.close()
             return b""
 
-        d = self._upstream.stat_blob(name, digest)
+        d = self._upstream_for(request).stat_blob(name, digest)
         request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def answer(info: BlobInfo) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
@@ -21,7 +22,7 @@ from blobserve.download import Download
 from blobserve.inflight import InFlightTable
 from blobserve.resource import RegistryResource
 from blobserve.storage import DirectoryBlobStore
-from blobserve.upstream import RegistryUpstream
+from blobserve.upstream import RegistryUpstream, Upstreams
 
 log = Logger()
 
@@ -45,12 +46,6 @@ class Options(usage.Options):
             "tcp:5000:interface=127.0.0.1",
             "Where to listen, as a Twisted server endpoint string.",
         ],
-        [
-            "upstream",
-            "u",
-            "https://registry-1.docker.io",
-            "The registry to fetch blobs from, as an http or https URL.",
-        ],
         ["storage", "s", "./blobserve-data", "The directory blobs are kept in."],
         [
             "upstream-timeout",
@@ -68,12 +63,53 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["upstreams"] = {}
+
+    def opt_upstream(self, value: str) -> None:
+        registry, url = parse_upstream(value)
+        if registry in self["upstreams"]:
+            raise usage.UsageError(f"--upstream given twice for {registry}")
+        self["upstreams"][registry] = url
+
+    # twistd shows an option method's docstring as it is: keep it one line.
+    opt_upstream.__doc__ = (
+        "A registry to mirror, as URL or REGISTRY=URL; repeat for more registries."
+        " The first is the default for requests without ?ns=."
+        " [default: docker.io=https://registry-1.docker.io]"
+    )
+    opt_u = opt_upstream
+
     def postOptions(self) -> None:
-        upstream = self["upstream"]
-        if not upstream.startswith(("http://", "https://")):
-            raise usage.UsageError(
-                f"--upstream must be an http(s) URL, not {upstream!r}"
-            )
+        if not self["upstreams"]:
+            self["upstreams"] = {DEFAULT_REGISTRY: DEFAULT_UPSTREAM}
+
+
+#: The registry mirrored when no --upstream is given: Docker Hub.
+DEFAULT_REGISTRY = "docker.io"
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+
+
+def parse_upstream(value: str) -> tuple[str, str]:
+    """
+    Split an C{--upstream} value into a registry name and a URL. A bare URL's
+    registry is its host and port, but Docker Hub's API host stands for
+    C{docker.io}, as clients name it.
+
+    @raise usage.UsageError: if the URL is not an http(s) URL with a host.
+    """
+    registry, separator, url = value.partition("=")
+    if not separator:
+        registry, url = "", value
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise usage.UsageError(f"--upstream needs an http(s) URL, not {url!r}")
+    if not registry:
+        registry = parsed.netloc
+        if registry == urlsplit(DEFAULT_UPSTREAM).netloc:
+            registry = DEFAULT_REGISTRY
+    return registry, url.rstrip("/")
 
 
 class _ConnectionPoolService(Service):
@@ -105,19 +141,24 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
-    upstream = RegistryUpstream(
-        options["upstream"], HTTPClient(agent), timeout=options["upstream-timeout"]
+    client = HTTPClient(agent)
+    registries = options["upstreams"]
+    upstreams = Upstreams(
+        {
+            registry: RegistryUpstream(url, client, timeout=options["upstream-timeout"])
+            for registry, url in registries.items()
+        },
+        default=next(iter(registries)),
     )
     downloads = InFlightTable(
         partial(
             Download,
-            upstream=upstream,
             store=store,
             clock=reactor,
             idle_timeout=options["upstream-idle-timeout"],
         )
     )
-    site = Site(RegistryResource(store, downloads, upstream))
+    site = Site(RegistryResource(store, downloads, upstreams))
     site.displayTracebacks = False
 
     service = MultiService()

@@ -138,3 +138,34 @@ class RegistryUpstream:
             f"upstream {self.base_url} answered {response.code}"
             f" {response.phrase.decode('latin-1', 'replace')}"
         )
+
+
+class UnknownRegistry(LookupError):
+    """
+    A request names a registry that blobserve has no upstream for.
+    """
+
+
+@frozen
+class Upstreams:
+    """
+    The registries blobserve mirrors, by name (C{docker.io}, C{ghcr.io}), and
+    the one used when a request names none.
+    """
+
+    by_registry: dict[str, IUpstream]
+    default: str
+
+    def for_registry(self, registry: str | None) -> IUpstream:
+        """
+        The upstream for C{registry} (a containerd mirror request's C{ns}), or
+        the default one if L{None}.
+
+        @raise UnknownRegistry: if blobserve does not mirror C{registry}.
+        """
+        if registry is None:
+            return self.by_registry[self.default]
+        try:
+            return self.by_registry[registry]
+        except KeyError:
+            raise UnknownRegistry(registry) from None

@@ -24,7 +24,7 @@ OTHER = Digest.of(b"other")
 def table_for(tmp_path: Path) -> tuple[InFlightTable, FakeUpstream]:
     upstream = FakeUpstream()
     store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
-    create = partial(Download, upstream=upstream, store=store, clock=Clock())
+    create = partial(Download, store=store, clock=Clock())
     return InFlightTable(create), upstream
 
 
@@ -34,27 +34,27 @@ def test_provides_interface(tmp_path: Path) -> None:
 
 def test_joining_a_running_download_starts_no_other(tmp_path: Path) -> None:
     table, upstream = table_for(tmp_path)
-    first = table.join("a", DIGEST)
-    assert table.join("b", DIGEST) is first
+    first = table.join("a", DIGEST, upstream)
+    assert table.join("b", DIGEST, upstream) is first
     assert table.get(DIGEST) is first
-    assert table.join("a", OTHER) is not first
+    assert table.join("a", OTHER, upstream) is not first
     assert len(upstream.fetches) == 2
     assert len(table) == 2
 
 
 def test_ended_download_leaves_the_table(tmp_path: Path) -> None:
     table, upstream = table_for(tmp_path)
-    first = table.join("a", DIGEST)
+    first = table.join("a", DIGEST, upstream)
     upstream.fetches[0][2].errback(Failure(BlobUnknown()))
     assert table.get(DIGEST) is None
     assert len(table) == 0
-    assert table.join("a", DIGEST) is not first
+    assert table.join("a", DIGEST, upstream) is not first
     assert len(upstream.fetches) == 2
 
 
 def test_download_ending_at_once_leaves_the_table(tmp_path: Path) -> None:
     table, upstream = table_for(tmp_path)
     upstream.refusal = BlobUnknown()
-    download = table.join("a", DIGEST)
+    download = table.join("a", DIGEST, upstream)
     assert len(table) == 0
     failure_of(download.when_ready()).trap(BlobUnknown)

@@ -21,7 +21,7 @@ from blobserve.download import Download
 from blobserve.inflight import InFlightTable
 from blobserve.resource import RegistryResource
 from blobserve.storage import DirectoryBlobStore
-from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError
+from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError, Upstreams
 
 from fakes import Connection, FakeResponse, FakeUpstream, connect, run_now
 
@@ -34,6 +34,7 @@ BLOB = f"/v2/library/busybox/blobs/{DIGEST}"
 class Registry:
     store: DirectoryBlobStore
     upstream: FakeUpstream
+    other: FakeUpstream
     table: InFlightTable
     resource: RegistryResource
     root: Path
@@ -67,12 +68,11 @@ class Registry:
 def registry(tmp_path: Path) -> Registry:
     store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
     upstream = FakeUpstream()
-    table = InFlightTable(
-        partial(Download, upstream=upstream, store=store, clock=Clock())
-    )
-    return Registry(
-        store, upstream, table, RegistryResource(store, table, upstream), tmp_path
-    )
+    other = FakeUpstream()
+    table = InFlightTable(partial(Download, store=store, clock=Clock()))
+    upstreams = Upstreams({"docker.io": upstream, "ghcr.io": other}, "docker.io")
+    resource = RegistryResource(store, table, upstreams)
+    return Registry(store, upstream, other, table, resource, tmp_path)
 
 
 def error_code(connection: Connection) -> tuple[int, str]:
@@ -351,3 +351,23 @@ def test_range_of_blob_that_fails_verification_is_cut_off(registry: Registry) ->
     assert ranged.response()[2] == b"\0" * 99
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert ranged.transport.aborted
+
+
+def test_ns_routes_to_that_registrys_upstream(registry: Registry) -> None:
+    registry.get(f"{BLOB}?ns=ghcr.io")
+    registry.get(f"{BLOB}?ns=ghcr.io", method="HEAD")
+    assert len(registry.other.fetches) == 1
+    assert len(registry.other.stats) == 1
+    assert registry.upstream.fetches == []
+    assert registry.upstream.stats == []
+
+
+def test_no_ns_routes_to_the_default_upstream(registry: Registry) -> None:
+    registry.get(f"{BLOB}?other=1")
+    assert len(registry.upstream.fetches) == 1
+    assert registry.other.fetches == []
+
+
+def test_unknown_ns_is_name_unknown(registry: Registry) -> None:
+    assert error_code(registry.get(f"{BLOB}?ns=quay.io")) == (404, "NAME_UNKNOWN")
+    assert registry.upstream.fetches == registry.other.fetches == []

@@ -25,7 +25,7 @@ def test_defaults() -> None:
     options = Options()
     options.parseOptions([])
     assert options["listen"] == "tcp:5000:interface=127.0.0.1"
-    assert options["upstream"] == "https://registry-1.docker.io"
+    assert options["upstreams"] == {"docker.io": "https://registry-1.docker.io"}
     assert options["storage"] == "./blobserve-data"
 
 
@@ -44,7 +44,7 @@ def test_flags() -> None:
         ]
     )
     assert options["listen"] == "tcp:6000:interface=::1"
-    assert options["upstream"] == "http://127.0.0.1:5100"
+    assert options["upstreams"] == {"127.0.0.1:5100": "http://127.0.0.1:5100"}
     assert options["storage"] == "/srv/blobs"
     assert options["upstream-idle-timeout"] == 5.0
 
@@ -54,6 +54,7 @@ def test_flags() -> None:
     [
         ["--upstream", "registry-1.docker.io"],
         ["--upstream", "ftp://example"],
+        ["--upstream", "docker.io=https://a", "--upstream", "docker.io=https://b"],
         ["--upstream-timeout", "0"],
         ["--upstream-idle-timeout", "soon"],
     ],
@@ -61,6 +62,24 @@ def test_flags() -> None:
 def test_bad_flags_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         Options().parseOptions(argv)
+
+
+def test_several_upstreams_first_is_default() -> None:
+    options = Options()
+    options.parseOptions(
+        [
+            "--upstream",
+            "https://registry-1.docker.io/",
+            "-u",
+            "ghcr.io=https://ghcr.io",
+            "--upstream=mirror.test=http://127.0.0.1:5100",
+        ]
+    )
+    assert list(options["upstreams"].items()) == [
+        ("docker.io", "https://registry-1.docker.io"),
+        ("ghcr.io", "https://ghcr.io"),
+        ("mirror.test", "http://127.0.0.1:5100"),
+    ]
 
 
 def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> None:
