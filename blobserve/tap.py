@@ -4,6 +4,7 @@ What C{twistd blobserve} runs: command-line options and the service they make.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
+from blobserve.auth import Credentials
 from blobserve.download import Download
 from blobserve.inflight import InFlightTable
 from blobserve.resource import RegistryResource
@@ -25,6 +27,13 @@ from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import RegistryUpstream, Upstreams
 
 log = Logger()
+
+#: The environment variable that may hold the upstream password.
+PASSWORD_VARIABLE = "BLOBSERVE_UPSTREAM_PASSWORD"
+
+#: The registry mirrored when no --upstream is given: Docker Hub.
+DEFAULT_REGISTRY = "docker.io"
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 
 
 def _positive_float(value: str) -> float:
@@ -47,6 +56,20 @@ class Options(usage.Options):
             "Where to listen, as a Twisted server endpoint string.",
         ],
         ["storage", "s", "./blobserve-data", "The directory blobs are kept in."],
+        [
+            "upstream-username",
+            None,
+            None,
+            "User name for the default upstream. The password comes from"
+            " --upstream-password-file or the environment variable"
+            f" {PASSWORD_VARIABLE}, never from the command line.",
+        ],
+        [
+            "upstream-password-file",
+            None,
+            None,
+            "A file holding the password for --upstream-username.",
+        ],
         [
             "upstream-timeout",
             None,
@@ -84,11 +107,33 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["upstreams"]:
             self["upstreams"] = {DEFAULT_REGISTRY: DEFAULT_UPSTREAM}
+        self["credentials"] = self._credentials()
 
-
-#: The registry mirrored when no --upstream is given: Docker Hub.
-DEFAULT_REGISTRY = "docker.io"
-DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+    def _credentials(self) -> Credentials | None:
+        username = self["upstream-username"]
+        password_file = self["upstream-password-file"]
+        if username is None:
+            if password_file is not None:
+                raise usage.UsageError(
+                    "--upstream-password-file needs --upstream-username"
+                )
+            return None
+        if password_file is not None:
+            try:
+                with open(password_file, encoding="utf-8") as f:
+                    password = f.read().rstrip("\r\n")
+            except OSError as e:
+                raise usage.UsageError(
+                    f"cannot read --upstream-password-file: {e.strerror}"
+                ) from None
+        elif PASSWORD_VARIABLE in os.environ:
+            password = os.environ[PASSWORD_VARIABLE]
+        else:
+            raise usage.UsageError(
+                "--upstream-username needs --upstream-password-file"
+                f" or {PASSWORD_VARIABLE} in the environment"
+            )
+        return Credentials(username, password)
 
 
 def parse_upstream(value: str) -> tuple[str, str]:
@@ -143,12 +188,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
     client = HTTPClient(agent)
     registries = options["upstreams"]
+    default = next(iter(registries))
     upstreams = Upstreams(
         {
-            registry: RegistryUpstream(url, client, timeout=options["upstream-timeout"])
+            registry: RegistryUpstream(
+                url,
+                client,
+                reactor,
+                timeout=options["upstream-timeout"],
+                credentials=options["credentials"] if registry == default else None,
+            )
             for registry, url in registries.items()
         },
-        default=next(iter(registries)),
+        default=default,
     )
     downloads = InFlightTable(
         partial(

@@ -1,34 +1,59 @@
 """
-The upstream registry client, on treq.
+The upstream registry client, on treq: blobs and manifests, authentication
+challenges, and redirects to object storage.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from attrs import frozen
 from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import Interface, implementer
 
-from blobserve.digest import Digest
+from blobserve.auth import (
+    AuthenticationFailed,
+    Credentials,
+    Token,
+    TokenCache,
+    parse_challenge,
+    parse_token_response,
+)
+from blobserve.digest import Digest, InvalidDigest
 
 log = Logger()
+
+#: The most redirects followed for one request.
+MAX_REDIRECTS = 3
+#: The largest manifest accepted, as the reference registry's limit.
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+_MAX_SMALL_BODY = 64 * 1024
+_REDIRECTS = {301, 302, 303, 307, 308}
 
 
 class UpstreamError(Exception):
     """
     The upstream could not be reached, or answered with something blobserve
-    cannot pass on as a blob.
+    cannot pass on.
     """
 
 
 class BlobUnknown(UpstreamError):
     """
     The upstream answered 404: it does not have the blob.
+    """
+
+
+class ManifestUnknown(UpstreamError):
+    """
+    The upstream answered 404: it does not have the manifest or tag.
     """
 
 
@@ -43,9 +68,32 @@ class BlobInfo:
     length: int | None
 
 
+@frozen
+class Manifest:
+    """
+    A manifest as the upstream sent it, byte for byte, with its verified
+    digest and the media type the upstream declared.
+    """
+
+    content: bytes
+    media_type: str
+    digest: Digest
+
+
+@frozen
+class ManifestInfo:
+    """
+    What an upstream's C{HEAD} says of a manifest; any part may be missing.
+    """
+
+    digest: Digest | None
+    media_type: str | None
+    length: int | None
+
+
 class IUpstream(Interface):
     """
-    A registry that blobs are fetched from.
+    A registry that blobs and manifests are fetched from.
     """
 
     def fetch_blob(name: str, digest: Digest) -> Deferred[IResponse]:
@@ -66,6 +114,27 @@ class IUpstream(Interface):
         @return: fires with L{BlobInfo}; fails as L{fetch_blob} does.
         """
 
+    def fetch_manifest(
+        name: str, reference: str, accept: Sequence[str]
+    ) -> Deferred[Manifest]:
+        """
+        Fetch the manifest C{reference} (a tag or a digest) of repository
+        C{name}, asking for the media types in C{accept}.
+
+        @return: fires with the L{Manifest}, whose digest is verified against
+            C{reference} when that is a digest; fails with L{ManifestUnknown}
+            if the upstream does not have it, or L{UpstreamError}.
+        """
+
+    def stat_manifest(
+        name: str, reference: str, accept: Sequence[str]
+    ) -> Deferred[ManifestInfo]:
+        """
+        Ask with C{HEAD} what the manifest C{reference} is now.
+
+        @return: fires with L{ManifestInfo}; fails as L{fetch_manifest} does.
+        """
+
 
 def response_length(response: IResponse) -> int | None:
     """
@@ -75,69 +144,277 @@ def response_length(response: IResponse) -> int | None:
     return None if length is UNKNOWN_LENGTH else int(length)
 
 
+def _header(response: IResponse, name: bytes) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
 def _declared_length(response: IResponse) -> int | None:
     # A response to HEAD has no body, so its length is 0 whatever it declares.
-    values = response.headers.getRawHeaders(b"content-length") or []
     try:
-        length = int(values[0])
-    except (IndexError, ValueError):
+        length = int(_header(response, b"content-length") or "")
+    except ValueError:
         return None
     return length if length >= 0 else None
 
 
+def _declared_digest(response: IResponse) -> Digest | None:
+    try:
+        return Digest.parse(_header(response, b"docker-content-digest") or "")
+    except InvalidDigest:
+        return None
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _discard(response: IResponse) -> None:
+    """
+    Read and drop a body nobody wants, so the connection can be reused.
+    """
+    collect(response, lambda data: None).addErrback(lambda reason: None)
+
+
+async def _read_body(response: IResponse, limit: int) -> bytes:
+    """
+    The whole body of C{response}, which must not exceed C{limit} bytes.
+    """
+    parts: list[bytes] = []
+    size = 0
+
+    def take(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise UpstreamError(f"upstream body larger than {limit} bytes")
+        parts.append(data)
+
+    try:
+        await collect(response, take)
+    except UpstreamError:
+        raise
+    except Exception as e:
+        raise UpstreamError(f"upstream body cut short: {e}") from None
+    return b"".join(parts)
+
+
+def _refusal(response: IResponse, unknown: type[UpstreamError]) -> UpstreamError:
+    """
+    The error that a response other than 200 means.
+    """
+    if response.code == 404:
+        return unknown(f"unknown to the upstream registry ({response.code})")
+    if response.code in (401, 403):
+        return UpstreamError(f"the upstream registry refused access ({response.code})")
+    if response.code == 429:
+        return UpstreamError("the upstream registry is rate-limiting (429)")
+    phrase = response.phrase.decode("latin-1", "replace")
+    return UpstreamError(f"the upstream registry answered {response.code} {phrase}")
+
+
 @implementer(IUpstream)
-@frozen
 class RegistryUpstream:
     """
     A registry reached over HTTP(S) at C{base_url} through a treq client.
 
-    @ivar timeout: seconds to wait for response headers.
+    It answers C{Bearer} challenges with tokens from the registry's token
+    server (anonymous, or with C{credentials}), cached per repository until
+    they expire, and C{Basic} challenges with C{credentials}. It follows up to
+    L{MAX_REDIRECTS} redirects, and never sends the registry's
+    C{Authorization} to another host.
     """
 
-    base_url: str
-    client: HTTPClient
-    timeout: float = 30.0
+    def __init__(
+        self,
+        base_url: str,
+        client: HTTPClient,
+        clock: IReactorTime,
+        timeout: float = 30.0,
+        credentials: Credentials | None = None,
+    ) -> None:
+        """
+        @param timeout: seconds to wait for response headers.
+        """
+        self.base_url = base_url.rstrip("/")
+        self._client = client
+        self._clock = clock
+        self._timeout = timeout
+        self._credentials = credentials
+        self._tokens = TokenCache(clock)
+        # The scheme of the upstream's last challenge: "bearer", "basic" or
+        # None before any.
+        self._scheme: str | None = None
 
     def fetch_blob(self, name: str, digest: Digest) -> Deferred[IResponse]:
-        return self._blob_request("GET", name, digest)
+        async def fetch() -> IResponse:
+            response = await self._send("GET", name, f"blobs/{digest}")
+            if response.code != 200:
+                _discard(response)
+                raise _refusal(response, BlobUnknown)
+            return response
+
+        return Deferred.fromCoroutine(fetch())
 
     def stat_blob(self, name: str, digest: Digest) -> Deferred[BlobInfo]:
-        d = self._blob_request("HEAD", name, digest)
-        return d.addCallback(lambda response: BlobInfo(_declared_length(response)))
+        async def stat() -> BlobInfo:
+            response = await self._send("HEAD", name, f"blobs/{digest}")
+            if response.code != 200:
+                raise _refusal(response, BlobUnknown)
+            return BlobInfo(_declared_length(response))
 
-    def _blob_request(
-        self, method: str, name: str, digest: Digest
-    ) -> Deferred[IResponse]:
-        url = f"{self.base_url.rstrip('/')}/v2/{name}/blobs/{digest}"
-        d = self.client.request(
-            method,
-            url,
-            headers=Headers({b"Accept-Encoding": [b"identity"]}),
-            allow_redirects=False,
-            unbuffered=True,
-            timeout=self.timeout,
-        )
+        return Deferred.fromCoroutine(stat())
 
-        def unreachable(reason: Failure) -> Failure:
-            if reason.check(CancelledError):
-                message = f"no answer within {self.timeout:g} s"
-            else:
-                message = reason.getErrorMessage()
-            raise UpstreamError(f"upstream {self.base_url} unreachable: {message}")
+    def fetch_manifest(
+        self, name: str, reference: str, accept: Sequence[str]
+    ) -> Deferred[Manifest]:
+        async def fetch() -> Manifest:
+            response = await self._send("GET", name, f"manifests/{reference}", accept)
+            if response.code != 200:
+                _discard(response)
+                raise _refusal(response, ManifestUnknown)
+            content = await _read_body(response, MAX_MANIFEST_SIZE)
+            expected = _expected_digest(reference) or _declared_digest(response)
+            algorithm = expected.algorithm if expected else "sha256"
+            digest = Digest.of(content, algorithm)
+            if expected is not None and digest != expected:
+                raise UpstreamError(f"upstream manifest is {digest}, not {expected}")
+            media_type = _header(response, b"content-type")
+            if not media_type:
+                raise UpstreamError("upstream manifest has no Content-Type")
+            return Manifest(content, media_type, digest)
 
-        return d.addCallbacks(self._check_status, unreachable)
+        return Deferred.fromCoroutine(fetch())
 
-    def _check_status(self, response: IResponse) -> IResponse:
-        if response.code == 200:
+    def stat_manifest(
+        self, name: str, reference: str, accept: Sequence[str]
+    ) -> Deferred[ManifestInfo]:
+        async def stat() -> ManifestInfo:
+            response = await self._send("HEAD", name, f"manifests/{reference}", accept)
+            if response.code != 200:
+                raise _refusal(response, ManifestUnknown)
+            return ManifestInfo(
+                _declared_digest(response),
+                _header(response, b"content-type"),
+                _declared_length(response),
+            )
+
+        return Deferred.fromCoroutine(stat())
+
+    async def _send(
+        self, method: str, name: str, path: str, accept: Sequence[str] = ()
+    ) -> IResponse:
+        """
+        Send C{method} for C{/v2/<name>/<path>}, answering one authentication
+        challenge and following redirects, and return the final response,
+        whatever its status.
+        """
+        url = f"{self.base_url}/v2/{name}/{path}"
+        origin = _origin(url)
+        scope = f"repository:{name}:pull"
+        challenged = False
+        for _ in range(MAX_REDIRECTS + 2):
+            headers = Headers({b"Accept-Encoding": [b"identity"]})
+            if accept:
+                headers.setRawHeaders(b"Accept", [", ".join(accept).encode()])
+            at_registry = _origin(url) == origin
+            authorization = self._authorization(scope) if at_registry else None
+            if authorization is not None:
+                headers.setRawHeaders(b"Authorization", [authorization])
+            response = await self._request(method, url, headers)
+            if response.code == 401 and at_registry and not challenged:
+                challenged = True
+                _discard(response)
+                await self._answer_challenge(response, scope)
+                continue
+            location = _header(response, b"location")
+            if response.code in _REDIRECTS and location:
+                _discard(response)
+                url = urljoin(url, location)
+                continue
             return response
-        # Nobody wants the body of an error: drop it, freeing the connection.
-        collect(response, lambda data: None).addErrback(lambda reason: None)
-        if response.code == 404:
-            raise BlobUnknown("blob unknown to upstream registry")
-        raise UpstreamError(
-            f"upstream {self.base_url} answered {response.code}"
-            f" {response.phrase.decode('latin-1', 'replace')}"
-        )
+        raise UpstreamError(f"more than {MAX_REDIRECTS} redirects from upstream")
+
+    async def _request(self, method: str, url: str, headers: Headers) -> IResponse:
+        try:
+            response: IResponse = await self._client.request(
+                method,
+                url,
+                headers=headers,
+                allow_redirects=False,
+                unbuffered=True,
+                timeout=self._timeout,
+            )
+        except CancelledError:
+            raise UpstreamError(
+                f"upstream {_host(url)} gave no answer within {self._timeout:g} s"
+            ) from None
+        except Exception as e:
+            raise UpstreamError(f"upstream {_host(url)} unreachable: {e}") from None
+        return response
+
+    def _authorization(self, scope: str) -> bytes | None:
+        if self._scheme == "bearer":
+            token = self._tokens.get(scope)
+            return None if token is None else f"Bearer {token.value}".encode()
+        if self._scheme == "basic" and self._credentials is not None:
+            return self._credentials.basic()
+        return None
+
+    async def _answer_challenge(self, response: IResponse, scope: str) -> None:
+        """
+        Get what the upstream's C{WWW-Authenticate} challenge asks for, so that
+        the request can be sent again.
+
+        @raise UpstreamError: if it cannot be answered.
+        """
+        challenges = [
+            parse_challenge(value.decode("latin-1"))
+            for value in response.headers.getRawHeaders(b"www-authenticate") or []
+        ]
+        by_scheme = {c.scheme: c for c in challenges if c is not None}
+        bearer = by_scheme.get("bearer")
+        if bearer is not None and bearer.parameters.get("realm"):
+            self._scheme = "bearer"
+            self._tokens.put(scope, await self._fetch_token(bearer.parameters, scope))
+        elif "basic" in by_scheme and self._credentials is not None:
+            self._scheme = "basic"
+        else:
+            raise UpstreamError("the upstream registry asks for credentials (401)")
+
+    async def _fetch_token(self, challenge: dict[str, str], scope: str) -> Token:
+        query = {"scope": challenge.get("scope", scope)}
+        if "service" in challenge:
+            query["service"] = challenge["service"]
+        realm = challenge["realm"]
+        url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
+        headers = Headers()
+        if self._credentials is not None:
+            headers.setRawHeaders(b"Authorization", [self._credentials.basic()])
+        response = await self._request("GET", url, headers)
+        if response.code != 200:
+            _discard(response)
+            raise UpstreamError(
+                f"token server {_host(url)} refused: {response.code}"
+                f" {response.phrase.decode('latin-1', 'replace')}"
+            )
+        body = await _read_body(response, _MAX_SMALL_BODY)
+        try:
+            return parse_token_response(body, self._clock.seconds())
+        except AuthenticationFailed as e:
+            raise UpstreamError(f"token server {_host(url)}: {e}") from None
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def _expected_digest(reference: str) -> Digest | None:
+    try:
+        return Digest.parse(reference)
+    except InvalidDigest:
+        return None
 
 
 class UnknownRegistry(LookupError):

@@ -5,7 +5,7 @@ controls, and an HTTP connection to a resource over a StringTransport.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from attrs import define, field
@@ -22,7 +22,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from blobserve.digest import Digest
-from blobserve.upstream import BlobInfo, IUpstream
+from blobserve.upstream import BlobInfo, IUpstream, Manifest, ManifestInfo
 
 _T = TypeVar("_T")
 
@@ -102,12 +102,32 @@ class FakeUpstream:
     size: int | None = None
     refusal: Exception | None = None
     stat_answer: Deferred[BlobInfo] | None = None
+    manifest_fetches: list[tuple[str, str, list[str], Deferred[Manifest]]] = field(
+        factory=list
+    )
+    manifest_stats: list[tuple[str, str, list[str], Deferred[ManifestInfo]]] = field(
+        factory=list
+    )
 
     def fetch_blob(self, name: str, digest: Digest) -> Deferred[IResponse]:
         d: Deferred[IResponse] = Deferred()
         self.fetches.append((name, digest, d))
         if self.refusal is not None:
             d.errback(self.refusal)
+        return d
+
+    def fetch_manifest(
+        self, name: str, reference: str, accept: Sequence[str]
+    ) -> Deferred[Manifest]:
+        d: Deferred[Manifest] = Deferred()
+        self.manifest_fetches.append((name, reference, list(accept), d))
+        return d
+
+    def stat_manifest(
+        self, name: str, reference: str, accept: Sequence[str]
+    ) -> Deferred[ManifestInfo]:
+        d: Deferred[ManifestInfo] = Deferred()
+        self.manifest_stats.append((name, reference, list(accept), d))
         return d
 
     def stat_blob(self, name: str, digest: Digest) -> Deferred[BlobInfo]:

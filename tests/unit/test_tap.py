@@ -12,8 +12,9 @@ from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.web.server import Site
 
+from blobserve.auth import Credentials
 from blobserve.resource import RegistryResource
-from blobserve.tap import Options, makeService
+from blobserve.tap import PASSWORD_VARIABLE, Options, makeService
 
 
 def test_plugin_is_found() -> None:
@@ -57,11 +58,44 @@ def test_flags() -> None:
         ["--upstream", "docker.io=https://a", "--upstream", "docker.io=https://b"],
         ["--upstream-timeout", "0"],
         ["--upstream-idle-timeout", "soon"],
+        ["--upstream-password-file", "/nonexistent"],
+        ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
     ],
 )
 def test_bad_flags_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         Options().parseOptions(argv)
+
+
+def test_password_comes_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    options = Options()
+    options.parseOptions(
+        ["--upstream-username", "alice", "--upstream-password-file", str(secret)]
+    )
+    assert options["credentials"] == Credentials("alice", "s3cret")
+
+
+def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PASSWORD_VARIABLE, "s3cret")
+    options = Options()
+    options.parseOptions(["--upstream-username", "alice"])
+    assert options["credentials"] == Credentials("alice", "s3cret")
+
+
+def test_username_without_password_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    with pytest.raises(UsageError):
+        Options().parseOptions(["--upstream-username", "alice"])
+
+
+def test_no_credentials_by_default() -> None:
+    options = Options()
+    options.parseOptions([])
+    assert options["credentials"] is None
 
 
 def test_several_upstreams_first_is_default() -> None:

@@ -1,8 +1,13 @@
 """
 RegistryUpstream against an in-memory registry double served by treq's testing
-agent: URLs, headers, statuses.
+agent: URLs, headers, statuses, authentication challenges and redirects.
 """
 
+from __future__ import annotations
+
+import base64
+import json
+import re
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -11,6 +16,7 @@ from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
@@ -18,11 +24,13 @@ from twisted.web.server import Request
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from blobserve.auth import Credentials
 from blobserve.digest import Digest
 from blobserve.upstream import (
     BlobInfo,
     BlobUnknown,
     IUpstream,
+    ManifestUnknown,
     RegistryUpstream,
     UpstreamError,
 )
@@ -32,37 +40,105 @@ from fakes import failure_of, result_of
 _T = TypeVar("_T")
 DATA = b"blob bytes" * 100
 DIGEST = Digest.of(DATA)
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": "x"}).encode()
+MANIFEST_DIGEST = Digest.of(MANIFEST)
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+CREDENTIALS = Credentials("alice", "s3cret")
+TOKEN = "token-for-alice"
 
 
 class RegistryDouble(Resource):
     """
-    Answers blob requests with a fixed status and records what it was asked.
+    A registry (host registry.test) with an optional token server (auth.test)
+    and object storage (storage.test) it redirects blob downloads to.
+
+    @ivar auth: C{None}, C{"basic"} or C{"bearer"}.
     """
 
     isLeaf = True
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(
+        self, status: int = 200, auth: str | None = None, redirect: bool = False
+    ) -> None:
         super().__init__()
         self.status = status
-        self.requests: list[tuple[bytes, bytes, Sequence[bytes]]] = []
+        self.auth = auth
+        self.redirect = redirect
+        self.requests: list[tuple[str, bytes, bytes, Sequence[bytes]]] = []
+        self.token_requests: list[bytes] = []
 
     def render(self, request: Request) -> bytes:
-        encodings = request.requestHeaders.getRawHeaders(b"accept-encoding") or []
-        self.requests.append((request.method, request.uri, encodings))
+        host = (request.getHeader(b"host") or b"").decode()
+        authorization = request.getHeader(b"authorization") or b""
+        self.requests.append(
+            (
+                host,
+                request.method,
+                request.uri,
+                request.requestHeaders.getRawHeaders(b"authorization") or [],
+            )
+        )
+        if host == "auth.test":
+            self.token_requests.append(request.uri)
+            if authorization != CREDENTIALS.basic():
+                request.setResponseCode(401)
+                return b""
+            return json.dumps({"token": TOKEN, "expires_in": 300}).encode()
+        if host == "storage.test":
+            return self._content(request, DATA)
+        if not self._authorized(request, authorization):
+            return b'{"errors": [{"code": "UNAUTHORIZED"}]}'
+        if self.redirect and b"/blobs/" in request.uri:
+            request.setResponseCode(307)
+            request.setHeader(b"Location", b"http://storage.test/data?signature=x")
+            return b""
         request.setResponseCode(self.status)
-        request.setHeader(b"Content-Length", b"%d" % len(DATA))
-        return DATA
+        if b"/manifests/" in request.uri:
+            request.setHeader(b"Content-Type", MANIFEST_TYPE.encode())
+            request.setHeader(b"Docker-Content-Digest", str(MANIFEST_DIGEST).encode())
+            return self._content(request, MANIFEST)
+        return self._content(request, DATA)
+
+    def _content(self, request: Request, content: bytes) -> bytes:
+        request.setHeader(b"Content-Length", b"%d" % len(content))
+        return content
+
+    def _authorized(self, request: Request, authorization: bytes) -> bool:
+        if self.auth == "basic" and authorization != CREDENTIALS.basic():
+            request.setResponseCode(401)
+            request.setHeader(b"WWW-Authenticate", b'Basic realm="registry"')
+            return False
+        if self.auth == "bearer" and authorization != f"Bearer {TOKEN}".encode():
+            name = re.sub(rb"^/v2/(.*)/(blobs|manifests)/.*", rb"\1", request.uri)
+            request.setResponseCode(401)
+            request.setHeader(
+                b"WWW-Authenticate",
+                f'Bearer realm="http://auth.test/token",service="registry.test",'
+                f'scope="repository:{name.decode()}:pull"'.encode(),
+            )
+            return False
+        return True
 
 
 def upstream_for(
     registry: RegistryDouble,
+    credentials: Credentials | None = None,
+    clock: Clock | None = None,
 ) -> tuple[RegistryUpstream, RequestTraversalAgent]:
     agent = RequestTraversalAgent(registry)
-    return RegistryUpstream("http://registry.test/", HTTPClient(agent)), agent
+    upstream = RegistryUpstream(
+        "http://registry.test/",
+        HTTPClient(agent),
+        clock or Clock(),
+        credentials=credentials,
+    )
+    return upstream, agent
 
 
-def settled(d: "Deferred[_T]", agent: RequestTraversalAgent) -> "Deferred[_T]":
-    agent.flush()
+def settled(d: Deferred[_T], agent: RequestTraversalAgent) -> Deferred[_T]:
+    # Each round trip through the in-memory agent needs a flush.
+    for _ in range(10):
+        agent.flush()
     return d
 
 
@@ -76,9 +152,9 @@ def test_fetch_asks_for_the_blob_without_compression() -> None:
     response = result_of(settled(upstream.fetch_blob("library/busybox", DIGEST), agent))
     assert response.code == 200
     assert response.length == len(DATA)
-    method, uri, encodings = registry.requests[0]
-    assert (method, uri) == (b"GET", f"/v2/library/busybox/blobs/{DIGEST}".encode())
-    assert b"identity" in encodings
+    host, method, uri, _ = registry.requests[0]
+    assert (host, method) == ("registry.test", b"GET")
+    assert uri == f"/v2/library/busybox/blobs/{DIGEST}".encode()
 
 
 def test_stat_reads_the_declared_length() -> None:
@@ -86,17 +162,12 @@ def test_stat_reads_the_declared_length() -> None:
     upstream, agent = upstream_for(registry)
     info = result_of(settled(upstream.stat_blob("busybox", DIGEST), agent))
     assert info == BlobInfo(len(DATA))
-    assert registry.requests[0][0] == b"HEAD"
+    assert registry.requests[0][1] == b"HEAD"
 
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [
-        (404, BlobUnknown),
-        (500, UpstreamError),
-        (401, UpstreamError),
-        (307, UpstreamError),
-    ],
+    [(404, BlobUnknown), (500, UpstreamError), (403, UpstreamError)],
 )
 def test_statuses_other_than_200_are_errors(status: int, error: type) -> None:
     upstream, agent = upstream_for(RegistryDouble(status))
@@ -112,10 +183,115 @@ def test_unreachable_upstream_is_an_upstream_error() -> None:
             uri: bytes,
             headers: Headers | None = None,
             bodyProducer: IBodyProducer | None = None,
-        ) -> "Deferred[IResponse]":
+        ) -> Deferred[IResponse]:
             return fail(ConnectionRefusedError())
 
-    upstream = RegistryUpstream("http://registry.test", HTTPClient(Refusing()))
+    upstream = RegistryUpstream("http://registry.test", HTTPClient(Refusing()), Clock())
     reason = failure_of(upstream.fetch_blob("busybox", DIGEST))
     reason.trap(UpstreamError)
     assert "unreachable" in reason.getErrorMessage()
+
+
+def test_bearer_challenge_is_answered_with_a_token_then_cached() -> None:
+    registry = RegistryDouble(auth="bearer")
+    clock = Clock()
+    upstream, agent = upstream_for(registry, CREDENTIALS, clock)
+    response = result_of(settled(upstream.fetch_blob("library/busybox", DIGEST), agent))
+    assert response.code == 200
+    token_uri = registry.token_requests[0]
+    assert b"service=registry.test" in token_uri
+    assert b"scope=repository%3Alibrary%2Fbusybox%3Apull" in token_uri
+
+    # The token is reused for that repository until it expires.
+    result_of(settled(upstream.stat_blob("library/busybox", DIGEST), agent))
+    assert len(registry.token_requests) == 1
+    assert registry.requests[-1][3] == [f"Bearer {TOKEN}".encode()]
+    clock.advance(300)
+    result_of(settled(upstream.stat_blob("library/busybox", DIGEST), agent))
+    assert len(registry.token_requests) == 2
+
+
+def test_tokens_are_per_repository() -> None:
+    registry = RegistryDouble(auth="bearer")
+    upstream, agent = upstream_for(registry, CREDENTIALS)
+    result_of(settled(upstream.stat_blob("a", DIGEST), agent))
+    result_of(settled(upstream.stat_blob("b", DIGEST), agent))
+    assert len(registry.token_requests) == 2
+
+
+def test_refused_token_is_an_upstream_error_without_secrets() -> None:
+    registry = RegistryDouble(auth="bearer")
+    upstream, agent = upstream_for(registry, Credentials("alice", "wrong"))
+    reason = failure_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    reason.trap(UpstreamError)
+    assert "wrong" not in reason.getErrorMessage()
+    assert "wrong" not in repr(Credentials("alice", "wrong"))
+
+
+def test_basic_challenge_is_answered_with_credentials() -> None:
+    registry = RegistryDouble(auth="basic")
+    upstream, agent = upstream_for(registry, CREDENTIALS)
+    result_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    result_of(settled(upstream.stat_blob("busybox", DIGEST), agent))
+    # The first request learned the scheme; the next sends credentials at once.
+    assert [r[3] for r in registry.requests] == [
+        [],
+        [CREDENTIALS.basic()],
+        [CREDENTIALS.basic()],
+    ]
+
+
+def test_challenge_without_credentials_is_an_upstream_error() -> None:
+    upstream, agent = upstream_for(RegistryDouble(auth="basic"))
+    reason = failure_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    assert "credentials" in reason.getErrorMessage()
+
+
+def test_redirect_is_followed_without_the_registrys_authorization() -> None:
+    registry = RegistryDouble(auth="basic", redirect=True)
+    upstream, agent = upstream_for(registry, CREDENTIALS)
+    response = result_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    assert response.code == 200
+    assert response.length == len(DATA)
+    storage = [r for r in registry.requests if r[0] == "storage.test"]
+    assert len(storage) == 1
+    assert storage[0][2] == b"/data?signature=x"
+    assert storage[0][3] == []
+
+
+def test_manifest_is_fetched_byte_for_byte_with_accept() -> None:
+    registry = RegistryDouble()
+    upstream, agent = upstream_for(registry)
+    accept = [MANIFEST_TYPE, "application/vnd.oci.image.index.v1+json"]
+    manifest = result_of(
+        settled(upstream.fetch_manifest("busybox", "latest", accept), agent)
+    )
+    assert manifest.content == MANIFEST
+    assert manifest.media_type == MANIFEST_TYPE
+    assert manifest.digest == MANIFEST_DIGEST
+
+
+def test_manifest_by_wrong_digest_is_refused() -> None:
+    upstream, agent = upstream_for(RegistryDouble())
+    wrong = Digest.of(b"something else")
+    reason = failure_of(settled(upstream.fetch_manifest("b", str(wrong), []), agent))
+    reason.trap(UpstreamError)
+    assert str(wrong) in reason.getErrorMessage()
+
+
+def test_manifest_head_reads_digest_and_type() -> None:
+    upstream, agent = upstream_for(RegistryDouble())
+    info = result_of(settled(upstream.stat_manifest("b", "latest", []), agent))
+    assert info.digest == MANIFEST_DIGEST
+    assert info.media_type == MANIFEST_TYPE
+    assert info.length == len(MANIFEST)
+
+
+def test_unknown_manifest() -> None:
+    upstream, agent = upstream_for(RegistryDouble(404))
+    reason = failure_of(settled(upstream.fetch_manifest("b", "latest", []), agent))
+    reason.trap(ManifestUnknown)
+
+
+def test_authorization_header_value() -> None:
+    assert CREDENTIALS.basic() == b"Basic " + base64.b64encode(b"alice:s3cret")
