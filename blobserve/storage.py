@@ -134,11 +134,20 @@ class IBlobStore(Interface):
         @raise OSError: if the file cannot be created.
         """
 
-    def commit(temporary: TemporaryBlob) -> Deferred[None]:
+    def media_type(digest: Digest) -> str | None:
+        """
+        The media type committed with the blob C{digest}, if any (manifests
+        have one).
+        """
+
+    def commit(
+        temporary: TemporaryBlob, media_type: str | None = None
+    ) -> Deferred[None]:
         """
         Make a fully written and verified temporary blob durable and visible to
         L{open} under its digest, atomically: a reader sees the whole blob or
         none. The temporary's write handle is left open for its owner to close.
+        A C{media_type} is recorded durably before the blob becomes visible.
 
         @return: fires once the blob is visible, or fails (and the temporary is
             removed) if the file system refuses.
@@ -223,7 +232,34 @@ class DirectoryBlobStore:
             break
         return TemporaryBlob(digest, path, fd)
 
-    def commit(self, temporary: TemporaryBlob) -> Deferred[None]:
+    def _media_type_path(self, digest: Digest) -> str:
+        return os.path.join(
+            self.root, "media-types", digest.algorithm, digest.hex[:2], digest.hex
+        )
+
+    def media_type(self, digest: Digest) -> str | None:
+        try:
+            with open(self._media_type_path(digest), encoding="utf-8") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _record_media_type(self, digest: Digest, media_type: str) -> None:
+        # Blocking: fsync and rename, so a crash leaves the old record or the
+        # new, never a torn one.
+        path = self._media_type_path(digest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.urandom(4).hex()}"
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(media_type)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(partial, path)
+        _fsync_directory(os.path.dirname(path))
+
+    def commit(
+        self, temporary: TemporaryBlob, media_type: str | None = None
+    ) -> Deferred[None]:
         final = self.path_for(temporary.digest)
         directory = os.path.dirname(final)
 
@@ -239,7 +275,12 @@ class DirectoryBlobStore:
             self.discard(temporary)
             return reason
 
-        d: Deferred[None] = self.run_blocking(temporary.fsync)
+        def prepare() -> None:
+            temporary.fsync()
+            if media_type is not None:
+                self._record_media_type(temporary.digest, media_type)
+
+        d: Deferred[None] = self.run_blocking(prepare)
         d.addCallback(rename)
         d.addErrback(failed)
         return d

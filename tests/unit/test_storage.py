@@ -90,3 +90,12 @@ def test_stale_temporaries_are_removed(
     store.create_temporary(DIGEST).close()
     assert store.remove_stale_temporaries() == 2
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_media_type_is_committed_with_the_blob(store: DirectoryBlobStore) -> None:
+    assert store.media_type(DIGEST) is None
+    temporary = store.create_temporary(DIGEST)
+    temporary.write(DATA)
+    result_of(store.commit(temporary, "application/vnd.oci.image.index.v1+json"))
+    temporary.close()
+    assert store.media_type(DIGEST) == "application/vnd.oci.image.index.v1+json"
