@@ -35,3 +35,24 @@ def parse_name(text: str) -> str:
     if not _NAME.fullmatch(text):
         raise InvalidName(f"invalid repository name: {text[:100]!r}")
     return text
+
+
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+class InvalidTag(ValueError):
+    """
+    A tag does not follow the spec's grammar.
+    """
+
+
+def parse_tag(text: str) -> str:
+    """
+    Check that C{text} is a tag such as C{latest} or C{1.36.1-glibc}, and
+    return it. A valid tag has no slash and does not start with a dot.
+
+    @raise InvalidTag: if it is not.
+    """
+    if not _TAG.fullmatch(text):
+        raise InvalidTag(f"invalid tag: {text[:130]!r}")
+    return text

@@ -16,7 +16,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from blobserve.digest import Digest, InvalidDigest
 from blobserve.download import Landing
 from blobserve.inflight import IInFlightTable
-from blobserve.names import InvalidName, parse_name
+from blobserve.manifests import ManifestCache
+from blobserve.names import InvalidName, InvalidTag, parse_name, parse_tag
 from blobserve.producer import CompleteBlob, FollowingProducer
 from blobserve.ranges import UnsatisfiableRange, parse_range
 from blobserve.storage import BlobReader, IBlobStore
@@ -24,6 +25,9 @@ from blobserve.upstream import (
     BlobInfo,
     BlobUnknown,
     IUpstream,
+    Manifest,
+    ManifestInfo,
+    ManifestUnknown,
     UnknownRegistry,
     UpstreamError,
     Upstreams,
@@ -33,6 +37,7 @@ from blobserve.writer import IBlobProgress
 log = Logger()
 
 _BLOB_PATH = re.compile(rb"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
+_MANIFEST_PATH = re.compile(rb"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
 _BASE_PATHS = {b"/v2", b"/v2/"}
 
 
@@ -50,12 +55,15 @@ class OCIError(Exception):
 
 def error_for(reason: Failure) -> OCIError:
     """
-    The OCI error that tells a client why its blob cannot be served.
+    The OCI error that tells a client why its blob or manifest cannot be
+    served.
     """
     if reason.check(OCIError):
         return reason.value  # type: ignore[return-value]
     if reason.check(BlobUnknown):
         return OCIError(404, "BLOB_UNKNOWN", "blob unknown to registry")
+    if reason.check(ManifestUnknown):
+        return OCIError(404, "MANIFEST_UNKNOWN", "manifest unknown to registry")
     if reason.check(UpstreamError):
         return OCIError(502, "UNKNOWN", reason.getErrorMessage())
     if reason.check(OSError):
@@ -97,11 +105,16 @@ class RegistryResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, store: IBlobStore, downloads: IInFlightTable, upstreams: Upstreams
+        self,
+        store: IBlobStore,
+        downloads: IInFlightTable,
+        manifests: ManifestCache,
+        upstreams: Upstreams,
     ) -> None:
         super().__init__()
         self._store = store
         self._downloads = downloads
+        self._manifests = manifests
         self._upstreams = upstreams
 
     def render(self, request: Request) -> bytes | int:
@@ -120,6 +133,12 @@ class RegistryResource(Resource):
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Content-Length", b"2")
             return b"{}"
+        match = _MANIFEST_PATH.fullmatch(path)
+        if match is not None:
+            name, reference = _parse_manifest_path(match)
+            if request.method == b"HEAD":
+                return self._head_manifest(request, name, reference)
+            return self._get_manifest(request, name, reference)
         match = _BLOB_PATH.fullmatch(path)
         if match is None:
             raise OCIError(404, "NOT_FOUND", "no such endpoint")
@@ -135,7 +154,7 @@ class RegistryResource(Resource):
             _stream(request, digest, reader, CompleteBlob(length), length)
             return NOT_DONE_YET
 
-        upstream = self._upstream_for(request)
+        _, upstream = self._upstream_for(request)
         ready = self._downloads.join(name, digest, upstream).when_ready()
         # A client that leaves before the upstream answers stops waiting; the
         # download goes on.
@@ -148,7 +167,34 @@ class RegistryResource(Resource):
         ready.addCallbacks(follow, lambda reason: _finish_with_error(request, reason))
         return NOT_DONE_YET
 
-    def _upstream_for(self, request: Request) -> IUpstream:
+    def _get_manifest(self, request: Request, name: str, reference: str) -> int:
+        registry, upstream = self._upstream_for(request)
+        d = self._manifests.get(registry, upstream, name, reference, _accept(request))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+
+        def send(manifest: Manifest) -> None:
+            _manifest_headers(
+                request, manifest.digest, manifest.media_type, len(manifest.content)
+            )
+            request.write(manifest.content)
+            request.finish()
+
+        d.addCallbacks(send, lambda reason: _finish_with_error(request, reason))
+        return NOT_DONE_YET
+
+    def _head_manifest(self, request: Request, name: str, reference: str) -> int:
+        registry, upstream = self._upstream_for(request)
+        d = self._manifests.head(registry, upstream, name, reference, _accept(request))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+
+        def send(info: ManifestInfo) -> None:
+            _manifest_headers(request, info.digest, info.media_type, info.length)
+            request.finish()
+
+        d.addCallbacks(send, lambda reason: _finish_with_error(request, reason))
+        return NOT_DONE_YET
+
+    def _upstream_for(self, request: Request) -> tuple[str, IUpstream]:
         """
         The upstream a request is for: the registry a containerd mirror
         request names with C{?ns=}, or the default.
@@ -156,7 +202,7 @@ class RegistryResource(Resource):
         names = request.args.get(b"ns") if request.args else None
         registry = names[0].decode("latin-1") if names else None
         try:
-            return self._upstreams.for_registry(registry)
+            return self._upstreams.resolve(registry)
         except UnknownRegistry:
             raise OCIError(
                 404,
@@ -173,7 +219,7 @@ class RegistryResource(Resource):
                 reader.close()
             return b""
 
-        d = self._upstream_for(request).stat_blob(name, digest)
+        d = self._upstream_for(request)[1].stat_blob(name, digest)
         request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def answer(info: BlobInfo) -> None:
@@ -220,11 +266,54 @@ def _header(request: Request, name: bytes) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-def _parse_blob_path(match: re.Match[bytes]) -> tuple[str, Digest]:
+def _manifest_headers(
+    request: Request,
+    digest: Digest | None,
+    media_type: str | None,
+    length: int | None,
+) -> None:
+    request.setResponseCode(200)
+    if media_type is not None:
+        request.setHeader(b"Content-Type", media_type.encode("latin-1"))
+    if digest is not None:
+        request.setHeader(b"Docker-Content-Digest", str(digest).encode())
+        request.setHeader(b"ETag", f'"{digest}"'.encode())
+    if length is not None:
+        request.setHeader(b"Content-Length", b"%d" % length)
+
+
+def _accept(request: Request) -> list[str]:
+    """
+    The media types the client accepts, as it sent them, to pass upstream.
+    """
+    values = request.requestHeaders.getRawHeaders(b"accept") or []
+    return [value.decode("latin-1") for value in values]
+
+
+def _parse_manifest_path(match: re.Match[bytes]) -> tuple[str, str]:
+    name = _parse_name(match["name"])
+    reference = match["reference"].decode("latin-1")
+    if ":" in reference:
+        try:
+            return name, str(Digest.parse(reference))
+        except InvalidDigest as e:
+            raise OCIError(400, "DIGEST_INVALID", str(e)) from None
     try:
-        name = parse_name(match["name"].decode("ascii"))
-    except (UnicodeDecodeError, InvalidName) as e:
-        raise OCIError(400, "NAME_INVALID", str(e)) from None
+        return name, parse_tag(reference)
+    except InvalidTag as e:
+        raise OCIError(400, "TAG_INVALID", str(e)) from None
+
+
+def _parse_name(raw: bytes) -> str:
+    try:
+        return parse_name(raw.decode("ascii"))
+    except (UnicodeDecodeError, InvalidName):
+        message = f"invalid repository name: {raw[:100].decode('latin-1')!r}"
+        raise OCIError(400, "NAME_INVALID", message) from None
+
+
+def _parse_blob_path(match: re.Match[bytes]) -> tuple[str, Digest]:
+    name = _parse_name(match["name"])
     try:
         digest = Digest.parse(match["digest"].decode("ascii"))
     except (UnicodeDecodeError, InvalidDigest) as e:

@@ -22,6 +22,7 @@ from twisted.web.server import Site
 from blobserve.auth import Credentials
 from blobserve.download import Download
 from blobserve.inflight import InFlightTable
+from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import RegistryUpstream, Upstreams
@@ -69,6 +70,13 @@ class Options(usage.Options):
             None,
             None,
             "A file holding the password for --upstream-username.",
+        ],
+        [
+            "tag-ttl",
+            None,
+            60.0,
+            "Seconds a tag's digest is trusted before the upstream is asked again.",
+            _positive_float,
         ],
         [
             "upstream-timeout",
@@ -210,7 +218,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             idle_timeout=options["upstream-idle-timeout"],
         )
     )
-    site = Site(RegistryResource(store, downloads, upstreams))
+    manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])
+    site = Site(RegistryResource(store, downloads, manifests, upstreams))
     site.displayTracebacks = False
 
     service = MultiService()

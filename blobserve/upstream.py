@@ -433,16 +433,15 @@ class Upstreams:
     by_registry: dict[str, IUpstream]
     default: str
 
-    def for_registry(self, registry: str | None) -> IUpstream:
+    def resolve(self, registry: str | None) -> tuple[str, IUpstream]:
         """
-        The upstream for C{registry} (a containerd mirror request's C{ns}), or
-        the default one if L{None}.
+        The name and upstream of C{registry} (a containerd mirror request's
+        C{ns}), or of the default registry if L{None}.
 
         @raise UnknownRegistry: if blobserve does not mirror C{registry}.
         """
-        if registry is None:
-            return self.by_registry[self.default]
+        name = self.default if registry is None else registry
         try:
-            return self.by_registry[registry]
+            return name, self.by_registry[name]
         except KeyError:
             raise UnknownRegistry(registry) from None

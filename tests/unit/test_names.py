@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blobserve.names import MAX_NAME_LENGTH, InvalidName, parse_name
+from blobserve.names import (
+    MAX_NAME_LENGTH,
+    InvalidName,
+    InvalidTag,
+    parse_name,
+    parse_tag,
+)
 
 
 @pytest.mark.parametrize(
@@ -49,3 +55,14 @@ def test_no_valid_name_leaves_its_directory(text: str) -> None:
         return
     parts = name.split("/")
     assert all(part and part not in (".", "..") for part in parts)
+
+
+@pytest.mark.parametrize("tag", ["latest", "1.36.1-glibc", "_x", "A" * 128, "v1_2.3"])
+def test_valid_tags(tag: str) -> None:
+    assert parse_tag(tag) == tag
+
+
+@pytest.mark.parametrize("tag", ["", ".hidden", "-x", "a/b", "..", "a" * 129, "a:b"])
+def test_invalid_tags(tag: str) -> None:
+    with pytest.raises(InvalidTag):
+        parse_tag(tag)

@@ -19,6 +19,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from blobserve.digest import Digest
 from blobserve.download import Download
 from blobserve.inflight import InFlightTable
+from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError, Upstreams
@@ -71,7 +72,8 @@ def registry(tmp_path: Path) -> Registry:
     other = FakeUpstream()
     table = InFlightTable(partial(Download, store=store, clock=Clock()))
     upstreams = Upstreams({"docker.io": upstream, "ghcr.io": other}, "docker.io")
-    resource = RegistryResource(store, table, upstreams)
+    manifests = ManifestCache(store, Clock(), ttl=60)
+    resource = RegistryResource(store, table, manifests, upstreams)
     return Registry(store, upstream, other, table, resource, tmp_path)
 
 
@@ -102,6 +104,9 @@ def test_base_endpoint_says_registry_v2(registry: Registry) -> None:
         ("/v2/busybox/blobs/sha256:abc", 400, "DIGEST_INVALID"),
         ("/v2/busybox/blobs/sha512:" + "0" * 64, 400, "DIGEST_INVALID"),
         ("/v2/busybox/tags/list/x", 404, "NOT_FOUND"),
+        ("/v2/busybox/manifests/.hidden", 400, "TAG_INVALID"),
+        ("/v2/busybox/manifests/md5:abc", 400, "DIGEST_INVALID"),
+        ("/v2/Busybox/manifests/latest", 400, "NAME_INVALID"),
         ("/etc/passwd", 404, "NOT_FOUND"),
     ],
 )

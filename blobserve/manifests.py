@@ -1,0 +1,296 @@
+"""
+L{ManifestCache}: manifests by digest, kept in the store, and tags, resolved
+through the upstream at most once per TTL and served stale when the upstream
+fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from blobserve.digest import Digest, InvalidDigest
+from blobserve.oneshot import OneShotEvent
+from blobserve.storage import IBlobStore
+from blobserve.upstream import (
+    MAX_MANIFEST_SIZE,
+    IUpstream,
+    Manifest,
+    ManifestInfo,
+    ManifestUnknown,
+    UpstreamError,
+)
+
+log = Logger()
+
+_T = TypeVar("_T")
+
+
+@frozen
+class TagRecord:
+    """
+    What a tag pointed to when the upstream last said so.
+    """
+
+    digest: Digest
+    checked_at: float
+
+
+def accept_key(accept: Sequence[str]) -> tuple[str, ...]:
+    """
+    The media types of C{Accept} values, without parameters, in a canonical
+    order: a tag may resolve differently for clients that accept different
+    types, so each set gets its own record.
+    """
+    types = {
+        part.split(";")[0].strip().lower()
+        for value in accept
+        for part in value.split(",")
+    }
+    return tuple(sorted(t for t in types if t))
+
+
+class ManifestCache:
+    """
+    Serves manifests, asking the upstream as little as correctness allows.
+
+    By digest, a manifest is immutable: it is fetched once (however many
+    clients ask at once), verified, and kept in the store with its media type.
+    By tag, the digest the tag resolves to is remembered per registry,
+    repository and set of accepted media types; within C{ttl} seconds the
+    upstream is not asked again, after that a C{HEAD} revalidates it. When the
+    upstream is unreachable, answers 5xx or rate-limits, the last known
+    manifest is served; when it says the tag is gone, so does blobserve.
+    """
+
+    def __init__(self, store: IBlobStore, clock: IReactorTime, ttl: float) -> None:
+        self._store = store
+        self._clock = clock
+        self._ttl = ttl
+        self._tags: dict[tuple[Any, ...], TagRecord] = {}
+        self._running: dict[tuple[Any, ...], OneShotEvent[Any]] = {}
+
+    def get(
+        self,
+        registry: str,
+        upstream: IUpstream,
+        name: str,
+        reference: str,
+        accept: Sequence[str],
+    ) -> Deferred[Manifest]:
+        """
+        The manifest C{reference} (a tag or a digest) of repository C{name}.
+
+        @return: fires with the manifest; fails with L{ManifestUnknown} or
+            L{UpstreamError} when it cannot be had, even stale.
+        """
+        digest = _digest_or_none(reference)
+        if digest is not None:
+            return self._by_digest(upstream, name, digest, accept)
+        key = ("tag", registry, name, reference, accept_key(accept))
+        return self._once(
+            key,
+            lambda: Deferred.fromCoroutine(self._by_tag(key, upstream, name, accept)),
+        )
+
+    def head(
+        self,
+        registry: str,
+        upstream: IUpstream,
+        name: str,
+        reference: str,
+        accept: Sequence[str],
+    ) -> Deferred[ManifestInfo]:
+        """
+        What C{GET} would serve for C{reference}, without fetching a manifest
+        that is not stored: a stored one answers from the store, any other
+        from the upstream's C{HEAD}.
+        """
+        digest = _digest_or_none(reference)
+        if digest is not None:
+            stored = self._load(digest)
+            if stored is not None:
+                return succeed(_info(stored))
+            return upstream.stat_manifest(name, reference, accept)
+        key = ("tag", registry, name, reference, accept_key(accept))
+        return Deferred.fromCoroutine(self._head_tag(key, upstream, name, accept))
+
+    def _by_digest(
+        self, upstream: IUpstream, name: str, digest: Digest, accept: Sequence[str]
+    ) -> Deferred[Manifest]:
+        stored = self._load(digest)
+        if stored is not None:
+            return succeed(stored)
+        return self._once(
+            ("digest", digest),
+            lambda: Deferred.fromCoroutine(
+                self._fetch(upstream, name, str(digest), accept)
+            ),
+        )
+
+    async def _by_tag(
+        self,
+        key: tuple[Any, ...],
+        upstream: IUpstream,
+        name: str,
+        accept: Sequence[str],
+    ) -> Manifest:
+        tag = key[3]
+        record = self._tags.get(key)
+        now = self._clock.seconds()
+        if record is not None and now - record.checked_at < self._ttl:
+            stored = self._load(record.digest)
+            if stored is not None:
+                return stored
+        if record is None:
+            manifest = await self._fetch(upstream, name, tag, accept)
+            self._tags[key] = TagRecord(manifest.digest, now)
+            return manifest
+        try:
+            manifest = await self._revalidate(upstream, name, tag, accept)
+        except ManifestUnknown:
+            self._tags.pop(key, None)
+            raise
+        except UpstreamError as e:
+            stale = self._load(record.digest)
+            if stale is None:
+                raise
+            log.warn(
+                "serving {name}:{tag} as {digest} from the cache: {reason}",
+                name=name,
+                tag=tag,
+                digest=str(record.digest),
+                reason=str(e),
+            )
+            return stale
+        self._tags[key] = TagRecord(manifest.digest, now)
+        return manifest
+
+    async def _revalidate(
+        self, upstream: IUpstream, name: str, tag: str, accept: Sequence[str]
+    ) -> Manifest:
+        """
+        Ask with C{HEAD} what the tag is now, and fetch the manifest only if
+        it is not stored already.
+        """
+        info = await upstream.stat_manifest(name, tag, accept)
+        if info.digest is not None:
+            stored = self._load(info.digest)
+            if stored is not None:
+                return stored
+            return await self._by_digest(upstream, name, info.digest, accept)
+        return await self._fetch(upstream, name, tag, accept)
+
+    async def _head_tag(
+        self,
+        key: tuple[Any, ...],
+        upstream: IUpstream,
+        name: str,
+        accept: Sequence[str],
+    ) -> ManifestInfo:
+        tag = key[3]
+        record = self._tags.get(key)
+        now = self._clock.seconds()
+        stored = self._load(record.digest) if record is not None else None
+        fresh = record is not None and now - record.checked_at < self._ttl
+        if stored is not None and fresh:
+            return _info(stored)
+        try:
+            info = await upstream.stat_manifest(name, tag, accept)
+        except ManifestUnknown:
+            self._tags.pop(key, None)
+            raise
+        except UpstreamError:
+            if stored is None:
+                raise
+            return _info(stored)
+        if info.digest is not None:
+            self._tags[key] = TagRecord(info.digest, now)
+        return info
+
+    async def _fetch(
+        self, upstream: IUpstream, name: str, reference: str, accept: Sequence[str]
+    ) -> Manifest:
+        manifest = await upstream.fetch_manifest(name, reference, accept)
+        await self._keep(manifest)
+        return manifest
+
+    async def _keep(self, manifest: Manifest) -> None:
+        if self._load(manifest.digest) is not None:
+            return
+        try:
+            temporary = self._store.create_temporary(manifest.digest)
+        except OSError:
+            log.failure("cannot keep manifest {digest}", digest=str(manifest.digest))
+            return
+        try:
+            temporary.write(manifest.content)
+            await self._store.commit(temporary, manifest.media_type)
+        except OSError:
+            # Serving it matters more than keeping it: the next request
+            # fetches it again.
+            log.failure("cannot keep manifest {digest}", digest=str(manifest.digest))
+            self._store.discard(temporary)
+        finally:
+            temporary.close()
+
+    def _load(self, digest: Digest) -> Manifest | None:
+        media_type = self._store.media_type(digest)
+        if media_type is None:
+            return None
+        reader = self._store.open(digest)
+        if reader is None:
+            return None
+        try:
+            content = reader.read(0, MAX_MANIFEST_SIZE + 1)
+        finally:
+            reader.close()
+        if len(content) > MAX_MANIFEST_SIZE:
+            return None
+        return Manifest(content, media_type, digest)
+
+    def _once(
+        self,
+        key: tuple[Any, ...],
+        work: Callable[[], Deferred[_T]],
+    ) -> Deferred[_T]:
+        """
+        Run C{work} for C{key} unless it is running already; either way, a
+        Deferred of the caller's own for its outcome.
+        """
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = OneShotEvent()
+            started = work()
+            d = (
+                started
+                if isinstance(started, Deferred)
+                else Deferred.fromCoroutine(started)
+            )
+
+            def settle(outcome: Any) -> None:
+                del self._running[key]
+                if isinstance(outcome, Failure):
+                    running.fail_with(outcome)
+                else:
+                    running.succeed_with(outcome)
+
+            d.addBoth(settle)
+        return running.observe()
+
+
+def _digest_or_none(reference: str) -> Digest | None:
+    try:
+        return Digest.parse(reference)
+    except InvalidDigest:
+        return None
+
+
+def _info(manifest: Manifest) -> ManifestInfo:
+    return ManifestInfo(manifest.digest, manifest.media_type, len(manifest.content))

@@ -1,0 +1,190 @@
+"""
+ManifestCache: digests fetched once and kept, tags trusted for a TTL, then
+revalidated with HEAD, and served stale when the upstream fails.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from attrs import define
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from blobserve.digest import Digest
+from blobserve.manifests import ManifestCache, accept_key
+from blobserve.storage import DirectoryBlobStore
+from blobserve.upstream import (
+    Manifest,
+    ManifestInfo,
+    ManifestUnknown,
+    UpstreamError,
+)
+
+from fakes import FakeUpstream, failure_of, has_fired, result_of, run_now
+
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+ACCEPT = [INDEX_TYPE, "application/vnd.oci.image.manifest.v1+json"]
+
+
+def manifest(n: int) -> Manifest:
+    content = json.dumps({"schemaVersion": 2, "n": n}, indent=3).encode()
+    return Manifest(content, INDEX_TYPE, Digest.of(content))
+
+
+V1, V2 = manifest(1), manifest(2)
+
+
+@define
+class Cache:
+    cache: ManifestCache
+    upstream: FakeUpstream
+    clock: Clock
+    store: DirectoryBlobStore
+
+    def get(self, reference: str = "latest") -> Deferred[Manifest]:
+        return self.cache.get(
+            "docker.io", self.upstream, "library/x", reference, ACCEPT
+        )
+
+    def head(self, reference: str = "latest") -> Deferred[ManifestInfo]:
+        return self.cache.head(
+            "docker.io", self.upstream, "library/x", reference, ACCEPT
+        )
+
+
+@pytest.fixture
+def subject(tmp_path: Path) -> Cache:
+    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    clock = Clock()
+    return Cache(ManifestCache(store, clock, ttl=60), FakeUpstream(), clock, store)
+
+
+def test_manifest_by_digest_is_fetched_once_and_kept(subject: Cache) -> None:
+    first = subject.get(str(V1.digest))
+    second = subject.get(str(V1.digest))
+    assert len(subject.upstream.manifest_fetches) == 1
+    name, reference, accept, d = subject.upstream.manifest_fetches[0]
+    assert (name, reference, accept) == ("library/x", str(V1.digest), ACCEPT)
+    d.callback(V1)
+    assert result_of(first) == result_of(second) == V1
+
+    assert subject.store.media_type(V1.digest) == INDEX_TYPE
+    assert result_of(subject.get(str(V1.digest))) == V1
+    assert len(subject.upstream.manifest_fetches) == 1
+
+
+def cold_fetch(subject: Cache, version: Manifest = V1) -> None:
+    d = subject.get()
+    subject.upstream.manifest_fetches[-1][3].callback(version)
+    assert result_of(d) == version
+
+
+def test_tag_is_trusted_within_its_ttl(subject: Cache) -> None:
+    cold_fetch(subject)
+    assert subject.upstream.manifest_fetches[0][1] == "latest"
+    subject.clock.advance(59)
+    assert result_of(subject.get()) == V1
+    assert result_of(subject.head()) == ManifestInfo(
+        V1.digest, INDEX_TYPE, len(V1.content)
+    )
+    assert len(subject.upstream.manifest_fetches) == 1
+    assert subject.upstream.manifest_stats == []
+
+
+def test_stale_tag_is_revalidated_with_head(subject: Cache) -> None:
+    cold_fetch(subject)
+    subject.clock.advance(60)
+    d = subject.get()
+    assert len(subject.upstream.manifest_stats) == 1
+    subject.upstream.manifest_stats[0][3].callback(
+        ManifestInfo(V1.digest, INDEX_TYPE, len(V1.content))
+    )
+    assert result_of(d) == V1
+    assert len(subject.upstream.manifest_fetches) == 1
+    # Revalidated: trusted for another TTL.
+    subject.clock.advance(30)
+    assert result_of(subject.get()) == V1
+    assert len(subject.upstream.manifest_stats) == 1
+
+
+def test_moved_tag_fetches_the_new_manifest_by_digest(subject: Cache) -> None:
+    cold_fetch(subject)
+    subject.clock.advance(61)
+    d = subject.get()
+    subject.upstream.manifest_stats[0][3].callback(
+        ManifestInfo(V2.digest, INDEX_TYPE, len(V2.content))
+    )
+    assert subject.upstream.manifest_fetches[-1][1] == str(V2.digest)
+    subject.upstream.manifest_fetches[-1][3].callback(V2)
+    assert result_of(d) == V2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UpstreamError("unreachable"),
+        UpstreamError("the upstream registry answered 503 Service Unavailable"),
+        UpstreamError("the upstream registry is rate-limiting (429)"),
+    ],
+)
+def test_stale_manifest_is_served_when_upstream_fails(
+    subject: Cache, error: Exception
+) -> None:
+    cold_fetch(subject)
+    subject.clock.advance(120)
+    d = subject.get()
+    subject.upstream.manifest_stats[0][3].errback(Failure(error))
+    assert result_of(d) == V1
+    h = subject.head()
+    subject.upstream.manifest_stats[1][3].errback(Failure(error))
+    assert result_of(h).digest == V1.digest
+
+
+def test_tag_gone_upstream_is_gone(subject: Cache) -> None:
+    cold_fetch(subject)
+    subject.clock.advance(120)
+    d = subject.get()
+    subject.upstream.manifest_stats[0][3].errback(Failure(ManifestUnknown()))
+    failure_of(d).trap(ManifestUnknown)
+    # Forgotten: the next request asks the upstream from scratch.
+    subject.get()
+    assert subject.upstream.manifest_fetches[-1][1] == "latest"
+    assert len(subject.upstream.manifest_fetches) == 2
+
+
+def test_cold_tag_with_failing_upstream_fails(subject: Cache) -> None:
+    d = subject.get()
+    subject.upstream.manifest_fetches[0][3].errback(Failure(UpstreamError("down")))
+    failure_of(d).trap(UpstreamError)
+
+
+def test_concurrent_requests_for_a_tag_ask_upstream_once(subject: Cache) -> None:
+    requests = [subject.get() for _ in range(5)]
+    assert len(subject.upstream.manifest_fetches) == 1
+    assert not any(has_fired(d) for d in requests)
+    subject.upstream.manifest_fetches[0][3].callback(V1)
+    assert all(result_of(d) == V1 for d in requests)
+
+
+def test_tags_are_cached_per_accepted_types(subject: Cache) -> None:
+    cold_fetch(subject)
+    subject.cache.get(
+        "docker.io", subject.upstream, "library/x", "latest", ["application/json"]
+    )
+    subject.cache.get("ghcr.io", subject.upstream, "library/x", "latest", ACCEPT)
+    assert len(subject.upstream.manifest_fetches) == 3
+
+
+def test_head_of_uncached_tag_asks_upstream_head_only(subject: Cache) -> None:
+    d = subject.head()
+    subject.upstream.manifest_stats[0][3].callback(ManifestInfo(V1.digest, None, 10))
+    assert result_of(d).digest == V1.digest
+    assert subject.upstream.manifest_fetches == []
+
+
+def test_accept_key_ignores_order_case_and_parameters() -> None:
+    assert accept_key(["b/c;q=0.5, A/B", "a/b"]) == ("a/b", "b/c")
