@@ -17,13 +17,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from blobserve.auth import Credentials
 from blobserve.download import Download
 from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
+from blobserve.site import registry_site
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import RegistryUpstream, Upstreams
 
@@ -219,8 +219,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         )
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])
-    site = Site(RegistryResource(store, downloads, manifests, upstreams))
-    site.displayTracebacks = False
+    site = registry_site(RegistryResource(store, downloads, manifests, upstreams))
 
     service = MultiService()
     _ConnectionPoolService(pool).setServiceParent(service)

@@ -68,11 +68,15 @@ def wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path) -> None
 
 class RegistryProcess:
     """
-    Debian's docker-registry (distribution 2.8) with a file-system store,
-    without authentication, on a loopback port.
+    Debian's docker-registry (distribution 2.8) with a file-system store, on a
+    loopback port, asking for credentials if configured to.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, auth: str = "") -> None:
+        """
+        @param auth: the C{auth:} section of the registry's configuration,
+            indented, if it should ask for credentials.
+        """
         binary = shutil.which("docker-registry")
         if binary is None:
             raise RuntimeError("docker-registry is not installed: run `make test`")
@@ -85,13 +89,14 @@ class RegistryProcess:
             "storage:\n"
             f"  filesystem:\n    rootdirectory: {directory / 'data'}\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
+            f"{auth}"
         )
         self.log = directory / "registry.log"
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 [binary, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT
             )
-        wait_for_http(f"{self.url}/v2/", self.process, self.log)
+        wait_for_http(f"{self.url}/", self.process, self.log)
 
     def push_blob(self, name: str, data: bytes) -> Digest:
         """
@@ -132,15 +137,18 @@ class BlobserveProcess:
         upstream: str,
         storage: Path,
         flags: list[str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         """
         @param flags: blobserve's command line; by default it listens on a
             free loopback port and uses C{upstream} and C{storage}.
+        @param extra: more flags after those.
         """
         self.directory = directory
         self.upstream = upstream
         self.storage = storage
         self.flags = flags
+        self.extra = extra
         self.log = directory / "blobserve.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -166,7 +174,14 @@ class BlobserveProcess:
             ]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [str(twistd), "--nodaemon", "--pidfile=", "blobserve", *flags],
+                [
+                    str(twistd),
+                    "--nodaemon",
+                    "--pidfile=",
+                    "blobserve",
+                    *flags,
+                    *self.extra,
+                ],
                 cwd=self.directory,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -176,7 +191,7 @@ class BlobserveProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"blobserve exited:\n{self.log.read_text()}")
             started = re.search(
-                rb"Site starting on (\d+)", self.log.read_bytes()[offset:]
+                rb"\) starting on (\d+)", self.log.read_bytes()[offset:]
             )
             if started:
                 self.port = int(started.group(1))

@@ -39,6 +39,7 @@ class Relay(Factory):
         self.corrupt_at: int | None = None
         self.requests: list[tuple[str, str]] = []
         self.connections = 0
+        self.open: set[_Inbound] = set()
         self.port = 0
         self._listening: IListeningPort | None = None
 
@@ -53,9 +54,14 @@ class Relay(Factory):
         return self.port
 
     def stop(self) -> None:
+        """
+        Stop listening and cut every open connection: the upstream is gone.
+        """
         if self._listening is not None:
             self._listening.stopListening()
             self._listening = None
+        for inbound in list(self.open):
+            inbound.transport.abortConnection()  # type: ignore[union-attr]
 
     def buildProtocol(self, addr: Any) -> Protocol:
         self.connections += 1
@@ -83,6 +89,7 @@ class _Inbound(Protocol):
         self.latest_request: tuple[str, str] | None = None
 
     def connectionMade(self) -> None:
+        self.relay.open.add(self)
         factory = ClientFactory.forProtocol(lambda: _Outbound(self))
         self.relay.reactor.connectTCP("127.0.0.1", self.relay.upstream_port, factory)
 
@@ -113,6 +120,7 @@ class _Inbound(Protocol):
                     self.outbound.new_response(method, path)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.relay.open.discard(self)
         if self.outbound is not None:
             self.outbound.transport.loseConnection()  # type: ignore[union-attr]
 

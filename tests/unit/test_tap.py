@@ -9,6 +9,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.usage import UsageError
 from twisted.web.server import Site
 
@@ -129,8 +130,10 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     service.startService()
     port, factory, _, interface = reactor.tcpServers[0]
     assert (port, interface) == (5555, "127.0.0.1")
-    assert isinstance(factory, Site)
-    assert isinstance(factory.resource, RegistryResource)
+    assert isinstance(factory, WrappingFactory)
+    site = factory.wrappedFactory
+    assert isinstance(site, Site)
+    assert isinstance(site.resource, RegistryResource)
     assert (tmp_path / "blobs").is_dir()
     assert (tmp_path / "tmp").is_dir()
     service.stopService()

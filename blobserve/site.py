@@ -1,0 +1,48 @@
+"""
+The HTTP server factory: twisted.web's Site for the registry resource, on a
+plain-HTTP listener that fails TLS probes at once.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import ITCPTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+
+#: The first byte of a TLS record carrying a handshake (a ClientHello).
+_TLS_HANDSHAKE = 0x16
+
+
+class _RefuseTLSProbe(ProtocolWrapper):
+    """
+    Drops a connection that opens with a TLS handshake.
+
+    Registry clients (containerd, skopeo, docker) try HTTPS first and fall
+    back to HTTP only when HTTPS fails. An HTTP server would wait for a
+    request line that never comes, and the client for its handshake timeout:
+    ten seconds per pull. Closing at once makes the fallback immediate.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first and data:
+            self._first = False
+            if data[0] == _TLS_HANDSHAKE:
+                ITCPTransport(self.transport).abortConnection()
+                return
+        super().dataReceived(data)
+
+
+def registry_site(resource: IResource) -> WrappingFactory:
+    """
+    The factory serving C{resource}: a L{Site} without tracebacks in error
+    pages, behind a TLS-probe refusal (harmless on a TLS listener, where the
+    first decrypted byte starts an HTTP request).
+    """
+    site = Site(resource)
+    site.displayTracebacks = False
+    wrapper = WrappingFactory(site)
+    wrapper.protocol = _RefuseTLSProbe
+    return wrapper
