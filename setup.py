@@ -20,6 +20,8 @@ setup(
     ],
     extras_require={
         "test": [
+            "bcrypt>=4",
+            "cryptography>=42",
             "hypothesis>=6.100",
             "mypy>=1.10",
             "mypy-zope>=1.0",

@@ -36,6 +36,8 @@ class Image:
     manifest_digest: str
     blob_digests: set[str]
     manifest_digests: set[str]
+    #: The OCI layout it was pushed from.
+    layout: Path
 
 
 class _Layout:
@@ -148,7 +150,9 @@ async def push_image(
     await skopeo(
         *args, f"oci:{directory}:{tag}", f"docker://{registry}/{repository}:{tag}"
     )
-    return Image(f"{repository}:{tag}", digest, layout.blobs, layout.manifests)
+    return Image(
+        f"{repository}:{tag}", digest, layout.blobs, layout.manifests, directory
+    )
 
 
 async def pull_image(

@@ -138,17 +138,20 @@ class BlobserveProcess:
         storage: Path,
         flags: list[str] | None = None,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         """
         @param flags: blobserve's command line; by default it listens on a
             free loopback port and uses C{upstream} and C{storage}.
         @param extra: more flags after those.
+        @param env: more environment variables for the process.
         """
         self.directory = directory
         self.upstream = upstream
         self.storage = storage
         self.flags = flags
         self.extra = extra
+        self.env = env or {}
         self.log = directory / "blobserve.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -183,6 +186,7 @@ class BlobserveProcess:
                     *self.extra,
                 ],
                 cwd=self.directory,
+                env={**os.environ, **self.env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

@@ -1,0 +1,214 @@
+"""
+Pulling through blobserve from upstreams that ask for credentials (htpasswd
+Basic, and bearer tokens from a token server), and from one that redirects
+blob downloads to object storage on another host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+
+from authservers import (
+    ISSUER,
+    PASSWORD,
+    SERVICE,
+    USER,
+    RedirectingFront,
+    StorageServer,
+    TokenServer,
+    listen,
+    write_htpasswd,
+)
+from images import layout_digests, layout_top_digest, pull_image, push_image
+from processes import BlobserveProcess, RegistryProcess
+
+CREDENTIALS = f"{USER}:{PASSWORD}"
+
+
+@pytest.fixture(scope="session")
+def basic_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RegistryProcess]:
+    directory = tmp_path_factory.mktemp("basic-registry")
+    write_htpasswd(directory / "htpasswd")
+    registry = RegistryProcess(
+        directory,
+        auth=(
+            "auth:\n  htpasswd:\n    realm: blobserve-test\n"
+            f"    path: {directory / 'htpasswd'}\n"
+        ),
+    )
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+    server = TokenServer(tmp_path_factory.mktemp("token-server"))
+    port, number = listen(reactor, server)
+    server.url = f"http://127.0.0.1:{number}/token"  # type: ignore[attr-defined]
+    yield server
+    port.stopListening()
+
+
+@pytest.fixture(scope="session")
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer
+) -> Iterator[RegistryProcess]:
+    registry = RegistryProcess(
+        tmp_path_factory.mktemp("token-registry"),
+        auth=(
+            "auth:\n  token:\n"
+            f"    realm: {token_server.url}\n"  # type: ignore[attr-defined]
+            f"    service: {SERVICE}\n"
+            f"    issuer: {ISSUER}\n"
+            f"    rootcertbundle: {token_server.bundle}\n"
+        ),
+    )
+    yield registry
+    registry.stop()
+
+
+def password_file(directory: Path) -> Path:
+    path = directory / "upstream-password"
+    path.write_text(PASSWORD + "\n")
+    return path
+
+
+async def pull_through(
+    tmp_path: Path,
+    upstream: str,
+    repository: str,
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> tuple[BlobserveProcess, Path]:
+    """
+    Start blobserve in front of C{upstream} with the given extra flags and
+    environment, and pull C{repository:v1} through it into a fresh layout.
+    """
+    server = BlobserveProcess(
+        tmp_path,
+        upstream,
+        tmp_path / "storage",
+        extra=tuple(extra),
+        env=env,
+    )
+    await server.start()
+    try:
+        out = tmp_path / "pulled"
+        await pull_image(f"127.0.0.1:{server.port}/{repository}:v1", out)
+    finally:
+        server.stop()
+    return server, out
+
+
+@pytest_twisted.ensureDeferred
+async def test_pulls_through_an_htpasswd_upstream(
+    tmp_path: Path, basic_registry: RegistryProcess
+) -> None:
+    image = await push_image(
+        tmp_path,
+        f"127.0.0.1:{basic_registry.port}",
+        "auth/basic",
+        "v1",
+        credentials=CREDENTIALS,
+    )
+    server, out = await pull_through(
+        tmp_path,
+        basic_registry.url,
+        "auth/basic",
+        extra=[
+            f"--upstream-username={USER}",
+            f"--upstream-password-file={password_file(tmp_path)}",
+        ],
+    )
+    assert layout_top_digest(out) == image.manifest_digest
+    assert layout_digests(out) == image.blob_digests | {image.manifest_digest}
+    assert PASSWORD not in server.log.read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pulls_through_a_token_upstream(
+    tmp_path: Path, token_registry: RegistryProcess, token_server: TokenServer
+) -> None:
+    image = await push_image(
+        tmp_path,
+        f"127.0.0.1:{token_registry.port}",
+        "auth/token",
+        "v1",
+        credentials=CREDENTIALS,
+    )
+    asked = len(token_server.requests)
+    server, out = await pull_through(
+        tmp_path,
+        token_registry.url,
+        "auth/token",
+        extra=[f"--upstream-username={USER}"],
+        env={"BLOBSERVE_UPSTREAM_PASSWORD": PASSWORD},
+    )
+    assert layout_top_digest(out) == image.manifest_digest
+    assert layout_digests(out) == image.blob_digests | {image.manifest_digest}
+    scopes = [r.get("scope") for r in token_server.requests[asked:]]
+    assert ["repository:auth/token:pull"] in scopes
+    # One token for the repository, reused for the manifest and every blob.
+    assert len(scopes) == 1
+    log = server.log.read_text()
+    assert PASSWORD not in log
+    assert "eyJ" not in log  # no JWT
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_upstream_without_credentials_is_a_clear_502(
+    tmp_path: Path, token_registry: RegistryProcess
+) -> None:
+    server = BlobserveProcess(tmp_path, token_registry.url, tmp_path / "storage")
+    await server.start()
+    try:
+        response = await treq.get(f"{server.url}/v2/auth/none/manifests/v1")
+        body = await response.json()
+    finally:
+        server.stop()
+    assert response.code == 502
+    message = body["errors"][0]["message"]
+    assert "token server" in message
+    assert "401" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_redirect_to_storage_carries_no_registry_credentials(
+    tmp_path: Path, basic_registry: RegistryProcess
+) -> None:
+    image = await push_image(
+        tmp_path,
+        f"127.0.0.1:{basic_registry.port}",
+        "auth/redirected",
+        "v1",
+        credentials=CREDENTIALS,
+    )
+    storage = StorageServer(image.layout / "blobs" / "sha256")
+    storage_port, storage_number = listen(reactor, storage)
+    front = RedirectingFront(basic_registry.port, storage_number)
+    front_port, front_number = listen(reactor, front)
+    try:
+        _, out = await pull_through(
+            tmp_path,
+            f"http://127.0.0.1:{front_number}",
+            "auth/redirected",
+            extra=[
+                f"--upstream-username={USER}",
+                f"--upstream-password-file={password_file(tmp_path)}",
+            ],
+        )
+    finally:
+        storage_port.stopListening()
+        front_port.stopListening()
+    assert layout_digests(out) == image.blob_digests | {image.manifest_digest}
+    assert front.redirects == len(image.blob_digests)
+    assert len(storage.authorizations) == len(image.blob_digests)
+    assert storage.authorizations == [None] * len(image.blob_digests)
