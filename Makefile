@@ -1,4 +1,5 @@
-# make run:  install blobserve in a virtual environment and start it with defaults.
+# make run:  install blobserve in a virtual environment and start it with
+#            defaults (flags in ARGS="...").
 # make test: install everything the tests need (Debian packages, Python
 #            packages) and run every check: lint, types, unit and integration tests.
 
@@ -16,7 +17,7 @@ $(BIN)/python:
 
 run: $(BIN)/python
 	$(BIN)/pip install --quiet .
-	$(BIN)/twistd --nodaemon --pidfile= blobserve
+	$(BIN)/twistd --nodaemon --pidfile= blobserve $(ARGS)
 
 debian-packages:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do \

@@ -156,15 +156,29 @@ async def push_image(
 
 
 async def pull_image(
-    source: str, destination: Path, all_platforms: bool = False
+    source: str, destination: Path, all_platforms: bool = False, kind: str = "oci"
 ) -> None:
     """
-    Copy C{source} (host:port/repository:tag) with skopeo into an OCI layout.
+    Copy C{source} (host:port/repository:tag) with skopeo into an OCI layout,
+    or with C{kind="dir"} into a plain directory.
     """
     args = ["copy", "--src-tls-verify=false", "--preserve-digests"]
     if all_platforms:
         args.append("--all")
-    await skopeo(*args, f"docker://{source}", f"oci:{destination}:pulled")
+    target = f"oci:{destination}:pulled" if kind == "oci" else f"dir:{destination}"
+    await skopeo(*args, f"docker://{source}", target)
+
+
+def dir_digests(directory: Path) -> set[str]:
+    """
+    The digests of the blobs skopeo wrote to a C{dir:} destination, and of
+    its manifest.
+    """
+    digests = {
+        "sha256:" + path.name for path in directory.iterdir() if len(path.name) == 64
+    }
+    manifest = (directory / "manifest.json").read_bytes()
+    return digests | {"sha256:" + hashlib.sha256(manifest).hexdigest()}
 
 
 def layout_digests(directory: Path) -> set[str]:
