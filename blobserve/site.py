@@ -5,6 +5,8 @@ plain-HTTP listener that fails TLS probes at once.
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet.interfaces import ITCPTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import IResource
@@ -30,7 +32,7 @@ class _RefuseTLSProbe(ProtocolWrapper):
         if self._first and data:
             self._first = False
             if data[0] == _TLS_HANDSHAKE:
-                ITCPTransport(self.transport).abortConnection()
+                cast(ITCPTransport, self.transport).abortConnection()
                 return
         super().dataReceived(data)
 
