@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := docker-registry skopeo
+DEBIAN_PACKAGES := containerd docker-registry skopeo
 
 .PHONY: run test debian-packages
 

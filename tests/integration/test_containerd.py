@@ -1,0 +1,130 @@
+"""
+containerd, the runtime of most Kubernetes nodes, pulls through blobserve
+configured as a mirror in a hosts.toml, naming the registry with ?ns=.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+
+from images import push_image
+from processes import DEADLINE, BlobserveProcess, RegistryProcess, stop_pid
+from relay import Relay
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="containerd runs as root (CI does)"
+)
+
+
+class Containerd:
+    """
+    A containerd daemon of the test's own: its own root, state and socket.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("containerd")
+        if binary is None:
+            raise RuntimeError("containerd is not installed: run `make test`")
+        self.socket = directory / "containerd.sock"
+        config = directory / "config.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{directory / "root"}"\n'
+            f'state = "{directory / "state"}"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{self.socket}"\n'
+        )
+        self.log = directory / "containerd.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [binary, "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + DEADLINE
+        while not self.socket.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"containerd did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    async def fetch(self, hosts: Path, reference: str) -> str:
+        """
+        Fetch an image's content (manifests and blobs, verified) with ctr.
+        """
+        result: tuple[bytes, bytes, int] = await getProcessOutputAndValue(
+            "ctr",
+            [
+                "--address",
+                str(self.socket),
+                "content",
+                "fetch",
+                "--hosts-dir",
+                str(hosts),
+                reference,
+            ],
+            env=dict(os.environ),
+            reactor=reactor,
+        )
+        out, err, code = result
+        if code != 0:
+            raise RuntimeError(f"ctr content fetch failed ({code}):\n{err.decode()}")
+        return out.decode()
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    daemon = Containerd(tmp_path_factory.mktemp("containerd"))
+    yield daemon
+    stop_pid(daemon.process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_containerd_pulls_through_the_mirror(
+    tmp_path: Path,
+    registry: RegistryProcess,
+    relay: Relay,
+    containerd: Containerd,
+) -> None:
+    image = await push_image(
+        tmp_path, f"127.0.0.1:{registry.port}", "mirror/containerd", "v1"
+    )
+    server = BlobserveProcess(
+        tmp_path,
+        "",
+        tmp_path / "storage",
+        flags=[
+            "--listen=tcp:0:interface=127.0.0.1",
+            # The default upstream is unreachable: requests must be routed
+            # by the ns containerd names.
+            "--upstream=other.test=http://127.0.0.1:9",
+            f"--upstream=registry.test=http://127.0.0.1:{relay.port}",
+            f"--storage={tmp_path / 'storage'}",
+        ],
+    )
+    await server.start()
+    hosts = tmp_path / "certs.d"
+    (hosts / "registry.test").mkdir(parents=True)
+    # The registry itself is unreachable: only the mirror can serve the pull.
+    (hosts / "registry.test" / "hosts.toml").write_text(
+        'server = "http://127.0.0.1:9"\n\n'
+        f'[host."http://127.0.0.1:{server.port}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    try:
+        await containerd.fetch(hosts, "registry.test/mirror/containerd:v1")
+    finally:
+        server.stop()
+
+    log = server.log.read_text()
+    assert "HEAD /v2/mirror/containerd/manifests/v1?ns=registry.test" in log
+    for digest in image.blob_digests:
+        assert f"/v2/mirror/containerd/blobs/{digest}?ns=registry.test" in log
+        assert relay.count("GET", f"/blobs/{digest}") == 1
