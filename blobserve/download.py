@@ -1,13 +1,17 @@
 """
-L{Download}: one fetch of one blob from the upstream into the store.
+L{Download}: one fetch of one blob from the upstream into the store, resumed
+where it broke off when the upstream connection fails.
 """
 
 from __future__ import annotations
 
+import re
+
 from attrs import frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
@@ -15,10 +19,15 @@ from twisted.web.iweb import IResponse
 from blobserve.digest import Digest
 from blobserve.oneshot import OneShotEvent
 from blobserve.storage import BlobReader, IBlobStore, TemporaryBlob
-from blobserve.upstream import IUpstream, response_length
+from blobserve.upstream import BlobUnknown, IUpstream, UpstreamError, response_length
 from blobserve.writer import ChunkWriter
 
 log = Logger()
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+#: The longest pause between two attempts to resume a transfer.
+MAX_RETRY_DELAY = 30.0
 
 
 @frozen
@@ -42,13 +51,30 @@ class Landing:
         return self._temporary.open_reader()
 
 
+@frozen
+class RetryPolicy:
+    """
+    How a broken transfer is resumed: up to C{retries} times, waiting
+    C{delay} seconds before the first attempt and twice as long before each
+    next (at most L{MAX_RETRY_DELAY}).
+    """
+
+    retries: int = 5
+    delay: float = 0.5
+
+    def pause(self, attempt: int) -> float:
+        return float(min(self.delay * 2 ** (attempt - 1), MAX_RETRY_DELAY))
+
+
 class Download:
     """
     Fetches one blob once, lands it in a temporary file, and commits it to the
     store when it is complete and verified.
 
-    It runs to its end whether or not anyone is following it: a client that
-    goes away never stops it.
+    When the upstream connection breaks, stalls or is cut short, the transfer
+    is resumed from the bytes on disk with a C{Range} request; clients
+    following it see a pause, not an error. It runs to its end whether or not
+    anyone is following it: a client that goes away never stops it.
     """
 
     def __init__(
@@ -59,25 +85,36 @@ class Download:
         store: IBlobStore,
         clock: IReactorTime,
         idle_timeout: float = 30.0,
+        retry: RetryPolicy = RetryPolicy(),
+        slots: DeferredSemaphore | None = None,
     ) -> None:
+        """
+        @param slots: bounds how many downloads talk to upstreams at once; a
+            download holds one slot from its first request to its end.
+        """
         self.name = name
         self.digest = digest
         self._upstream = upstream
         self._store = store
         self._clock = clock
         self._idle_timeout = idle_timeout
+        self._retry = retry
+        self._slots = slots
         self._ready: OneShotEvent[Landing] = OneShotEvent()
         self._done: OneShotEvent[None] = OneShotEvent()
         self._started_at = 0.0
 
     def start(self) -> None:
         """
-        Ask the upstream for the blob. Call once.
+        Ask the upstream for the blob (once a slot is free). Call once.
         """
         self._started_at = self._clock.seconds()
-        log.info("fetching {digest} from upstream", digest=str(self.digest))
-        d = self._upstream.fetch_blob(self.name, self.digest)
-        d.addCallbacks(self._land, self._give_up)
+        if self._slots is None:
+            d = Deferred.fromCoroutine(self._run())
+        else:
+            d = self._slots.run(lambda: Deferred.fromCoroutine(self._run()))
+        d.addErrback(lambda reason: log.failure("download failed", reason))
+        d.addBoth(lambda _: self._done.succeed_with(None))
 
     def when_ready(self) -> Deferred[Landing]:
         """
@@ -93,53 +130,31 @@ class Download:
         """
         return self._done.observe()
 
-    def _land(self, response: IResponse) -> None:
+    async def _run(self) -> None:
+        log.info("fetching {digest} from upstream", digest=str(self.digest))
+        try:
+            response = await self._upstream.fetch_blob(self.name, self.digest)
+        except Exception:
+            self._give_up(Failure())
+            return
         try:
             temporary = self._store.create_temporary(self.digest)
         except OSError:
+            _drop(response)
             self._give_up(Failure())
-            # Nobody will read this body: close the connection instead.
-            discard = Protocol()
-            response.deliverBody(discard)
-            if discard.transport is not None:
-                IPushProducer(discard.transport).stopProducing()
             return
-        length = response_length(response)
-        writer = ChunkWriter(temporary, length, self._clock, self._idle_timeout)
-        # Followers subscribe before the first byte arrives, so none misses one.
-        self._ready.succeed_with(Landing(length, writer, temporary))
-        response.deliverBody(writer)
-        writer.when_finished().addCallbacks(
-            lambda size: self._commit(temporary, size),
-            lambda reason: self._discard(temporary, writer.written, reason),
-        )
-
-    def _commit(self, temporary: TemporaryBlob, size: int) -> Deferred[None]:
-        def committed(_: None) -> None:
-            log.info(
-                "committed {digest} ({size} bytes) in {seconds:.2f}s",
-                digest=str(self.digest),
-                size=size,
-                seconds=self._clock.seconds() - self._started_at,
-            )
-
-        def not_committed(reason: Failure) -> None:
-            log.failure("could not commit {digest}", reason, digest=str(self.digest))
-
-        d = self._store.commit(temporary)
-        d.addCallbacks(committed, not_committed)
-        d.addBoth(lambda _: self._end(temporary))
-        return d
-
-    def _discard(self, temporary: TemporaryBlob, written: int, reason: Failure) -> None:
-        log.error(
-            "download of {digest} failed after {written} bytes: {reason}",
-            digest=str(self.digest),
-            written=written,
-            reason=reason.getErrorMessage(),
-        )
-        self._store.discard(temporary)
-        self._end(temporary)
+        try:
+            length = response_length(response)
+            writer = ChunkWriter(temporary, length)
+            # Followers subscribe before the first byte arrives: none misses one.
+            self._ready.succeed_with(Landing(length, writer, temporary))
+            await self._transfer(writer, response)
+            if writer.complete:
+                await self._commit(temporary, writer.written)
+            else:
+                self._store.discard(temporary)
+        finally:
+            temporary.close()
 
     def _give_up(self, reason: Failure) -> None:
         log.warn(
@@ -148,8 +163,113 @@ class Download:
             reason=reason.getErrorMessage(),
         )
         self._ready.fail_with(reason)
-        self._done.succeed_with(None)
 
-    def _end(self, temporary: TemporaryBlob) -> None:
-        temporary.close()
-        self._done.succeed_with(None)
+    async def _transfer(self, writer: ChunkWriter, response: IResponse | None) -> None:
+        """
+        Deliver C{response}'s body to C{writer}, resuming as often as the
+        policy allows, until the writer is complete or has failed.
+        """
+        skip = 0
+        attempt = 0
+        reason = Failure(UpstreamError("no response"))
+        while True:
+            if response is not None:
+                receiver = writer.receive(self._clock, self._idle_timeout, skip)
+                response.deliverBody(receiver)
+                try:
+                    await receiver.ended
+                except Exception:
+                    reason = Failure()
+                else:
+                    writer.finish()
+                if writer.complete or writer.failed:
+                    if writer.failed:
+                        self._log_failure(writer)
+                    return
+            attempt += 1
+            if attempt > self._retry.retries or reason.check(BlobUnknown):
+                writer.fail(reason)
+                self._log_failure(writer)
+                return
+            pause = self._retry.pause(attempt)
+            log.warn(
+                "transfer of {digest} broke after {written} bytes ({reason});"
+                " resuming in {pause:g}s, attempt {attempt} of {retries}",
+                digest=str(self.digest),
+                written=writer.written,
+                reason=reason.getErrorMessage(),
+                pause=pause,
+                attempt=attempt,
+                retries=self._retry.retries,
+            )
+            await deferLater(self._clock, pause, lambda: None)
+            try:
+                response, skip = await self._resume(writer)
+            except Exception:
+                reason = Failure()
+                response = None
+
+    async def _resume(self, writer: ChunkWriter) -> tuple[IResponse, int]:
+        """
+        Ask the upstream for the rest of the blob, from the bytes on disk.
+
+        @return: the response and how many of its first bytes are on disk
+            already: none for a 206 that starts where asked, all before the
+            offset for a 200 (an upstream that ignores C{Range}).
+        """
+        offset = writer.written
+        response = await self._upstream.fetch_blob(self.name, self.digest, offset)
+        length = response_length(response)
+        if response.code == 200:
+            if writer.expected_length not in (None, length):
+                _drop(response)
+                raise UpstreamError(f"upstream now says the blob has {length} bytes")
+            return response, offset
+        values = response.headers.getRawHeaders(b"content-range") or [b""]
+        match = _CONTENT_RANGE.fullmatch(values[0].decode("latin-1"))
+        total = writer.expected_length
+        if (
+            match is None
+            or int(match[1]) != offset
+            or (total is not None and match[3] not in ("*", str(total)))
+        ):
+            _drop(response)
+            raise UpstreamError(f"upstream answered a range other than {offset}-")
+        return response, 0
+
+    async def _commit(self, temporary: TemporaryBlob, size: int) -> None:
+        try:
+            await self._store.commit(temporary)
+        except Exception:
+            log.failure("could not commit {digest}", digest=str(self.digest))
+            return
+        log.info(
+            "committed {digest} ({size} bytes) in {seconds:.2f}s",
+            digest=str(self.digest),
+            size=size,
+            seconds=self._clock.seconds() - self._started_at,
+        )
+
+    def _log_failure(self, writer: ChunkWriter) -> None:
+        def describe(reason: Failure) -> None:
+            log.error(
+                "download of {digest} from {name} failed after {written} bytes"
+                " of {expected}: {reason}",
+                digest=str(self.digest),
+                name=self.name,
+                written=writer.written,
+                expected=writer.expected_length,
+                reason=reason.getErrorMessage(),
+            )
+
+        writer.when_finished().addErrback(describe)
+
+
+def _drop(response: IResponse) -> None:
+    """
+    Close the connection of a response whose body nobody will read.
+    """
+    discard = Protocol()
+    response.deliverBody(discard)
+    if discard.transport is not None:
+        IPushProducer(discard.transport).stopProducing()

@@ -12,14 +12,14 @@ from urllib.parse import urlsplit
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from blobserve.auth import Credentials
-from blobserve.download import Download
+from blobserve.download import Download, RetryPolicy
 from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
@@ -41,6 +41,20 @@ def _positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
         raise ValueError(f"must be a positive number, not {value}")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return number
+
+
+def _positive_count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, not {value}")
     return number
 
 
@@ -70,6 +84,29 @@ class Options(usage.Options):
             None,
             None,
             "A file holding the password for --upstream-username.",
+        ],
+        [
+            "upstream-retries",
+            None,
+            5,
+            "How often a broken upstream transfer is resumed before it fails.",
+            _count,
+        ],
+        [
+            "upstream-retry-delay",
+            None,
+            0.5,
+            "Seconds before the first resume of a broken transfer; each next"
+            " waits twice as long.",
+            _positive_float,
+        ],
+        [
+            "upstream-concurrency",
+            None,
+            16,
+            "How many blob downloads may talk to upstreams at once; more wait"
+            " their turn.",
+            _positive_count,
         ],
         [
             "tag-ttl",
@@ -216,6 +253,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             store=store,
             clock=reactor,
             idle_timeout=options["upstream-idle-timeout"],
+            retry=RetryPolicy(
+                retries=options["upstream-retries"],
+                delay=options["upstream-retry-delay"],
+            ),
+            slots=DeferredSemaphore(options["upstream-concurrency"]),
         )
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])

@@ -96,14 +96,15 @@ class IUpstream(Interface):
     A registry that blobs and manifests are fetched from.
     """
 
-    def fetch_blob(name: str, digest: Digest) -> Deferred[IResponse]:
+    def fetch_blob(name: str, digest: Digest, offset: int = 0) -> Deferred[IResponse]:
         """
-        Ask for the blob C{digest} of repository C{name}.
+        Ask for the blob C{digest} of repository C{name}, from byte C{offset}
+        on if it is not 0 (a C{Range} request, to resume a transfer).
 
-        @return: fires with a successful response whose body has not been read
-            yet (deliver it to a protocol); fails with L{BlobUnknown} if the
-            upstream does not have the blob, or L{UpstreamError} for anything
-            else that is not a blob body.
+        @return: fires with a successful response (200, or 206 for a range)
+            whose body has not been read yet (deliver it to a protocol); fails
+            with L{BlobUnknown} if the upstream does not have the blob, or
+            L{UpstreamError} for anything else that is not a blob body.
         """
 
     def stat_blob(name: str, digest: Digest) -> Deferred[BlobInfo]:
@@ -247,10 +248,13 @@ class RegistryUpstream:
         # None before any.
         self._scheme: str | None = None
 
-    def fetch_blob(self, name: str, digest: Digest) -> Deferred[IResponse]:
+    def fetch_blob(
+        self, name: str, digest: Digest, offset: int = 0
+    ) -> Deferred[IResponse]:
         async def fetch() -> IResponse:
-            response = await self._send("GET", name, f"blobs/{digest}")
-            if response.code != 200:
+            extra = {b"Range": b"bytes=%d-" % offset} if offset else {}
+            response = await self._send("GET", name, f"blobs/{digest}", extra=extra)
+            if response.code not in ((200, 206) if offset else (200,)):
                 _discard(response)
                 raise _refusal(response, BlobUnknown)
             return response
@@ -303,7 +307,12 @@ class RegistryUpstream:
         return Deferred.fromCoroutine(stat())
 
     async def _send(
-        self, method: str, name: str, path: str, accept: Sequence[str] = ()
+        self,
+        method: str,
+        name: str,
+        path: str,
+        accept: Sequence[str] = (),
+        extra: dict[bytes, bytes] | None = None,
     ) -> IResponse:
         """
         Send C{method} for C{/v2/<name>/<path>}, answering one authentication
@@ -316,6 +325,8 @@ class RegistryUpstream:
         challenged = False
         for _ in range(MAX_REDIRECTS + 2):
             headers = Headers({b"Accept-Encoding": [b"identity"]})
+            for key, value in (extra or {}).items():
+                headers.setRawHeaders(key, [value])
             if accept:
                 headers.setRawHeaders(b"Accept", [", ".join(accept).encode()])
             at_registry = _origin(url) == origin

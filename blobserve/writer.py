@@ -1,5 +1,6 @@
 """
-L{ChunkWriter}: the protocol that lands an upstream body on disk.
+L{ChunkWriter}, which lands a blob on disk and tells observers how far it got,
+and L{BodyReceiver}, the protocol that feeds it one upstream response body.
 """
 
 from __future__ import annotations
@@ -43,42 +44,33 @@ class IBlobProgress(Interface):
 
 
 @implementer(IBlobProgress)
-class ChunkWriter(Protocol):
+class ChunkWriter:
     """
-    Receives an upstream response body, appends it to a L{TemporaryBlob},
-    hashes it as it goes, and tells observers how much of it is on disk.
+    Appends a blob's bytes to a L{TemporaryBlob}, hashing them as they come,
+    and tells observers how much of it is on disk.
 
-    Observers are told the I{state} (a length, the end, a failure), never the
-    bytes: they read those from disk. The blob is complete only once its length
-    and digest have been verified, so no observer is ever told that an
-    unverified blob is whole.
+    The bytes may come in several upstream bodies (a transfer resumed after a
+    break), each fed by a L{BodyReceiver}. Observers are told the I{state} (a
+    length, the end, a failure), never the bytes: they read those from disk.
+    The blob is complete only once L{finish} has verified its length and
+    digest, so no observer is ever told that an unverified blob is whole; a
+    break between bodies is only a pause to them.
 
     @ivar written: how many bytes are on disk so far.
     """
 
-    written: int = 0
-
-    def __init__(
-        self,
-        temporary: TemporaryBlob,
-        expected_length: int | None,
-        clock: IReactorTime,
-        idle_timeout: float,
-    ) -> None:
+    def __init__(self, temporary: TemporaryBlob, expected_length: int | None) -> None:
         """
         @param expected_length: the upstream's C{Content-Length}, if it sent one.
-        @param idle_timeout: seconds without body bytes after which the upstream
-            connection is dropped and the download fails.
         """
+        self.written = 0
+        self.expected_length = expected_length
         self._temporary = temporary
-        self._expected_length = expected_length
         self._hasher = temporary.digest.hasher()
         self._observers: list[tuple[int, Deferred[int]]] = []
         self._finished: OneShotEvent[int] = OneShotEvent()
         self._complete = False
         self._failure: Failure | None = None
-        self._idle_timeout = idle_timeout
-        self._idle: IDelayedCall | None = clock.callLater(idle_timeout, self._stalled)
 
     @property
     def complete(self) -> bool:
@@ -87,15 +79,23 @@ class ChunkWriter(Protocol):
         """
         return self._complete
 
-    def when_beyond(self, offset: int) -> Deferred[int]:
+    @property
+    def failed(self) -> bool:
         """
-        Fire with the written length once it exceeds C{offset}.
+        Whether the blob will never be complete.
+        """
+        return self._failure is not None
 
-        Once the blob is complete, fire with its final length straight away, so
-        a result that does not exceed C{offset} means "no more bytes will come".
-        Fail with the reason if the download fails. Cancelling the Deferred
-        unsubscribes.
+    def receive(
+        self, clock: IReactorTime, idle_timeout: float, skip: int = 0
+    ) -> BodyReceiver:
         """
+        A protocol to deliver one upstream body to, which appends it to this
+        blob after dropping its first C{skip} bytes (already on disk).
+        """
+        return BodyReceiver(self, clock, idle_timeout, skip)
+
+    def when_beyond(self, offset: int) -> Deferred[int]:
         if self._failure is not None:
             return fail(self._failure)
         if self.written > offset or self._complete:
@@ -110,54 +110,57 @@ class ChunkWriter(Protocol):
 
     def when_finished(self) -> Deferred[int]:
         """
-        Fire with the final length once the body is complete and verified, or
-        fail with the reason the download failed.
+        Fire with the final length once the blob is complete and verified, or
+        fail with the reason it never will be.
         """
         return self._finished.observe()
 
-    def dataReceived(self, data: bytes) -> None:
+    def append(self, data: bytes) -> None:
+        """
+        Add C{data} at the end of the blob and tell the observers.
+
+        A write error, or more bytes than the expected length, fails the blob.
+        """
         if self._complete or self._failure is not None:
             return
         try:
             self._temporary.write(data)
         except OSError:
-            self._abandon(Failure())
+            self.fail(Failure())
             return
         self._hasher.update(data)
         self.written += len(data)
-        if self._expected_length is not None and self.written > self._expected_length:
-            self._abandon(
+        if self.expected_length is not None and self.written > self.expected_length:
+            self.fail(
                 Failure(
                     VerificationFailed(
                         f"upstream sent more than its Content-Length of"
-                        f" {self._expected_length} bytes"
+                        f" {self.expected_length} bytes"
                     )
                 )
             )
             return
-        if self._idle is not None:
-            self._idle.reset(self._idle_timeout)
         self._notify()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def finish(self) -> None:
+        """
+        The upstream says the body is whole: verify its length and digest, and
+        tell everyone the blob is complete, or failed.
+        """
         if self._complete or self._failure is not None:
-            return
-        self._cancel_idle_timer()
-        if not reason.check(ResponseDone):
-            self._fail(reason)
             return
         digest = self._temporary.digest
         actual = Digest(digest.algorithm, self._hasher.hexdigest())
-        if self._expected_length is not None and self.written != self._expected_length:
-            self._fail(
+        if self.expected_length is not None and self.written != self.expected_length:
+            self.fail(
                 Failure(
                     VerificationFailed(
-                        f"upstream sent {self.written} of {self._expected_length} bytes"
+                        f"upstream sent {self.written} of {self.expected_length} bytes"
                     )
                 )
             )
         elif actual != digest:
-            self._fail(
+            self.fail(
                 Failure(
                     VerificationFailed(
                         f"body of {self.written} bytes has digest {actual},"
@@ -170,6 +173,18 @@ class ChunkWriter(Protocol):
             self._notify()
             self._finished.succeed_with(self.written)
 
+    def fail(self, reason: Failure) -> None:
+        """
+        Give the blob up: every observer, present and future, gets C{reason}.
+        """
+        if self._complete or self._failure is not None:
+            return
+        self._failure = reason
+        waiting, self._observers = self._observers, []
+        for _, d in waiting:
+            d.errback(reason)
+        self._finished.fail_with(reason)
+
     def _notify(self) -> None:
         if self._complete:
             ready, self._observers = self._observers, []
@@ -181,34 +196,68 @@ class ChunkWriter(Protocol):
         for _, d in ready:
             d.callback(self.written)
 
-    def _stalled(self) -> None:
+
+class BodyReceiver(Protocol):
+    """
+    Receives one upstream response body into a L{ChunkWriter}.
+
+    It drops the connection when the upstream sends nothing for
+    C{idle_timeout} seconds, or when the writer has failed. L{ended} says how
+    the body ended; the writer is neither finished nor failed by a break, so
+    the transfer can be resumed.
+
+    @ivar ended: fires when the body ended cleanly, or fails with the reason
+        it broke off (L{UpstreamStalled} after the idle timeout).
+    """
+
+    def __init__(
+        self, writer: ChunkWriter, clock: IReactorTime, idle_timeout: float, skip: int
+    ) -> None:
+        self.ended: Deferred[None] = Deferred()
+        self._writer = writer
+        self._skip = skip
+        self._idle_timeout = idle_timeout
+        self._stall: Failure | None = None
+        self._idle: IDelayedCall | None = clock.callLater(idle_timeout, self._stalled)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        if self._idle is not None:
+            self._idle.reset(self._idle_timeout)
+        if data:
+            self._writer.append(data)
+        if self._writer.failed:
+            self._stop()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
         self._idle = None
-        self._abandon(
-            Failure(
-                UpstreamStalled(
-                    f"no body bytes from upstream for {self._idle_timeout:g} s"
+        if self.ended.called:
+            return
+        if self._stall is not None:
+            self.ended.errback(self._stall)
+        elif not reason.check(ResponseDone):
+            self.ended.errback(reason)
+        elif self._skip:
+            self.ended.errback(
+                Failure(
+                    VerificationFailed("upstream body ended before the resumed offset")
                 )
             )
-        )
+        else:
+            self.ended.callback(None)
 
-    def _abandon(self, reason: Failure) -> None:
-        """
-        Fail, and stop the upstream from sending more.
-        """
-        self._fail(reason)
+    def _stalled(self) -> None:
+        self._idle = None
+        self._stall = Failure(
+            UpstreamStalled(f"no body bytes from upstream for {self._idle_timeout:g} s")
+        )
+        self._stop()
+
+    def _stop(self) -> None:
         if self.transport is not None:
             IPushProducer(self.transport).stopProducing()
-
-    def _cancel_idle_timer(self) -> None:
-        if self._idle is not None:
-            if self._idle.active():
-                self._idle.cancel()
-            self._idle = None
-
-    def _fail(self, reason: Failure) -> None:
-        self._cancel_idle_timer()
-        self._failure = reason
-        waiting, self._observers = self._observers, []
-        for _, d in waiting:
-            d.errback(reason)
-        self._finished.fail_with(reason)

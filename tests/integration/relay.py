@@ -2,21 +2,37 @@
 A TCP relay between blobserve and the real upstream registry, on loopback.
 
 It makes the upstream the slow link (a per-connection rate limit), counts the
-requests that pass through it, and can corrupt a response body in flight, so
-the tests can watch what blobserve asks of its upstream and how it copes.
+requests and blob bytes that pass through it, and injects faults into blob
+downloads: a corrupted byte, a connection cut or stalled at some offset, a
+C{Range} header the upstream never sees. The tests watch what blobserve asks
+of its upstream and how it copes.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from typing import Any
 
+from attrs import frozen
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
+_RANGE_HEADER = re.compile(rb"\r\nrange:[^\r]*", re.IGNORECASE)
+
+
+@frozen
+class Fault:
+    """
+    What to do to one blob download: C{"cut"} the connection or C{"stall"} it
+    (send nothing more, keep it open) once C{offset} body bytes went through.
+    """
+
+    kind: str
+    offset: int
 
 
 class Relay(Factory):
@@ -27,7 +43,11 @@ class Relay(Factory):
         or L{None} for no limit.
     @ivar corrupt_at: if set, the byte at this offset of every blob body the
         upstream sends is flipped on its way through.
+    @ivar faults: faults for the next blob downloads, one each, in order.
+    @ivar ignore_range: strip C{Range} headers, as an upstream that ignores
+        them would (it answers 200 with the whole blob).
     @ivar requests: C{(method, path)} of every request relayed, in order.
+    @ivar body_bytes: blob body bytes relayed, by path.
     """
 
     def __init__(
@@ -37,7 +57,10 @@ class Relay(Factory):
         self.upstream_port = upstream_port
         self.rate = rate
         self.corrupt_at: int | None = None
+        self.faults: list[Fault] = []
+        self.ignore_range = False
         self.requests: list[tuple[str, str]] = []
+        self.body_bytes: dict[str, int] = defaultdict(int)
         self.connections = 0
         self.open: set[_Inbound] = set()
         self.port = 0
@@ -84,9 +107,8 @@ class _Inbound(Protocol):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.outbound: _Outbound | None = None
-        self._pending: list[bytes] = []
-        self._head = b""
-        self.latest_request: tuple[str, str] | None = None
+        self._buffer = b""
+        self._waiting: list[tuple[bytes, str, str]] = []
 
     def connectionMade(self) -> None:
         self.relay.open.add(self)
@@ -95,29 +117,32 @@ class _Inbound(Protocol):
 
     def upstream_connected(self, outbound: _Outbound) -> None:
         self.outbound = outbound
-        for data in self._pending:
-            outbound.transport.write(data)  # type: ignore[union-attr]
-        self._pending = []
+        for head, method, path in self._waiting:
+            outbound.send(head, method, path)
+        self._waiting = []
 
     def dataReceived(self, data: bytes) -> None:
-        self._note_requests(data)
-        if self.outbound is None:
-            self._pending.append(data)
-        else:
-            self.outbound.transport.write(data)  # type: ignore[union-attr]
-
-    def _note_requests(self, data: bytes) -> None:
-        # blobserve sends requests without bodies: each head ends a request.
-        self._head += data
-        while b"\r\n\r\n" in self._head:
-            head, self._head = self._head.split(b"\r\n\r\n", 1)
+        # blobserve sends requests without bodies: each head is a request.
+        self._buffer += data
+        while b"\r\n\r\n" in self._buffer:
+            head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
             match = _REQUEST_LINE.match(head)
-            if match is not None:
-                method, path = match.group(1).decode(), match.group(2).decode()
-                self.relay.requests.append((method, path))
-                self.latest_request = (method, path)
-                if self.outbound is not None:
-                    self.outbound.new_response(method, path)
+            method, path = (
+                ("", "")
+                if match is None
+                else (
+                    match.group(1).decode(),
+                    match.group(2).decode(),
+                )
+            )
+            self.relay.requests.append((method, path))
+            if self.relay.ignore_range:
+                head = _RANGE_HEADER.sub(b"", head)
+            head += b"\r\n\r\n"
+            if self.outbound is None:
+                self._waiting.append((head, method, path))
+            else:
+                self.outbound.send(head, method, path)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.relay.open.discard(self)
@@ -127,56 +152,88 @@ class _Inbound(Protocol):
 
 class _Outbound(Protocol):
     """
-    The upstream's side of one relayed connection: throttled, maybe corrupting.
+    The upstream's side of one relayed connection: throttled, and faulty as
+    the relay says.
     """
 
     def __init__(self, inbound: _Inbound) -> None:
         self.inbound = inbound
         self.relay = inbound.relay
-        self._body_offset: int | None = None
+        self._blob_path: str | None = None
+        self._fault: Fault | None = None
         self._head = b""
-        self._corrupting = False
+        self._body_offset: int | None = None
+        self._stalled = False
 
     def connectionMade(self) -> None:
-        if self.inbound.latest_request is not None:
-            self.new_response(*self.inbound.latest_request)
         self.inbound.upstream_connected(self)
 
-    def new_response(self, method: str, path: str) -> None:
-        self._corrupting = method == "GET" and "/blobs/" in path
-        self._body_offset = None
+    def send(self, head: bytes, method: str, path: str) -> None:
+        """
+        Send a request upstream; what comes back is its response.
+        """
+        blob = method == "GET" and "/blobs/" in path
+        self._blob_path = path if blob else None
+        self._fault = self.relay.faults.pop(0) if blob and self.relay.faults else None
         self._head = b""
+        self._body_offset = None
+        self.transport.write(head)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
-        data = self._maybe_corrupt(data)
-        self.inbound.transport.write(data)  # type: ignore[union-attr]
-        if self.relay.rate is not None:
+        if self._stalled:
+            return
+        head, body = self._split(data)
+        cut = False
+        if body and self._blob_path is not None:
+            body, cut = self._apply_faults(body)
+            self.relay.body_bytes[self._blob_path] += len(body)
+        self.inbound.transport.write(head + body)  # type: ignore[union-attr]
+        if cut:
+            # What was written still goes out (an abort would drop it), then
+            # the connection ends mid-body.
+            self.inbound.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        elif self.relay.rate is not None and not self._stalled:
             self.transport.pauseProducing()  # type: ignore[union-attr]
             self.relay.reactor.callLater(len(data) / self.relay.rate, self._resume)
 
-    def _resume(self) -> None:
-        if self.transport is not None and self.connected:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+    def _split(self, data: bytes) -> tuple[bytes, bytes]:
+        """
+        Which part of C{data} is response head, which is body.
+        """
+        if self._body_offset is not None:
+            return b"", data
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            return data, b""
+        body_length = len(self._head) - end - 4
+        self._body_offset = 0
+        split = len(data) - body_length
+        return data[:split], data[split:]
 
-    def _maybe_corrupt(self, data: bytes) -> bytes:
-        if not self._corrupting or self.relay.corrupt_at is None:
-            return data
-        start = 0
-        if self._body_offset is None:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                return data
-            # Where the body starts within this piece of data.
-            start = len(data) - (len(self._head) - end - 4)
-            self._body_offset = 0
-        index = self.relay.corrupt_at - self._body_offset + start
-        self._body_offset += len(data) - start
-        if start <= index < len(data):
-            corrupted = bytearray(data)
-            corrupted[index] ^= 0xFF
-            return bytes(corrupted)
-        return data
+    def _apply_faults(self, body: bytes) -> tuple[bytes, bool]:
+        assert self._body_offset is not None
+        start = self._body_offset
+        self._body_offset += len(body)
+        corrupt_at = self.relay.corrupt_at
+        if corrupt_at is not None and start <= corrupt_at < self._body_offset:
+            changed = bytearray(body)
+            changed[corrupt_at - start] ^= 0xFF
+            body = bytes(changed)
+        fault = self._fault
+        if fault is not None and fault.offset < self._body_offset:
+            body = body[: max(fault.offset - start, 0)]
+            self._fault = None
+            if fault.kind == "stall":
+                self._stalled = True
+                return body, False
+            return body, True
+        return body, False
+
+    def _resume(self) -> None:
+        if self.transport is not None and self.connected and not self._stalled:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.inbound.transport.loseConnection()  # type: ignore[union-attr]

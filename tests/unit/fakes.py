@@ -99,6 +99,7 @@ class FakeUpstream:
 
     fetches: list[tuple[str, Digest, Deferred[IResponse]]] = field(factory=list)
     stats: list[tuple[str, Digest]] = field(factory=list)
+    offsets: list[int] = field(factory=list)
     size: int | None = None
     refusal: Exception | None = None
     stat_answer: Deferred[BlobInfo] | None = None
@@ -109,9 +110,12 @@ class FakeUpstream:
         factory=list
     )
 
-    def fetch_blob(self, name: str, digest: Digest) -> Deferred[IResponse]:
+    def fetch_blob(
+        self, name: str, digest: Digest, offset: int = 0
+    ) -> Deferred[IResponse]:
         d: Deferred[IResponse] = Deferred()
         self.fetches.append((name, digest, d))
+        self.offsets.append(offset)
         if self.refusal is not None:
             d.errback(self.refusal)
         return d

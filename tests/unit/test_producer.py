@@ -6,9 +6,6 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -121,18 +118,17 @@ def test_paused_producer_reads_nothing(temporary: TemporaryBlob) -> None:
 def test_paused_producer_ignores_new_bytes_until_resumed(
     temporary: TemporaryBlob,
 ) -> None:
-    clock = Clock()
-    writer = ChunkWriter(temporary, len(DATA), clock, idle_timeout=30)
+    writer = ChunkWriter(temporary, len(DATA))
     reader = CountingReader(temporary.open_reader())
     connection = get(reader, writer, len(DATA))
     connection.transport.buffer_limit = 2500
-    writer.dataReceived(DATA[:2500])
+    writer.append(DATA[:2500])
     # Headers and 2500 body bytes overflow the buffer: the producer is paused.
     assert connection.transport.producerState == "paused"
     assert len(connection.response()[2]) == 2500
     reads = len(reader.reads)
-    writer.dataReceived(DATA[2500:])
-    writer.connectionLost(Failure(ResponseDone()))
+    writer.append(DATA[2500:])
+    writer.finish()
     assert len(reader.reads) == reads
     assert len(connection.response()[2]) == 2500
 
@@ -145,46 +141,43 @@ def test_paused_producer_ignores_new_bytes_until_resumed(
 def test_follows_growing_file_and_holds_last_byte_until_verified(
     temporary: TemporaryBlob,
 ) -> None:
-    clock = Clock()
-    writer = ChunkWriter(temporary, len(DATA), clock, idle_timeout=30)
+    writer = ChunkWriter(temporary, len(DATA))
     reader = CountingReader(temporary.open_reader())
     connection = get(reader, writer, len(DATA))
     assert connection.response()[0] == 200
     assert connection.response()[2] == b""
 
-    writer.dataReceived(DATA[:5000])
+    writer.append(DATA[:5000])
     assert connection.response()[2] == DATA[:5000]
-    writer.dataReceived(DATA[5000:])
+    writer.append(DATA[5000:])
     # Everything is on disk but not yet verified: the last byte waits.
     assert connection.response()[2] == DATA[:-1]
-    writer.connectionLost(Failure(ResponseDone()))
+    writer.finish()
     assert connection.response()[2] == DATA
     assert reader.closed
     assert not connection.transport.aborted
 
 
 def test_unknown_length_is_sent_chunked_to_the_end(temporary: TemporaryBlob) -> None:
-    clock = Clock()
-    writer = ChunkWriter(temporary, None, clock, idle_timeout=30)
+    writer = ChunkWriter(temporary, None)
     reader = CountingReader(temporary.open_reader())
     connection = get(reader, writer, None)
-    writer.dataReceived(DATA)
+    writer.append(DATA)
     assert not connection.response()[2].endswith(b"0\r\n\r\n")
-    writer.connectionLost(Failure(ResponseDone()))
+    writer.finish()
     _status, headers, body = connection.response()
     assert headers["transfer-encoding"] == "chunked"
     assert body.endswith(b"0\r\n\r\n")
 
 
 def test_failed_download_aborts_the_connection(temporary: TemporaryBlob) -> None:
-    clock = Clock()
-    writer = ChunkWriter(temporary, len(DATA), clock, idle_timeout=30)
+    writer = ChunkWriter(temporary, len(DATA))
     reader = CountingReader(temporary.open_reader())
     connection = get(reader, writer, len(DATA))
     corrupt = bytearray(DATA)
     corrupt[-1] ^= 1
-    writer.dataReceived(bytes(corrupt))
-    writer.connectionLost(Failure(ResponseDone()))
+    writer.append(bytes(corrupt))
+    writer.finish()
 
     assert connection.transport.aborted
     assert len(connection.response()[2]) < len(DATA)

@@ -29,6 +29,9 @@ def test_defaults() -> None:
     assert options["listen"] == "tcp:5000:interface=127.0.0.1"
     assert options["upstreams"] == {"docker.io": "https://registry-1.docker.io"}
     assert options["storage"] == "./blobserve-data"
+    assert options["upstream-retries"] == 5
+    assert options["upstream-concurrency"] == 16
+    assert options["tag-ttl"] == 60.0
 
 
 def test_flags() -> None:
@@ -59,6 +62,8 @@ def test_flags() -> None:
         ["--upstream", "docker.io=https://a", "--upstream", "docker.io=https://b"],
         ["--upstream-timeout", "0"],
         ["--upstream-idle-timeout", "soon"],
+        ["--upstream-retries", "-1"],
+        ["--upstream-concurrency", "0"],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
     ],

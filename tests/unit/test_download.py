@@ -1,0 +1,205 @@
+"""
+Download: resuming a broken transfer with Range requests, within a retry
+budget, and bounding how many downloads run at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from attrs import define
+from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from blobserve.digest import Digest
+from blobserve.download import Download, Landing, RetryPolicy
+from blobserve.storage import DirectoryBlobStore
+from blobserve.upstream import BlobUnknown, UpstreamError
+from blobserve.writer import VerificationFailed
+
+from fakes import FakeResponse, FakeUpstream, failure_of, has_fired, result_of, run_now
+
+DATA = bytes(range(256)) * 64
+DIGEST = Digest.of(DATA)
+
+
+@define
+class Subject:
+    download: Download
+    upstream: FakeUpstream
+    clock: Clock
+    root: Path
+
+    def answer(
+        self, status: int = 200, content_range: str | None = None
+    ) -> FakeResponse:
+        headers = Headers()
+        if content_range is not None:
+            headers.setRawHeaders(b"content-range", [content_range.encode()])
+        length = len(DATA) if status == 200 else len(DATA) - self.offset
+        response = FakeResponse(length=length, code=status, headers=headers)
+        self.upstream.fetches[-1][2].callback(response)
+        return response
+
+    @property
+    def offset(self) -> int:
+        return self.upstream.offsets[-1]
+
+    def committed(self) -> bool:
+        return (self.root / "blobs" / "sha256" / DIGEST.hex[:2] / DIGEST.hex).exists()
+
+    def temporaries(self) -> list[Path]:
+        return list((self.root / "tmp").iterdir())
+
+
+def subject_for(tmp_path: Path, retries: int = 3) -> Subject:
+    upstream = FakeUpstream()
+    clock = Clock()
+    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    download = Download(
+        upstream,
+        "library/x",
+        DIGEST,
+        store,
+        clock,
+        idle_timeout=10,
+        retry=RetryPolicy(retries=retries, delay=1),
+    )
+    download.start()
+    return Subject(download, upstream, clock, tmp_path)
+
+
+@pytest.fixture
+def subject(tmp_path: Path) -> Subject:
+    return subject_for(tmp_path)
+
+
+def landing(subject: Subject) -> Landing:
+    return result_of(subject.download.when_ready())
+
+
+def test_broken_transfer_resumes_from_the_bytes_on_disk(subject: Subject) -> None:
+    first = subject.answer()
+    progress = landing(subject).progress
+    waiting = progress.when_beyond(len(DATA))
+    assert first.protocol is not None
+    first.protocol.dataReceived(DATA[:5000])
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    # A pause for followers, not an error.
+    assert not has_fired(waiting)
+    assert len(subject.upstream.fetches) == 1
+
+    subject.clock.advance(1)
+    assert subject.upstream.offsets == [0, 5000]
+    second = subject.answer(206, f"bytes 5000-{len(DATA) - 1}/{len(DATA)}")
+    assert second.protocol is not None
+    second.protocol.dataReceived(DATA[5000:])
+    second.protocol.connectionLost(Failure(ResponseDone()))
+
+    assert result_of(waiting) == len(DATA)
+    assert subject.committed()
+    assert subject.temporaries() == []
+    assert has_fired(subject.download.when_done())
+
+
+def test_upstream_ignoring_range_is_skipped_to_the_offset(subject: Subject) -> None:
+    first = subject.answer()
+    assert first.protocol is not None
+    first.protocol.dataReceived(DATA[:5000])
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    subject.clock.advance(1)
+    again = subject.answer(200)
+    assert again.protocol is not None
+    again.protocol.dataReceived(DATA)
+    again.protocol.connectionLost(Failure(ResponseDone()))
+    assert subject.committed()
+
+
+def test_range_starting_elsewhere_is_refused_and_retried(subject: Subject) -> None:
+    first = subject.answer()
+    assert first.protocol is not None
+    first.protocol.dataReceived(DATA[:5000])
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    subject.clock.advance(1)
+    wrong = subject.answer(206, f"bytes 4000-{len(DATA) - 1}/{len(DATA)}")
+    assert wrong.transport.producerState == "stopped"
+    subject.clock.advance(2)
+    assert subject.upstream.offsets == [0, 5000, 5000]
+
+
+def test_stalled_upstream_is_resumed(subject: Subject) -> None:
+    first = subject.answer()
+    assert first.protocol is not None
+    first.protocol.dataReceived(DATA[:100])
+    subject.clock.advance(10)
+    assert first.transport.producerState == "stopped"
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    subject.clock.advance(1)
+    assert subject.upstream.offsets == [0, 100]
+
+
+def test_spent_retries_fail_the_download_and_remove_it(subject: Subject) -> None:
+    first = subject.answer()
+    waiting = landing(subject).progress.when_beyond(len(DATA))
+    assert first.protocol is not None
+    first.protocol.dataReceived(DATA[:100])
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    for pause in (1, 2, 4):
+        subject.clock.advance(pause)
+        subject.upstream.fetches[-1][2].errback(Failure(UpstreamError("down")))
+    failure_of(waiting).trap(UpstreamError)
+    assert len(subject.upstream.fetches) == 4
+    assert subject.temporaries() == []
+    assert not subject.committed()
+    assert has_fired(subject.download.when_done())
+
+
+def test_blob_gone_upstream_is_not_retried(subject: Subject) -> None:
+    first = subject.answer()
+    waiting = landing(subject).progress.when_beyond(len(DATA))
+    assert first.protocol is not None
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    subject.clock.advance(1)
+    subject.upstream.fetches[-1][2].errback(Failure(BlobUnknown()))
+    failure_of(waiting).trap(BlobUnknown)
+    subject.clock.advance(100)
+    assert len(subject.upstream.fetches) == 2
+
+
+def test_corrupt_blob_is_not_retried(subject: Subject) -> None:
+    first = subject.answer()
+    assert first.protocol is not None
+    first.protocol.dataReceived(b"\0" * len(DATA))
+    first.protocol.connectionLost(Failure(ResponseDone()))
+    failure_of(landing(subject).progress.when_finished()).trap(VerificationFailed)
+    subject.clock.advance(100)
+    assert len(subject.upstream.fetches) == 1
+    assert subject.temporaries() == []
+
+
+def test_downloads_wait_for_a_free_slot_in_order(tmp_path: Path) -> None:
+    upstream = FakeUpstream()
+    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    slots = DeferredSemaphore(1)
+    blobs = [bytes([n]) * 10 for n in range(3)]
+    downloads = [
+        Download(upstream, "x", Digest.of(b), store, Clock(), slots=slots)
+        for b in blobs
+    ]
+    for download in downloads:
+        download.start()
+    for n, data in enumerate(blobs):
+        # One upstream request at a time, first come first served.
+        assert len(upstream.fetches) == n + 1
+        assert upstream.fetches[n][1] == Digest.of(data)
+        response = FakeResponse(length=len(data))
+        upstream.fetches[n][2].callback(response)
+        assert response.protocol is not None
+        response.protocol.dataReceived(data)
+        response.protocol.connectionLost(Failure(ResponseDone()))
+    assert all(has_fired(d.when_done()) for d in downloads)
