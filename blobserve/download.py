@@ -103,6 +103,8 @@ class Download:
         self._ready: OneShotEvent[Landing] = OneShotEvent()
         self._done: OneShotEvent[None] = OneShotEvent()
         self._started_at = 0.0
+        #: The blob's progress, once the upstream has answered.
+        self.progress: ChunkWriter | None = None
 
     def start(self) -> None:
         """
@@ -145,7 +147,7 @@ class Download:
             return
         try:
             length = response_length(response)
-            writer = ChunkWriter(temporary, length)
+            writer = self.progress = ChunkWriter(temporary, length)
             # Followers subscribe before the first byte arrives: none misses one.
             self._ready.succeed_with(Landing(length, writer, temporary))
             await self._transfer(writer, response)

@@ -38,6 +38,11 @@ class IInFlightTable(Interface):
         How many downloads are running.
         """
 
+    def __iter__() -> Iterator[Download]:
+        """
+        The downloads running now.
+        """
+
 
 @implementer(IInFlightTable)
 class InFlightTable:

@@ -9,12 +9,18 @@ from typing import cast
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from blobserve.oneshot import OneShotEvent
 from blobserve.storage import BlobReader
 from blobserve.writer import IBlobProgress
 
@@ -36,6 +42,12 @@ class CompleteBlob:
 
     def when_beyond(self, offset: int) -> Deferred[int]:
         return succeed(self.length)
+
+
+class ClientStalled(Exception):
+    """
+    A client stopped reading its response for longer than the client timeout.
+    """
 
 
 class ShortRead(Exception):
@@ -66,12 +78,16 @@ class FollowingProducer:
         start: int = 0,
         end: int | None = None,
         chunk_size: int = CHUNK_SIZE,
+        clock: IReactorTime | None = None,
+        client_timeout: float | None = None,
     ) -> None:
         """
         @param start: the offset of the first byte to send.
         @param end: the offset just past the last byte to send, if the blob's
             length is known; the response must declare C{end - start} as its
             C{Content-Length}. L{None} sends everything up to the blob's end.
+        @param client_timeout: seconds a client may take nothing (keep the
+            producer paused) before its connection is dropped; needs C{clock}.
         """
         self._request = request
         self._reader = reader
@@ -84,6 +100,10 @@ class FollowingProducer:
         self._paused = False
         self._stopped = False
         self._waiting: Deferred[int] | None = None
+        self._clock = clock
+        self._client_timeout = client_timeout
+        self._stalled_client: IDelayedCall | None = None
+        self._released: OneShotEvent[None] = OneShotEvent()
 
     def start(self) -> None:
         """
@@ -97,11 +117,28 @@ class FollowingProducer:
         self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._pump()
 
+    def when_released(self) -> Deferred[None]:
+        """
+        Fire once the response has ended, however, and the producer has let
+        go of its reader and subscription.
+        """
+        return self._released.observe()
+
     def pauseProducing(self) -> None:
         self._paused = True
+        if (
+            self._clock is not None
+            and self._client_timeout is not None
+            and self._stalled_client is None
+            and not self._stopped
+        ):
+            self._stalled_client = self._clock.callLater(
+                self._client_timeout, self._client_stalled
+            )
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._cancel_client_timer()
         self._pump()
 
     def stopProducing(self) -> None:
@@ -175,9 +212,25 @@ class FollowingProducer:
         if transport is not None:
             cast(ITCPTransport, transport).abortConnection()
 
+    def _client_stalled(self) -> None:
+        self._stalled_client = None
+        self._abort(
+            Failure(
+                ClientStalled(f"client took nothing for {self._client_timeout:g} s")
+            )
+        )
+
+    def _cancel_client_timer(self) -> None:
+        if self._stalled_client is not None:
+            if self._stalled_client.active():
+                self._stalled_client.cancel()
+            self._stalled_client = None
+
     def _release(self) -> None:
+        self._cancel_client_timer()
         self._stopped = True
         self._reader.close()
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()
+        self._released.succeed_with(None)

@@ -8,6 +8,7 @@ import json
 import re
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -39,6 +40,9 @@ log = Logger()
 _BLOB_PATH = re.compile(rb"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 _MANIFEST_PATH = re.compile(rb"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
 _BASE_PATHS = {b"/v2", b"/v2/"}
+
+#: Where blobserve says what it is doing now, as JSON.
+STATUS_PATH = b"/_blobserve/status"
 
 
 class OCIError(Exception):
@@ -110,8 +114,17 @@ class RegistryResource(Resource):
         downloads: IInFlightTable,
         manifests: ManifestCache,
         upstreams: Upstreams,
+        clock: IReactorTime | None = None,
+        client_timeout: float | None = None,
     ) -> None:
+        """
+        @param client_timeout: seconds a client may take no bytes of a blob
+            before it is dropped (needs C{clock}).
+        """
         super().__init__()
+        self._responses: set[FollowingProducer] = set()
+        self._clock = clock
+        self._client_timeout = client_timeout
         self._store = store
         self._downloads = downloads
         self._manifests = manifests
@@ -129,6 +142,8 @@ class RegistryResource(Resource):
         path = request.path
         if request.method not in (b"GET", b"HEAD"):
             raise OCIError(405, "UNSUPPORTED", "this registry mirror is read-only")
+        if path == STATUS_PATH:
+            return self._status(request)
         if path in _BASE_PATHS:
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Content-Length", b"2")
@@ -151,7 +166,7 @@ class RegistryResource(Resource):
         reader = self._store.open(digest)
         if reader is not None:
             length = reader.size()
-            _stream(request, digest, reader, CompleteBlob(length), length)
+            self._stream(request, digest, reader, CompleteBlob(length), length)
             return NOT_DONE_YET
 
         _, upstream = self._upstream_for(request)
@@ -162,10 +177,27 @@ class RegistryResource(Resource):
 
         def follow(landing: Landing) -> None:
             reader = landing.open_reader()
-            _stream(request, digest, reader, landing.progress, landing.length)
+            self._stream(request, digest, reader, landing.progress, landing.length)
 
         ready.addCallbacks(follow, lambda reason: _finish_with_error(request, reason))
         return NOT_DONE_YET
+
+    def _status(self, request: Request) -> bytes:
+        """
+        What is running now: downloads, their observers, blob responses.
+        """
+        downloads = list(self._downloads)
+        status = {
+            "downloads": len(downloads),
+            "observers": sum(
+                d.progress.observers for d in downloads if d.progress is not None
+            ),
+            "responses": len(self._responses),
+        }
+        body = json.dumps(status).encode()
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
 
     def _get_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)
@@ -210,6 +242,52 @@ class RegistryResource(Resource):
                 f"this mirror has no upstream for {str(registry)[:100]}",
             ) from None
 
+    def _stream(
+        self,
+        request: Request,
+        digest: Digest,
+        reader: BlobReader,
+        progress: IBlobProgress,
+        length: int | None,
+    ) -> None:
+        """
+        Answer a blob GET with the whole blob or the single range it asks for,
+        read by C{reader} as C{progress} says it lands.
+        """
+        byte_range = None
+        if length is not None:
+            try:
+                byte_range = parse_range(_header(request, b"range"), length)
+            except UnsatisfiableRange as e:
+                reader.close()
+                request.setHeader(b"Content-Range", b"bytes */%d" % length)
+                request.write(
+                    write_error(request, OCIError(416, "RANGE_INVALID", str(e)))
+                )
+                request.finish()
+                return
+        _blob_headers(request, digest, length)
+        start, end = 0, length
+        if byte_range is not None:
+            start, end = byte_range.start, byte_range.end
+            request.setResponseCode(206)
+            request.setHeader(b"Content-Range", byte_range.content_range.encode())
+            request.setHeader(b"Content-Length", b"%d" % (end - start))
+        producer = FollowingProducer(
+            request,
+            reader,
+            progress,
+            start,
+            end,
+            clock=self._clock,
+            client_timeout=self._client_timeout,
+        )
+        self._responses.add(producer)
+        producer.when_released().addCallback(
+            lambda _: self._responses.discard(producer)
+        )
+        producer.start()
+
     def _head_blob(self, request: Request, name: str, digest: Digest) -> int | bytes:
         reader = self._store.open(digest)
         if reader is not None:
@@ -228,37 +306,6 @@ class RegistryResource(Resource):
 
         d.addCallbacks(answer, lambda reason: _finish_with_error(request, reason))
         return NOT_DONE_YET
-
-
-def _stream(
-    request: Request,
-    digest: Digest,
-    reader: BlobReader,
-    progress: IBlobProgress,
-    length: int | None,
-) -> None:
-    """
-    Answer a blob GET with the whole blob or the single range it asks for,
-    read by C{reader} as C{progress} says it lands.
-    """
-    byte_range = None
-    if length is not None:
-        try:
-            byte_range = parse_range(_header(request, b"range"), length)
-        except UnsatisfiableRange as e:
-            reader.close()
-            request.setHeader(b"Content-Range", b"bytes */%d" % length)
-            request.write(write_error(request, OCIError(416, "RANGE_INVALID", str(e))))
-            request.finish()
-            return
-    _blob_headers(request, digest, length)
-    start, end = 0, length
-    if byte_range is not None:
-        start, end = byte_range.start, byte_range.end
-        request.setResponseCode(206)
-        request.setHeader(b"Content-Range", byte_range.content_range.encode())
-        request.setHeader(b"Content-Length", b"%d" % (end - start))
-    FollowingProducer(request, reader, progress, start, end).start()
 
 
 def _header(request: Request, name: bytes) -> str | None:

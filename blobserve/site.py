@@ -37,13 +37,17 @@ class _RefuseTLSProbe(ProtocolWrapper):
         super().dataReceived(data)
 
 
-def registry_site(resource: IResource) -> WrappingFactory:
+def registry_site(resource: IResource, timeout: float = 60.0) -> WrappingFactory:
     """
     The factory serving C{resource}: a L{Site} without tracebacks in error
     pages, behind a TLS-probe refusal (harmless on a TLS listener, where the
     first decrypted byte starts an HTTP request).
+
+    @param timeout: seconds an idle connection, or one whose request headers
+        have not all arrived, is kept open. (While a response is being sent,
+        the resource's producers watch the client instead.)
     """
-    site = Site(resource)
+    site = Site(resource, timeout=timeout)
     site.displayTracebacks = False
     wrapper = WrappingFactory(site)
     wrapper.protocol = _RefuseTLSProbe

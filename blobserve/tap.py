@@ -109,6 +109,14 @@ class Options(usage.Options):
             _positive_count,
         ],
         [
+            "client-timeout",
+            None,
+            60.0,
+            "Seconds a client may send nothing before its request, or take"
+            " nothing of its response, before it is dropped.",
+            _positive_float,
+        ],
+        [
             "tag-ttl",
             None,
             60.0,
@@ -261,7 +269,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         )
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])
-    site = registry_site(RegistryResource(store, downloads, manifests, upstreams))
+    resource = RegistryResource(
+        store,
+        downloads,
+        manifests,
+        upstreams,
+        clock=reactor,
+        client_timeout=options["client-timeout"],
+    )
+    site = registry_site(resource, timeout=options["client-timeout"])
 
     service = MultiService()
     _ConnectionPoolService(pool).setServiceParent(service)

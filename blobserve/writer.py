@@ -80,6 +80,13 @@ class ChunkWriter:
         return self._complete
 
     @property
+    def observers(self) -> int:
+        """
+        How many observers wait for bytes beyond the written length.
+        """
+        return len(self._observers)
+
+    @property
     def failed(self) -> bool:
         """
         Whether the blob will never be complete.

@@ -218,3 +218,28 @@ class BlobserveProcess:
             if key in ("VmRSS", "VmHWM"):
                 figures[key] = int(value.split()[0]) * 1024
         return figures
+
+
+def open_descriptors(pid: int, except_remote_port: int | None = None) -> list[str]:
+    """
+    What process C{pid} has open, leaving out its sockets to
+    C{except_remote_port} (the upstream's pooled connections, which come and
+    go as the pool sees fit).
+    """
+    pooled: set[str] = set()
+    if except_remote_port is not None:
+        for table in ("tcp", "tcp6"):
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            for line in lines:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == except_remote_port:
+                    pooled.add(f"socket:[{fields[9]}]")
+    targets = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+        if target not in pooled:
+            targets.append(target)
+    return sorted(targets)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -222,3 +223,69 @@ def test_file_shorter_than_promised_aborts(temporary: TemporaryBlob) -> None:
     connection = get(reader, CompleteBlob(len(DATA)), len(DATA))
     assert connection.transport.aborted
     assert reader.closed
+
+
+def test_client_that_takes_nothing_is_dropped_after_the_timeout(
+    temporary: TemporaryBlob,
+) -> None:
+    temporary.write(DATA)
+    clock = Clock()
+    reader = CountingReader(temporary.open_reader())
+    resource = StallWatchingResource(reader, CompleteBlob(len(DATA)), len(DATA), clock)
+    connection = connect(resource)
+    connection.transport.buffer_limit = 2500
+    connection.request("GET", "/blob")
+    clock.advance(59)
+    connection.transport.drain()
+    # It took something within the timeout: the clock starts again.
+    clock.advance(59)
+    assert not connection.transport.aborted
+    clock.advance(1)
+    assert connection.transport.aborted
+    assert reader.closed
+    assert not clock.getDelayedCalls()
+
+
+def test_client_waiting_for_upstream_bytes_is_not_dropped(
+    temporary: TemporaryBlob,
+) -> None:
+    clock = Clock()
+    writer = ChunkWriter(temporary, len(DATA))
+    reader = CountingReader(temporary.open_reader())
+    connection = connect(StallWatchingResource(reader, writer, len(DATA), clock))
+    connection.request("GET", "/blob")
+    clock.advance(3600)
+    assert not connection.transport.aborted
+    writer.append(DATA)
+    writer.finish()
+    assert connection.response()[2] == DATA
+
+
+class StallWatchingResource(FollowingResource):
+    """
+    Serves one blob with a producer that drops clients idle for 60 s.
+    """
+
+    def __init__(
+        self,
+        reader: CountingReader,
+        progress: IBlobProgress,
+        length: int | None,
+        clock: Clock,
+    ) -> None:
+        super().__init__(reader, progress, length)
+        self.clock = clock
+
+    def render_GET(self, request: Request) -> int:
+        if self.length is not None:
+            request.setHeader(b"Content-Length", b"%d" % self.length)
+        FollowingProducer(
+            request,
+            self.reader,  # type: ignore[arg-type]
+            self.progress,
+            end=self.length,
+            chunk_size=CHUNK,
+            clock=self.clock,
+            client_timeout=60,
+        ).start()
+        return NOT_DONE_YET

@@ -376,3 +376,24 @@ def test_no_ns_routes_to_the_default_upstream(registry: Registry) -> None:
 def test_unknown_ns_is_name_unknown(registry: Registry) -> None:
     assert error_code(registry.get(f"{BLOB}?ns=quay.io")) == (404, "NAME_UNKNOWN")
     assert registry.upstream.fetches == registry.other.fetches == []
+
+
+def status(registry: Registry) -> dict[str, int]:
+    result: dict[str, int] = json.loads(
+        registry.get("/_blobserve/status").response()[2]
+    )
+    return result
+
+
+def test_status_counts_what_runs_and_ends_at_zero(registry: Registry) -> None:
+    assert status(registry) == {"downloads": 0, "observers": 0, "responses": 0}
+    clients = [registry.get() for _ in range(3)]
+    response = registry.answer()
+    assert response.protocol is not None
+    assert status(registry) == {"downloads": 1, "observers": 3, "responses": 3}
+    response.protocol.dataReceived(DATA[:1000])
+    clients[0].disconnect()
+    assert status(registry) == {"downloads": 1, "observers": 2, "responses": 2}
+    response.protocol.dataReceived(DATA[1000:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert status(registry) == {"downloads": 0, "observers": 0, "responses": 0}
