@@ -18,6 +18,7 @@ setup(
         "treq>=24.9",
         "twisted>=24.7",
     ],
+    entry_points={"console_scripts": ["blobserve-fsck = blobserve.fsck:main"]},
     extras_require={
         "test": [
             "bcrypt>=4",

@@ -148,13 +148,14 @@ class Download:
         try:
             length = response_length(response)
             writer = self.progress = ChunkWriter(temporary, length)
+            # A failed blob goes at once, not once the upstream connection
+            # has closed: by then its followers have been cut off already.
+            writer.when_finished().addErrback(lambda _: self._store.discard(temporary))
             # Followers subscribe before the first byte arrives: none misses one.
             self._ready.succeed_with(Landing(length, writer, temporary))
             await self._transfer(writer, response)
             if writer.complete:
                 await self._commit(temporary, writer.written)
-            else:
-                self._store.discard(temporary)
         finally:
             temporary.close()
 

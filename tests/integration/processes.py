@@ -207,6 +207,14 @@ class BlobserveProcess:
         if self.process is not None:
             stop_pid(self.process)
 
+    def kill(self) -> None:
+        """
+        Kill it by its PID with SIGKILL: a crash, with no chance to clean up.
+        """
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=DEADLINE)
+
     def memory(self) -> dict[str, int]:
         """
         The process's resident memory now (C{VmRSS}) and at its peak

@@ -6,6 +6,7 @@ controls, and an HTTP connection to a resource over a StringTransport.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from attrs import define, field
@@ -22,6 +23,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from blobserve.digest import Digest
+from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import BlobInfo, IUpstream, Manifest, ManifestInfo
 
 _T = TypeVar("_T")
@@ -55,6 +57,21 @@ def has_fired(d: Deferred[Any]) -> bool:
     Whether C{d} has a result yet (which this leaves in place).
     """
     return bool(d.called)
+
+
+def commit_blob(
+    store: DirectoryBlobStore, data: bytes, media_type: str | None = None
+) -> Path:
+    """
+    Put C{data} in C{store} (whose C{run_blocking} is L{run_now}) as a
+    committed blob, and return where it lies.
+    """
+    digest = Digest.of(data)
+    temporary = store.create_temporary(digest)
+    temporary.write(data)
+    result_of(store.commit(temporary, media_type))
+    temporary.close()
+    return Path(store.path_for(digest))
 
 
 def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:

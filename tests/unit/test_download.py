@@ -203,3 +203,12 @@ def test_downloads_wait_for_a_free_slot_in_order(tmp_path: Path) -> None:
         response.protocol.dataReceived(data)
         response.protocol.connectionLost(Failure(ResponseDone()))
     assert all(has_fired(d.when_done()) for d in downloads)
+
+
+def test_failed_blob_is_removed_before_the_upstream_closes(subject: Subject) -> None:
+    first = subject.answer()
+    assert first.protocol is not None
+    first.protocol.dataReceived(DATA + b"one byte too many")
+    assert first.transport.producerState == "stopped"
+    # The upstream connection has not closed yet; the temporary is gone.
+    assert subject.temporaries() == []

@@ -24,7 +24,14 @@ from blobserve.resource import RegistryResource
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError, Upstreams
 
-from fakes import Connection, FakeResponse, FakeUpstream, connect, run_now
+from fakes import (
+    Connection,
+    FakeResponse,
+    FakeUpstream,
+    commit_blob,
+    connect,
+    run_now,
+)
 
 DATA = bytes(range(256)) * 400
 DIGEST = Digest.of(DATA)
@@ -250,10 +257,7 @@ def test_store_that_cannot_create_files_answers_503(registry: Registry) -> None:
 
 
 def commit(registry: Registry) -> None:
-    temporary = registry.store.create_temporary(DIGEST)
-    temporary.write(DATA)
-    registry.store.commit(temporary)
-    temporary.close()
+    commit_blob(registry.store, DATA)
 
 
 def test_hit_is_served_from_store_without_upstream(registry: Registry) -> None:
