@@ -64,7 +64,7 @@ def _verifies(path: Path, digest: Digest) -> bool:
 def check(root: Path) -> Report:
     """
     Verify every blob of the store at C{root}; remove what fails, what lies
-    where no digest can be, and the media-type records of removed blobs.
+    where no digest can be, and the records of removed blobs.
     """
     report = Report()
     for path, digest in _entries(root):
@@ -78,8 +78,8 @@ def check(root: Path) -> Report:
         report.removed.append(str(path.relative_to(root)))
         path.unlink()
         if digest is not None:
-            media_type = root / "media-types" / digest.algorithm / digest.hex[:2]
-            (media_type / digest.hex).unlink(missing_ok=True)
+            record = root / "records" / digest.algorithm / digest.hex[:2]
+            (record / digest.hex).unlink(missing_ok=True)
     return report
 
 

@@ -1,14 +1,18 @@
 """
 The content-addressed blob store on a local file system.
 
-Committed blobs live at C{ROOT/blobs/<algorithm>/<first two hex>/<hex>};
+Committed blobs live at C{ROOT/blobs/<algorithm>/<first two hex>/<hex>}, with
+a record of their size (and media type, for manifests) at the same place
+under C{ROOT/records/};
 downloads in progress are written to C{ROOT/tmp/}, on the same file system, so
 that a commit is a rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -107,6 +111,12 @@ class TemporaryBlob:
         """
         os.fsync(self._fd)
 
+    def size(self) -> int:
+        """
+        How many bytes are written.
+        """
+        return os.fstat(self._fd).st_size
+
     def close(self) -> None:
         """
         Release the write handle; readers already opened stay valid.
@@ -124,7 +134,8 @@ class IBlobStore(Interface):
     def open(digest: Digest) -> BlobReader | None:
         """
         Open the committed blob C{digest} for reading, or return L{None} if the
-        store does not hold it.
+        store does not hold it. A blob whose size is not the size it was
+        committed with is damaged: it is removed, and L{None} returned.
         """
 
     def create_temporary(digest: Digest) -> TemporaryBlob:
@@ -215,7 +226,21 @@ class DirectoryBlobStore:
             fd = os.open(self.path_for(digest), os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return BlobReader(fd)
+        reader = BlobReader(fd)
+        record = self._record(digest)
+        if record is not None and record.get("size") != reader.size():
+            # Damaged since it was committed: never serve it; fetch it again.
+            log.warn(
+                "{digest} has {actual} bytes on disk, not the {size} committed:"
+                " removing it",
+                digest=str(digest),
+                actual=reader.size(),
+                size=record.get("size"),
+            )
+            reader.close()
+            self._remove(digest)
+            return None
+        return reader
 
     def create_temporary(self, digest: Digest) -> TemporaryBlob:
         fd = -1
@@ -232,30 +257,48 @@ class DirectoryBlobStore:
             break
         return TemporaryBlob(digest, path, fd)
 
-    def _media_type_path(self, digest: Digest) -> str:
+    def _record_path(self, digest: Digest) -> str:
         return os.path.join(
-            self.root, "media-types", digest.algorithm, digest.hex[:2], digest.hex
+            self.root, "records", digest.algorithm, digest.hex[:2], digest.hex
         )
 
-    def media_type(self, digest: Digest) -> str | None:
+    def _record(self, digest: Digest) -> dict[str, Any] | None:
+        """
+        What was recorded of the blob C{digest} when it was committed: its
+        C{size}, and its C{media_type} if it has one.
+        """
         try:
-            with open(self._media_type_path(digest), encoding="utf-8") as f:
-                return f.read()
+            with open(self._record_path(digest), encoding="utf-8") as f:
+                record: dict[str, Any] = json.load(f)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except ValueError:
+            log.warn("unreadable record of {digest}", digest=str(digest))
+            return None
+        return record
 
-    def _record_media_type(self, digest: Digest, media_type: str) -> None:
+    def media_type(self, digest: Digest) -> str | None:
+        record = self._record(digest)
+        media_type = None if record is None else record.get("media_type")
+        return media_type if isinstance(media_type, str) else None
+
+    def _write_record(self, digest: Digest, record: dict[str, Any]) -> None:
         # Blocking: fsync and rename, so a crash leaves the old record or the
         # new, never a torn one.
-        path = self._media_type_path(digest)
+        path = self._record_path(digest)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = f"{path}.{os.urandom(4).hex()}"
         with open(partial, "w", encoding="utf-8") as f:
-            f.write(media_type)
+            json.dump(record, f)
             f.flush()
             os.fsync(f.fileno())
         os.rename(partial, path)
         _fsync_directory(os.path.dirname(path))
+
+    def _remove(self, digest: Digest) -> None:
+        for path in (self.path_for(digest), self._record_path(digest)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def commit(
         self, temporary: TemporaryBlob, media_type: str | None = None
@@ -277,8 +320,10 @@ class DirectoryBlobStore:
 
         def prepare() -> None:
             temporary.fsync()
+            record: dict[str, Any] = {"size": temporary.size()}
             if media_type is not None:
-                self._record_media_type(temporary.digest, media_type)
+                record["media_type"] = media_type
+            self._write_record(temporary.digest, record)
 
         d: Deferred[None] = self.run_blocking(prepare)
         d.addCallback(rename)

@@ -5,6 +5,7 @@ docker-registry upstream.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest_twisted
@@ -74,10 +75,9 @@ async def test_multi_platform_index_round_trips(
     assert layout_digests(tmp_path / "out") == (
         image.blob_digests | image.manifest_digests
     )
-    stored = blobserve.storage / "media-types" / "sha256"
-    assert (
-        stored / image.manifest_digest[7:9] / image.manifest_digest[7:]
-    ).read_text() == INDEX
+    records = blobserve.storage / "records" / "sha256"
+    record = records / image.manifest_digest[7:9] / image.manifest_digest[7:]
+    assert json.loads(record.read_text())["media_type"] == INDEX
 
 
 @pytest_twisted.ensureDeferred

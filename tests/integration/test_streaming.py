@@ -198,3 +198,19 @@ async def test_starts_with_working_defaults(tmp_path: Path, client: Client) -> N
         assert (tmp_path / "blobserve-data" / "blobs").is_dir()
     finally:
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_damaged_stored_blob_is_fetched_again(
+    blobserve: BlobserveProcess, relay: Relay, client: Client, blob: Blob
+) -> None:
+    digest, data = blob
+    assert_correct(await client.get(blob_url(blobserve, digest)).finished(), data)
+    path = committed_path(blobserve, digest)
+    await until(path.exists, "the commit")
+    # Something truncates the file behind blobserve's back.
+    with path.open("r+b") as f:
+        f.truncate(len(data) // 2)
+    fetch = await client.get(blob_url(blobserve, digest)).finished()
+    assert_correct(fetch, data)
+    assert relay.count("GET", str(digest)) == 2

@@ -10,7 +10,7 @@ from zope.interface.verify import verifyObject
 from blobserve.digest import Digest
 from blobserve.storage import DirectoryBlobStore, IBlobStore
 
-from fakes import failure_of, result_of, run_now
+from fakes import commit_blob, failure_of, result_of, run_now
 
 DATA = b"a layer" * 1000
 DIGEST = Digest.of(DATA)
@@ -99,3 +99,18 @@ def test_media_type_is_committed_with_the_blob(store: DirectoryBlobStore) -> Non
     result_of(store.commit(temporary, "application/vnd.oci.image.index.v1+json"))
     temporary.close()
     assert store.media_type(DIGEST) == "application/vnd.oci.image.index.v1+json"
+
+
+def test_blob_of_the_wrong_size_is_removed_as_damaged(
+    store: DirectoryBlobStore,
+) -> None:
+    path = commit_blob(store, DATA)
+    path.write_bytes(DATA[:-1])
+    assert store.open(DIGEST) is None
+    assert not path.exists()
+    # And is then missing, to be fetched again.
+    assert store.open(DIGEST) is None
+    path = commit_blob(store, DATA)
+    reader = store.open(DIGEST)
+    assert reader is not None
+    reader.close()
