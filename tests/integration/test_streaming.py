@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
 
 from blobserve.digest import Digest
 
 from checks import Blob, assert_correct, blob_url, committed_path, until
 from clients import Client, stalled_client
-from processes import BlobserveProcess, RegistryProcess, free_port
+from processes import DEADLINE, BlobserveProcess, RegistryProcess, free_port
 from relay import Relay
 
 
@@ -214,3 +217,49 @@ async def test_damaged_stored_blob_is_fetched_again(
     fetch = await client.get(blob_url(blobserve, digest)).finished()
     assert_correct(fetch, data)
     assert relay.count("GET", str(digest)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_never_reads_is_dropped_after_the_client_timeout(
+    tmp_path: Path, registry: RegistryProcess, relay: Relay, client: Client
+) -> None:
+    data = os.urandom(16 * 1024 * 1024)
+    digest = registry.push_blob("test/blobs", data)
+    relay.rate = None
+    server = BlobserveProcess(
+        tmp_path,
+        f"http://127.0.0.1:{relay.port}",
+        tmp_path / "storage",
+        extra=("--client-timeout=1",),
+    )
+    await server.start()
+    try:
+        stalled = stalled_client(server.port, f"/v2/test/blobs/blobs/{digest}")
+        await until(committed_path(server, digest).exists, "the commit")
+        # Past the client timeout, with the client still not reading.
+        await deferLater(reactor, 2.5, lambda: None)
+        stalled.setblocking(False)
+        received = 0
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            assert time.monotonic() < deadline, "the stalled client was not dropped"
+            try:
+                chunk = stalled.recv(1 << 20)
+            except BlockingIOError:
+                await deferLater(reactor, 0.1, lambda: None)
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += len(chunk)
+        stalled.close()
+        assert received < len(data)
+        status = await client.get(f"{server.url}/_blobserve/status").finished()
+        assert json.loads(status.opening) == {
+            "downloads": 0,
+            "observers": 0,
+            "responses": 0,
+        }
+    finally:
+        server.stop()
