@@ -48,6 +48,7 @@ class Relay(Factory):
         them would (it answers 200 with the whole blob).
     @ivar requests: C{(method, path)} of every request relayed, in order.
     @ivar body_bytes: blob body bytes relayed, by path.
+    @ivar most_open: the most connections that were open at once.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class Relay(Factory):
         self.body_bytes: dict[str, int] = defaultdict(int)
         self.connections = 0
         self.open: set[_Inbound] = set()
+        self.most_open = 0
         self.port = 0
         self._listening: IListeningPort | None = None
 
@@ -112,6 +114,7 @@ class _Inbound(Protocol):
 
     def connectionMade(self) -> None:
         self.relay.open.add(self)
+        self.relay.most_open = max(self.relay.most_open, len(self.relay.open))
         factory = ClientFactory.forProtocol(lambda: _Outbound(self))
         self.relay.reactor.connectTCP("127.0.0.1", self.relay.upstream_port, factory)
 

@@ -131,3 +131,21 @@ async def test_spent_retries_cut_clients_off_and_leave_nothing(
         server.stop()
     assert relay.count("GET", str(digest)) == 4
     assert hashlib.sha256(data).hexdigest() == digest.hex
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_misses_are_bounded(
+    tmp_path: Path, registry: RegistryProcess, relay: Relay, client: Client
+) -> None:
+    blobs = [os.urandom(SIZE) for _ in range(6)]
+    digests = [registry.push_blob("test/blobs", data) for data in blobs]
+    server = await started(tmp_path, relay, "--upstream-concurrency=2")
+    try:
+        downloads = [client.get(blob_url(server, digest)) for digest in digests]
+        fetches = await gatherResults([d.finished() for d in downloads])
+    finally:
+        server.stop()
+    for fetch, data in zip(fetches, blobs, strict=True):
+        assert_correct(fetch, data)
+    # Six cold blobs at once, never more than two upstream connections.
+    assert relay.most_open <= 2
