@@ -27,8 +27,10 @@ from blobserve.writer import IBlobProgress
 log = Logger()
 
 #: The most a producer reads from disk at once: its whole memory per client,
-#: beside the transport's own buffer.
-CHUNK_SIZE = 128 * 1024
+#: beside the transport's own buffer. Each chunk costs a pause, a resume and
+#: a trip through the reactor; at 256 KiB that overhead is small beside the
+#: copies (bench/: warm throughput +10-15 % over 128 KiB, RSS unchanged).
+CHUNK_SIZE = 256 * 1024
 
 
 @implementer(IBlobProgress)
