@@ -1,15 +1,19 @@
 # make run:  install blobserve in a virtual environment and start it with
 #            defaults (flags in ARGS="...").
 # make test: install everything the tests need (Debian packages, Python
-#            packages) and run every check: lint, types, unit and integration tests.
+#            packages) and run every check: lint, types, unit and integration
+#            tests, and a tiny run of the benchmark.
+# make bench: install what the benchmark needs and run it (flags in ARGS="...",
+#            see `python -m bench --help`); the table goes to stdout, the
+#            figures to bench-results.json.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := containerd docker-registry skopeo
+DEBIAN_PACKAGES := apache2-utils containerd docker-registry nginx-light skopeo
 
-.PHONY: run test debian-packages
+.PHONY: run test bench debian-packages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +40,8 @@ test: debian-packages $(BIN)/python
 	$(BIN)/pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; \
 	exit $$status
+	$(BIN)/python -m bench --smoke --out $(VENV)/bench-smoke.json
+
+bench: debian-packages $(BIN)/python
+	$(BIN)/pip install --quiet .
+	$(BIN)/python -m bench $(ARGS)

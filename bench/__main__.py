@@ -1,0 +1,401 @@
+"""
+Run the benchmark: C{python -m bench [--smoke] [--sizes 256,1024] ...}.
+
+Everything runs on loopback; every server is started for one scenario and
+stopped by its PID. The upstream is Debian's docker-registry behind nginx
+with a per-connection C{limit_rate}, so the upstream is the slow link; the
+throttle's access log tells how many GETs and bytes each system asked of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench import load, servers
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+CACHES: dict[str, Callable[[Path, str], tuple[servers.Server, str]]] = {
+    "blobserve": servers.blobserve,
+    "registry-proxy": lambda here, upstream: servers.registry(here, proxy_of=upstream),
+    "nginx-cache": servers.caching_proxy,
+}
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class Bench:
+    """
+    One benchmark run: the upstream, its test blobs, and the results so far.
+    """
+
+    def __init__(self, workdir: Path, rate: int) -> None:
+        self.workdir = workdir
+        self.rate = rate
+        self.results: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+        self.upstream, self.upstream_url = servers.registry(workdir / "upstream")
+        self.blobs: dict[int, tuple[str, str]] = {}
+        self._scenario = 0
+
+    def blob(self, size: int) -> tuple[str, str]:
+        """
+        A random, incompressible blob of C{size} bytes in the upstream: its
+        digest and sha256 hex.
+        """
+        if size not in self.blobs:
+            data = os.urandom(size)
+            digest = servers.push_blob(self.upstream_url, "bench/blobs", data)
+            self.blobs[size] = (digest, hashlib.sha256(data).hexdigest())
+        return self.blobs[size]
+
+    @contextmanager
+    def system(self, name: str) -> Iterator[tuple[servers.Server, str, Path]]:
+        """
+        A fresh throttle, and a fresh instance of C{name} with an empty cache
+        behind it: the server to measure, its URL, and the throttle's folder.
+        """
+        self._scenario += 1
+        here = self.workdir / f"scenario-{self._scenario}-{name}"
+        throttle, throttle_url = servers.throttle(
+            here / "throttle", self.upstream_url, self.rate
+        )
+        started = [throttle]
+        try:
+            if name == "direct":
+                server, url = throttle, throttle_url
+            else:
+                server, url = CACHES[name](here / name, throttle_url)
+                started.append(server)
+            yield server, url, here / "throttle"
+        finally:
+            for process in reversed(started):
+                process.stop()
+            shutil.rmtree(here, ignore_errors=True)
+
+    def record(self, result: dict[str, Any]) -> None:
+        self.results.append(result)
+        print(json.dumps(result), flush=True)
+
+    def check(self, what: str, fetches: list[load.Fetch], size: int, sha: str) -> bool:
+        wrong = [
+            f for f in fetches if f.status != 200 or f.size != size or f.sha256 != sha
+        ]
+        if wrong:
+            self.failures.append(f"{what}: {len(wrong)} wrong bodies, e.g. {wrong[0]}")
+        return not wrong
+
+    def cold(self, name: str, size: int, clients: int) -> None:
+        digest, sha = self.blob(size)
+        transfer = size / self.rate
+        with self.system(name) as (server, url, throttle):
+            cpu = server.cpu_seconds()
+            began = time.monotonic()
+            fetches = load.fetch_staggered(
+                f"{url}/v2/bench/blobs/blobs/{digest}",
+                clients,
+                spread=transfer / 2,
+                timeout=transfer * 10 + 60,
+            )
+            # nginx logs a request once it has sent the last byte: a moment
+            # after the client may have read it.
+            time.sleep(0.2)
+            gets, sent = servers.upstream_traffic(throttle, digest)
+            what = f"cold {name} {size // MiB} MiB N={clients}"
+            if name == "blobserve" and (gets, sent) != (1, size):
+                self.failures.append(f"{what}: {gets} upstream GETs, {sent} bytes")
+            self.record(
+                {
+                    "scenario": "cold",
+                    "system": name,
+                    "size_mib": size // MiB,
+                    "clients": clients,
+                    "upstream_gets": gets,
+                    "upstream_ratio": round(sent / size, 2),
+                    "ttfb_p50_ms": round(
+                        percentile([f.first_byte for f in fetches], 0.5) * 1000, 1
+                    ),
+                    "ttfb_p99_ms": round(
+                        percentile([f.first_byte for f in fetches], 0.99) * 1000, 1
+                    ),
+                    # The first client waits for the upstream's answer; the
+                    # later ones are the late joiners.
+                    "late_ttfb_p99_ms": round(
+                        percentile([f.first_byte for f in fetches[1:]], 0.99) * 1000, 1
+                    )
+                    if clients > 1
+                    else "",
+                    "done_p50_s": round(percentile([f.done for f in fetches], 0.5), 2),
+                    "last_done_s": round(
+                        max(f.started + f.done for f in fetches) - began, 2
+                    ),
+                    "correct": self.check(what, fetches, size, sha),
+                    "peak_rss_mib": round(server.peak_rss() / MiB, 1),
+                    # Per GiB sent to the clients.
+                    "cpu_s_per_gib": round(
+                        (server.cpu_seconds() - cpu) * GiB / (size * clients), 2
+                    ),
+                }
+            )
+
+    def stalled(self, name: str, size: int, normal: int, stalled: int) -> None:
+        digest, sha = self.blob(size)
+        transfer = size / self.rate
+        with self.system(name) as (server, url, _):
+            blob_url = f"{url}/v2/bench/blobs/blobs/{digest}"
+            sockets = load.stalled_clients(blob_url, stalled)
+            try:
+                began = time.monotonic()
+                fetches = load.fetch_staggered(
+                    blob_url, normal, spread=0, timeout=transfer * 10 + 60
+                )
+                finished = max(f.started + f.done for f in fetches) - began
+            finally:
+                for s in sockets:
+                    s.close()
+            what = f"stalled {name} {size // MiB} MiB"
+            self.record(
+                {
+                    "scenario": "stalled",
+                    "system": name,
+                    "size_mib": size // MiB,
+                    "clients": normal,
+                    "stalled_clients": stalled,
+                    "last_done_s": round(finished, 2),
+                    "correct": self.check(what, fetches, size, sha),
+                    "peak_rss_mib": round(server.peak_rss() / MiB, 1),
+                }
+            )
+
+    def warm(self, name: str, size: int, clients: int, seconds: float) -> None:
+        digest, sha = self.blob(size)
+        with self.system(name) as (server, url, _):
+            blob_url = f"{url}/v2/bench/blobs/blobs/{digest}"
+            if name != "direct":
+                # Fill the cache, then wait until it serves without upstream.
+                self.check(
+                    f"warm {name} fill",
+                    [load.fetch(blob_url)],
+                    size,
+                    sha,
+                )
+                time.sleep(1)
+            self._throughput(name, server, blob_url, size, clients, seconds)
+
+    def warm_nginx(self, size: int, clients: int, seconds: float) -> None:
+        digest, _ = self.blob(size)
+        root = self.workdir / "static"
+        (root / "blob").parent.mkdir(parents=True, exist_ok=True)
+        blob = f"{self.upstream_url}/v2/bench/blobs/blobs/{digest}"
+        with urllib.request.urlopen(blob) as response:
+            (root / "blob").write_bytes(response.read())
+        server, url = servers.static(self.workdir / "static-nginx", root)
+        try:
+            self._throughput(
+                "nginx-static", server, f"{url}/blob", size, clients, seconds
+            )
+        finally:
+            server.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(self.workdir / "static-nginx", ignore_errors=True)
+
+    def _throughput(
+        self,
+        name: str,
+        server: servers.Server,
+        url: str,
+        size: int,
+        clients: int,
+        seconds: float,
+    ) -> None:
+        cpu = server.cpu_seconds()
+        moved, elapsed = load.fetch_for(url, clients, seconds)
+        used = server.cpu_seconds() - cpu
+        self.record(
+            {
+                "scenario": "warm",
+                "system": name,
+                "size_mib": size // MiB,
+                "clients": clients,
+                "mib_per_s": round(moved / MiB / elapsed, 1),
+                "cpu_s_per_gib": round(used / (moved / 1024 / MiB), 2),
+            }
+        )
+
+    def small(self, seconds: int) -> None:
+        """
+        Cached 4 KiB blobs and C{HEAD} of a cached manifest by tag, from
+        blobserve and from docker-registry serving what it stores itself.
+        """
+        layer = os.urandom(4096)
+        servers.push_manifest(self.upstream_url, "bench/small", "v1", layer)
+        blob = f"/v2/bench/small/blobs/sha256:{hashlib.sha256(layer).hexdigest()}"
+        manifest = "/v2/bench/small/manifests/v1"
+        self._small(
+            "registry", self.upstream, self.upstream_url, blob, manifest, seconds
+        )
+        with self.system("blobserve") as (server, url, _):
+            fills = [
+                load.fetch(url + blob),
+                load.fetch(url + manifest, accept=load.OCI_MANIFEST),
+            ]
+            if any(f.status != 200 for f in fills):
+                self.failures.append("small: blobserve could not fill its cache")
+            self._small("blobserve", server, url, blob, manifest, seconds)
+
+    def _small(
+        self,
+        name: str,
+        server: servers.Server,
+        url: str,
+        blob: str,
+        manifest: str,
+        seconds: int,
+    ) -> None:
+        blobs = load.ab(url + blob, seconds, 16)
+        heads = load.ab(url + manifest, seconds, 16, head=True)
+        self.record(
+            {
+                "scenario": "small",
+                "system": name,
+                "blob_4k_rps": round(blobs.requests_per_second),
+                "blob_4k_p99_ms": blobs.p99_ms,
+                "head_manifest_rps": round(heads.requests_per_second),
+                "head_manifest_p99_ms": heads.p99_ms,
+            }
+        )
+
+    def close(self) -> None:
+        self.upstream.stop()
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """
+    The results as aligned text, one table per scenario.
+    """
+    lines: list[str] = []
+    for scenario in dict.fromkeys(r["scenario"] for r in results):
+        rows = [r for r in results if r["scenario"] == scenario]
+        columns = list(dict.fromkeys(k for r in rows for k in r if k != "scenario"))
+        cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+        widths = [
+            max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)
+        ]
+        lines.append(f"{scenario}:")
+        lines.append(
+            "  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+        )
+        for row in cells:
+            lines.append(
+                "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True))
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return (
+        f"{os.cpu_count()} cores, {memory:.0f} GiB, {platform.machine()},"
+        f" Linux {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
+    """
+    The steps of a run, each a scenario for one system.
+    """
+    sizes = [int(s) * MiB for s in arguments.sizes.split(",")]
+    clients = [int(n) for n in arguments.clients.split(",")]
+    systems = arguments.systems.split(",")
+    stalled, warm_clients, seconds = 16, [8, 32], 10
+    warm_size = 256 * MiB
+    if arguments.smoke:
+        sizes, clients, stalled, warm_clients, seconds = [4 * MiB], [4], 4, [4], 1
+        warm_size = 4 * MiB
+    scenarios = arguments.scenarios.split(",")
+    if "cold" in scenarios:
+        for size in sizes:
+            yield partial(Bench.cold, name="direct", size=size, clients=1)
+            for n in clients:
+                for name in systems:
+                    yield partial(Bench.cold, name=name, size=size, clients=n)
+    if "stalled" in scenarios:
+        for name in systems:
+            yield partial(
+                Bench.stalled, name=name, size=sizes[0], normal=stalled, stalled=stalled
+            )
+    if "warm" in scenarios:
+        for n in warm_clients:
+            for name in systems:
+                yield partial(
+                    Bench.warm, name=name, size=warm_size, clients=n, seconds=seconds
+                )
+            yield partial(Bench.warm_nginx, size=warm_size, clients=n, seconds=seconds)
+    if "small" in scenarios:
+        yield partial(Bench.small, seconds=seconds // 2 or 1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="a tiny run, for CI")
+    parser.add_argument("--sizes", default="256,1024", help="cold blob sizes, MiB")
+    parser.add_argument("--clients", default="1,8,32", help="cold fan-out clients")
+    parser.add_argument(
+        "--rate", type=float, default=25, help="throttle per connection, MiB/s"
+    )
+    parser.add_argument(
+        "--systems", default=",".join(CACHES), help="the caches to compare"
+    )
+    parser.add_argument(
+        "--scenarios", default="cold,stalled,warm,small", help="the scenarios to run"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    arguments = parser.parse_args(argv)
+    rate = 2 * MiB if arguments.smoke else int(arguments.rate * MiB)
+
+    workdir = Path(tempfile.mkdtemp(prefix="blobserve-bench-"))
+    bench = Bench(workdir, rate)
+    try:
+        for step in plan(arguments):
+            step(bench)
+    finally:
+        bench.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "machine": machine(),
+        "throttle_mib_per_s": rate / MiB,
+        "results": bench.results,
+        "failures": bench.failures,
+    }
+    arguments.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"\nblobserve benchmark on {report['machine']},"
+        f" upstream throttled to {rate / MiB:g} MiB/s per connection\n"
+    )
+    print(table(bench.results))
+    for failure in bench.failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""
+The clients of a benchmark run: blob fetches on threads of this process
+(timed, and hashed or not), raw sockets that stop reading, and ApacheBench
+for small requests.
+
+A fetch is a plain HTTP/1.0 C{GET} read with C{recv_into} into one buffer and
+hashed from it: one process of those costs far less CPU than curl piped into
+a hasher, so on a small machine the clients measure the server, not
+themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+from attrs import define
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+_BUFFER = 256 * 1024
+
+
+@define
+class Fetch:
+    """
+    One client's view of one blob download.
+
+    @ivar first_byte: seconds from its start to the first response byte.
+    @ivar done: seconds from its start to the end of the body.
+    @ivar sha256: the body's digest, or C{""} for a client that does not hash.
+    @ivar started: when it started, on the monotonic clock.
+    """
+
+    status: int
+    size: int
+    first_byte: float
+    done: float
+    sha256: str
+    started: float
+
+
+def fetch(
+    url: str, hash_body: bool = True, accept: str = "*/*", timeout: float = 600
+) -> Fetch:
+    """
+    C{GET} C{url} and read the whole response: up to its C{Content-Length},
+    or to the end of the connection without one.
+    """
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None, url
+    started = time.monotonic()
+    buffer = bytearray(_BUFFER)
+    view = memoryview(buffer)
+    hasher = hashlib.sha256() if hash_body else None
+    with socket.create_connection((parts.hostname, parts.port), timeout) as s:
+        s.sendall(
+            f"GET {parts.path} HTTP/1.0\r\nHost: {parts.netloc}\r\n"
+            f"Accept: {accept}\r\n\r\n".encode()
+        )
+        head = b""
+        first_byte = 0.0
+        while b"\r\n\r\n" not in head:
+            received = s.recv_into(buffer)
+            if not received:
+                raise ConnectionError(f"{url}: connection closed in the headers")
+            first_byte = first_byte or time.monotonic() - started
+            head += view[:received]
+        head, _, body = head.partition(b"\r\n\r\n")
+        status = int(head.split(None, 2)[1])
+        declared = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        length = int(declared[1]) if declared else None
+        size = len(body)
+        if hasher is not None:
+            hasher.update(body)
+        while length is None or size < length:
+            received = s.recv_into(buffer)
+            if not received:
+                break
+            size += received
+            if hasher is not None:
+                hasher.update(view[:received])
+    done = time.monotonic() - started
+    digest = hasher.hexdigest() if hasher is not None else ""
+    return Fetch(status, size, first_byte, done, digest, started)
+
+
+def fetch_staggered(
+    url: str, count: int, spread: float, timeout: float, hash_body: bool = True
+) -> list[Fetch]:
+    """
+    C{count} clients fetching C{url} at once, arriving evenly over C{spread}
+    seconds.
+    """
+    began = time.monotonic()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = []
+        for n in range(count):
+            delay = began + spread * n / count - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(fetch, url, hash_body, timeout=timeout))
+        return [f.result() for f in futures]
+
+
+def fetch_for(url: str, clients: int, seconds: float) -> tuple[int, float]:
+    """
+    C{clients} clients fetching C{url} without hashing, each again and again
+    until C{seconds} have passed: the bytes they received, and the seconds it
+    took them (the last fetch started before the end is let finish).
+    """
+    began = time.monotonic()
+
+    def client() -> int:
+        received = 0
+        while time.monotonic() - began < seconds:
+            got = fetch(url, hash_body=False)
+            if got.status != 200:
+                raise RuntimeError(f"{url}: status {got.status}")
+            received += got.size
+        return received
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        moved = sum(pool.map(lambda _: client(), range(clients)))
+    return moved, time.monotonic() - began
+
+
+def stalled_clients(url: str, count: int) -> list[socket.socket]:
+    """
+    C{count} clients that ask for C{url} and then never read.
+    """
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = host_port.partition(":")
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((host, int(port)))
+        s.sendall(f"GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        sockets.append(s)
+    return sockets
+
+
+@define
+class Throughput:
+    requests_per_second: float
+    p99_ms: float
+
+
+def ab(url: str, seconds: int, connections: int, head: bool = False) -> Throughput:
+    """
+    Run ApacheBench with keep-alive against C{url} (C{HEAD} requests with
+    C{head}); its requests per second and 99th percentile latency.
+
+    (wrk would be lighter, but it waits for a body after a C{HEAD}.)
+    """
+    argv = ["ab", "-q", "-k", f"-c{connections}", f"-t{seconds}", "-n1000000"]
+    if head:
+        argv += ["-i", "-H", f"Accept: {OCI_MANIFEST}"]
+    out = subprocess.run(
+        [*argv, url], capture_output=True, check=True, timeout=seconds + 30
+    ).stdout.decode()
+    failed = re.search(r"Failed requests:\s+(\d+)", out)
+    if failed is None or int(failed.group(1)) or "Non-2xx" in out:
+        raise RuntimeError(f"ab saw failed requests:\n{out}")
+    rate = re.search(r"Requests per second:\s+([\d.]+)", out)
+    p99 = re.search(r"^\s+99%\s+(\d+)", out, re.M)
+    assert rate is not None and p99 is not None, out
+    return Throughput(float(rate.group(1)), float(p99.group(1)))
