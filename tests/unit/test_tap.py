@@ -2,6 +2,7 @@
 twistd wiring: the plugin is found, options parse, the service listens.
 """
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,18 @@ def test_start_removes_unfinished_downloads(tmp_path: Path) -> None:
     options.parseOptions(["--storage", str(tmp_path)])
     makeService(options, MemoryReactor())
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_start_puts_the_startup_heap_out_of_the_collectors_sight(
+    tmp_path: Path,
+) -> None:
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path)])
+    service = makeService(options, MemoryReactor())
+    gc.unfreeze()
+    service.startService()
+    try:
+        assert gc.get_freeze_count() > 0
+    finally:
+        service.stopService()
+        gc.unfreeze()
