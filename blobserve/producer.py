@@ -5,6 +5,7 @@ the file as it grows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 from attrs import frozen
@@ -23,6 +24,7 @@ from zope.interface import implementer
 from blobserve.oneshot import OneShotEvent
 from blobserve.storage import BlobReader
 from blobserve.writer import IBlobProgress
+from blobserve.zerocopy import IZeroCopySink, SocketSink
 
 log = Logger()
 
@@ -65,7 +67,10 @@ class FollowingProducer:
     L{CHUNK_SIZE}, as fast as the client takes them and no faster.
 
     It reads only while the request's transport wants data, so a slow client
-    costs one chunk of memory, never more. It sends the last byte of a blob of
+    costs one chunk of memory, never more. Where the connection allows it (see
+    L{blobserve.zerocopy}), whatever the socket takes at once goes with
+    C{sendfile}, straight from the page cache, and only the chunk that waits
+    for a full socket passes through this process. It sends the last byte of a blob of
     known length only once the blob is verified, so a blob that fails
     verification never reaches a client as a complete body: the connection is
     aborted instead. It owns its reader and closes it when it stops, for
@@ -82,6 +87,7 @@ class FollowingProducer:
         chunk_size: int = CHUNK_SIZE,
         clock: IReactorTime | None = None,
         client_timeout: float | None = None,
+        sink_for: Callable[[Request], IZeroCopySink | None] = SocketSink.under,
     ) -> None:
         """
         @param start: the offset of the first byte to send.
@@ -90,6 +96,8 @@ class FollowingProducer:
             C{Content-Length}. L{None} sends everything up to the blob's end.
         @param client_timeout: seconds a client may take nothing (keep the
             producer paused) before its connection is dropped; needs C{clock}.
+        @param sink_for: finds where the request's body may be sent without
+            passing through this process, once its headers are written.
         """
         self._request = request
         self._reader = reader
@@ -106,6 +114,8 @@ class FollowingProducer:
         self._client_timeout = client_timeout
         self._stalled_client: IDelayedCall | None = None
         self._released: OneShotEvent[None] = OneShotEvent()
+        self._sink_for = sink_for
+        self._sink: IZeroCopySink | None = None
 
     def start(self) -> None:
         """
@@ -115,6 +125,7 @@ class FollowingProducer:
         # Clients give up on a response whose headers do not come: send them
         # now, not with the first body byte.
         self._request.write(b"")
+        self._sink = self._sink_for(self._request)
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._pump()
@@ -157,6 +168,15 @@ class FollowingProducer:
             if self._end is not None:
                 # Hold the last byte back until the blob is verified.
                 limit = min(limit, self._end if self._complete else self._end - 1)
+            if self._offset < limit and self._sink is not None:
+                count = limit - self._offset
+                sent = self._sink.send(self._reader, self._offset, count)
+                self._offset += sent
+                if sent == count:
+                    continue
+                # The socket is full, or the transport holds bytes: the next
+                # chunk goes through the transport, which waits for the socket
+                # and resumes this producer once it has drained.
             if self._offset < limit:
                 size = min(self._chunk_size, limit - self._offset)
                 data = self._reader.read(self._offset, size)

@@ -51,6 +51,13 @@ class BlobReader:
         """
         return os.pread(self._fd, size, offset)
 
+    def fileno(self) -> int:
+        """
+        The file descriptor, for calls such as C{sendfile} that read the file
+        themselves. It stays the reader's own: do not close it.
+        """
+        return self._fd
+
     def size(self) -> int:
         """
         The file's current length.

@@ -15,6 +15,7 @@ from blobserve.digest import Digest
 from blobserve.producer import CompleteBlob, FollowingProducer
 from blobserve.storage import BlobReader, DirectoryBlobStore, TemporaryBlob
 from blobserve.writer import ChunkWriter, IBlobProgress
+from blobserve.zerocopy import IZeroCopySink, SocketSink
 
 from fakes import Connection, connect, run_now
 
@@ -37,6 +38,9 @@ class CountingReader:
         self.reads.append((offset, size))
         return self._reader.read(offset, size)
 
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
     def close(self) -> None:
         self.closed = True
         self._reader.close()
@@ -57,6 +61,9 @@ class FollowingResource(Resource):
         self.progress = progress
         self.length = length
 
+    def sink_for(self, request: Request) -> IZeroCopySink | None:
+        return SocketSink.under(request)
+
     def render_GET(self, request: Request) -> int:
         if self.length is not None:
             request.setHeader(b"Content-Length", b"%d" % self.length)
@@ -66,6 +73,7 @@ class FollowingResource(Resource):
             self.progress,
             end=self.length,
             chunk_size=CHUNK,
+            sink_for=self.sink_for,
         ).start()
         return NOT_DONE_YET
 
@@ -275,6 +283,9 @@ class StallWatchingResource(FollowingResource):
     ) -> None:
         super().__init__(reader, progress, length)
         self.clock = clock
+
+    def sink_for(self, request: Request) -> IZeroCopySink | None:
+        return SocketSink.under(request)
 
     def render_GET(self, request: Request) -> int:
         if self.length is not None:
