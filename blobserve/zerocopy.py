@@ -16,9 +16,12 @@ the socket and resumes the caller's producer once it has drained.
 from __future__ import annotations
 
 import os
+from typing import TypeGuard
 
 from attrs import define
 from twisted.internet.tcp import Connection
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
@@ -48,38 +51,73 @@ class IZeroCopySink(Interface):
 class SocketSink:
     """
     The socket under one HTTP response, for bytes that need no framing.
+
+    After a failure other than a full socket it sends nothing more: the
+    transport's own writes carry the rest, or report the failure.
     """
 
     _request: Request
     _connection: Connection
+    _broken: bool = False
 
     @classmethod
     def under(cls, request: Request) -> SocketSink | None:
         """
-        The sink for C{request}'s body, if its bytes may go to the socket as
-        they are: the connection is plain TCP (or a UNIX socket), not TLS, and
-        the response is not chunked. L{None} otherwise.
+        The sink for C{request}'s body, once its headers are written, if its
+        bytes may go to the socket as they are: the connection is plain TCP
+        (or a UNIX socket) under nothing but wrappers that pass writes
+        through unchanged, never TLS; the response has a body, and it is not
+        chunked. L{None} otherwise.
         """
-        if request.chunked or request.method == b"HEAD":
+        if (
+            not request.startedWriting
+            or request.chunked
+            or request.method == b"HEAD"
+            or request.code in NO_BODY_CODES
+            or request.isSecure()
+            or request.channel is None
+        ):
             return None
-        transport = request.channel.transport if request.channel else None
-        # Past wrappers such as policies.ProtocolWrapper, to the socket.
-        while transport is not None and not isinstance(transport, Connection):
-            transport = getattr(transport, "transport", None)
-        if transport is None or transport.TLS or not _can_tell_buffered(transport):
+        transport: object = request.channel.transport
+        while _passes_writes_through(transport):
+            transport = transport.transport
+        if not isinstance(transport, Connection) or transport.TLS:
+            return None
+        if not _can_tell_buffered(transport):
             return None
         return cls(request, transport)
 
     def send(self, reader: BlobReader, offset: int, count: int) -> int:
         connection = self._connection
-        if connection.disconnecting or connection.disconnected or _buffered(connection):
+        if (
+            self._broken
+            or connection.disconnecting
+            or connection.disconnected
+            or getattr(connection, "_aborting", False)
+            or _buffered(connection)
+        ):
             return 0
         try:
             sent = os.sendfile(connection.fileno(), reader.fileno(), offset, count)
+        except BlockingIOError:
+            return 0
         except OSError:
+            self._broken = True
             return 0
         self._request.sentLength += sent
         return sent
+
+
+def _passes_writes_through(transport: object) -> TypeGuard[ProtocolWrapper]:
+    """
+    Whether C{transport} is a protocol wrapper that hands every write to the
+    transport under it as it is, holding nothing back and watching nothing.
+    """
+    return (
+        isinstance(transport, ProtocolWrapper)
+        and type(transport).write is ProtocolWrapper.write
+        and type(transport).writeSequence is ProtocolWrapper.writeSequence
+    )
 
 
 def _buffered(connection: Connection) -> int:

@@ -284,9 +284,6 @@ class StallWatchingResource(FollowingResource):
         super().__init__(reader, progress, length)
         self.clock = clock
 
-    def sink_for(self, request: Request) -> IZeroCopySink | None:
-        return SocketSink.under(request)
-
     def render_GET(self, request: Request) -> int:
         if self.length is not None:
             request.setHeader(b"Content-Length", b"%d" % self.length)

@@ -1,13 +1,18 @@
 """
 Bodies sent with sendfile: the producer's use of a zero-copy sink keeps every
-byte in order whatever the sink takes, and the socket sink does so on a real
-loopback connection.
+byte in order whatever the sink takes, and the socket sink sends only when
+nothing waits in the transport, only where the bytes need no framing, and
+never into TLS.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import ssl
 from collections.abc import Iterator
+from http.client import HTTPSConnection
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -17,19 +22,28 @@ import pytest_twisted
 import treq
 from hypothesis import given
 from hypothesis import strategies as st
-from test_producer import CountingReader, FollowingResource
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet import reactor, tcp
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import KeyPair
+from twisted.internet.testing import MemoryReactor
+from twisted.internet.threads import deferToThread
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from blobserve.digest import Digest
 from blobserve.producer import CompleteBlob
+from blobserve.site import registry_site
 from blobserve.storage import BlobReader, DirectoryBlobStore
 from blobserve.writer import ChunkWriter
-from blobserve.zerocopy import IZeroCopySink
+from blobserve.zerocopy import IZeroCopySink, SocketSink
 
 from fakes import ClientTransport, Connection, connect, run_now
+from test_producer import CountingReader, FollowingResource
 
 DATA = os.urandom(12800)
 DIGEST = Digest.of(DATA)
@@ -47,10 +61,12 @@ class ScriptedSink:
         self._transport = transport
         self._amounts = iter(amounts)
         self.sent = 0
+        self.asked: list[int] = []
 
     def send(self, reader: BlobReader, offset: int, count: int) -> int:
         if len(self._transport.value()) > self._transport._sent:
             return 0
+        self.asked.append(count)
         amount = min(count, next(self._amounts, count))
         # As sendfile does: from the file itself, not through the reader.
         data = os.pread(reader.fileno(), amount, offset)
@@ -144,6 +160,27 @@ def test_sink_carries_the_body_when_the_socket_takes_it(
     assert resource.reader.reads == []
 
 
+def test_sink_sends_a_bounded_amount_a_turn(
+    store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blobserve.producer.SEND_AT_ONCE", 1000)
+    monkeypatch.setattr("blobserve.producer.SEND_PER_TURN", 4000)
+    writer, resource, connection = serve(store, [], limit=500)
+    connection.transport.drain()
+    writer.append(DATA)
+    writer.finish()
+
+    # 4000 bytes by the sink, a call at most 1000, then a chunk through the
+    # transport, which pauses the producer until the client has taken it.
+    sink = resource.sinks[0]
+    assert (sink.sent, max(sink.asked)) == (4000, 1000)
+    assert resource.reader.reads == [(4000, 1000)]
+    assert connection.transport.producerState == "paused"
+    while connection.response()[2] != DATA:
+        connection.transport.drain()
+    assert resource.reader.reads == [(4000, 1000), (9000, 1000)]
+
+
 def test_sink_never_sends_the_last_byte_of_an_unverified_blob(
     store: DirectoryBlobStore,
 ) -> None:
@@ -228,3 +265,203 @@ async def test_chunked_response_gets_no_socket_sink(
 
     assert body == data
     assert sendfile_calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_connection_gets_no_socket_sink(
+    store: DirectoryBlobStore, sendfile_calls: list[int]
+) -> None:
+    data = os.urandom(1 << 20)
+    temporary = store.create_temporary(Digest.of(data))
+    temporary.write(data)
+    reader = CountingReader(temporary.open_reader())
+    site = registry_site(FollowingResource(reader, CompleteBlob(len(data)), len(data)))
+    certificate = KeyPair.generate().selfSignedCert(1, CN="localhost")
+    endpoint = SSL4ServerEndpoint(
+        reactor, 0, certificate.options(), interface="127.0.0.1"
+    )
+    port = await endpoint.listen(site)
+
+    def fetch() -> bytes:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        client = HTTPSConnection(
+            "127.0.0.1", port.getHost().port, context=context, timeout=30
+        )
+        try:
+            client.request("GET", "/blob")
+            return client.getresponse().read()
+        finally:
+            client.close()
+
+    try:
+        body = await deferToThread(fetch)
+    finally:
+        await port.stopListening()
+    assert body == data
+    assert sendfile_calls == []
+
+
+class LoopbackTransport(tcp.Connection):
+    """
+    Twisted's TCP transport on an accepted loopback socket.
+    """
+
+    connected = 1
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", *self.socket.getsockname())
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", *self.socket.getpeername())
+
+
+class PlainConnection:
+    """
+    A request on a real Twisted TCP transport over a loopback connection,
+    driven by hand: C{flush} is the reactor finding the socket writable.
+    """
+
+    def __init__(self, wrapper: type[ProtocolWrapper] | None = None) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.peer = socket.create_connection(listener.getsockname())
+            ours, _ = listener.accept()
+        self.peer.settimeout(5)
+        channel: Any = HTTPChannel()
+        channel.site = Site(Resource())
+        channel.timeOut = None
+        protocol: Any = channel
+        if wrapper is not None:
+            protocol = wrapper(WrappingFactory(Factory()), channel)
+        self.transport = LoopbackTransport(ours, protocol, MemoryReactor())
+        protocol.makeConnection(self.transport)
+        self.request = Request(channel)
+        self.request.method = b"GET"
+        self.request.clientproto = b"HTTP/1.1"
+        self.received = b""
+
+    def start(self, length: int) -> None:
+        self.request.setHeader(b"Content-Length", b"%d" % length)
+        self.request.write(b"")
+
+    def flush(self) -> None:
+        self.transport.doWrite()
+        self.received += self.peer.recv(1 << 20)
+
+    def close(self) -> None:
+        self.transport.socket.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def plain() -> Iterator[PlainConnection]:
+    connection = PlainConnection()
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def reader(store: DirectoryBlobStore) -> Iterator[BlobReader]:
+    temporary = store.create_temporary(DIGEST)
+    temporary.write(DATA)
+    opened = temporary.open_reader()
+    yield opened
+    opened.close()
+
+
+def test_socket_sink_waits_for_the_bytes_the_transport_holds(
+    plain: PlainConnection, reader: BlobReader, sendfile_calls: list[int]
+) -> None:
+    held = os.urandom(2 << 20)
+    plain.start(len(held) + len(DATA))
+    plain.request.write(held)
+    sink = SocketSink.under(plain.request)
+    assert sink is not None
+
+    # The headers and the held bytes wait in the transport and go out a
+    # piece at a time; the sink sends only once the last piece has gone.
+    flushes = 0
+    while not sink.send(reader, 0, len(DATA)):
+        assert flushes < 1000
+        plain.flush()
+        flushes += 1
+    assert flushes > 1
+    while len(plain.received) < len(held) + len(DATA):
+        plain.received += plain.peer.recv(1 << 20)
+
+    _, _, body = plain.received.partition(b"\r\n\r\n")
+    assert body == held + DATA
+    assert plain.request.sentLength == len(held) + len(DATA)
+
+
+def test_socket_sink_stops_after_a_lasting_failure(
+    plain: PlainConnection, reader: BlobReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain.start(len(DATA))
+    plain.flush()
+    sink = SocketSink.under(plain.request)
+    assert sink is not None
+    failures = [BlockingIOError(errno.EAGAIN, "full"), OSError(errno.EINVAL, "no")]
+    calls: list[int] = []
+
+    def failing(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        calls.append(count)
+        raise failures.pop(0)
+
+    monkeypatch.setattr("blobserve.zerocopy.os.sendfile", failing)
+    # A full socket is no failure: the sink tries again next time.
+    assert sink.send(reader, 0, len(DATA)) == 0
+    assert sink.send(reader, 0, len(DATA)) == 0
+    assert sink.send(reader, 0, len(DATA)) == 0
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: setattr(c.request, "method", b"HEAD"),
+        lambda c: c.request.setResponseCode(204),
+        lambda c: c.request.setResponseCode(304),
+    ],
+    ids=["HEAD", "204", "304"],
+)
+def test_no_socket_sink_where_the_body_is_not_plain_bytes(
+    plain: PlainConnection, change: Any
+) -> None:
+    change(plain)
+    plain.start(len(DATA))
+    assert SocketSink.under(plain.request) is None
+
+
+def test_no_socket_sink_after_start_tls(plain: PlainConnection) -> None:
+    plain.start(len(DATA))
+    plain.transport.TLS = True
+    assert SocketSink.under(plain.request) is None
+
+
+def test_no_socket_sink_before_the_headers(plain: PlainConnection) -> None:
+    assert SocketSink.under(plain.request) is None
+
+
+class Watching(ProtocolWrapper):
+    """
+    A wrapper that looks at what is written, as a timeout wrapper does.
+    """
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "sink"), [(ProtocolWrapper, True), (Watching, False)]
+)
+def test_socket_sink_looks_only_past_wrappers_that_pass_writes_through(
+    wrapper: type[ProtocolWrapper], sink: bool
+) -> None:
+    connection = PlainConnection(wrapper)
+    try:
+        connection.start(len(DATA))
+        assert (SocketSink.under(connection.request) is not None) == sink
+    finally:
+        connection.close()
