@@ -36,13 +36,13 @@ CHUNK_SIZE = 256 * 1024
 
 #: The most one C{sendfile} may send: on a cold page cache it reads from disk
 #: in the reactor's thread, so it is bounded like a read.
-SEND_AT_ONCE = 2 * 1024 * 1024
+SEND_AT_ONCE = 1024 * 1024
 
-#: The most a producer sends with C{sendfile} before it lets the reactor serve
-#: others: a client that takes everything at once must not keep them waiting.
-#: (bench/, 32 clients catching up on 1 GiB: a new client's first byte took
-#: 42 ms at 8 MiB a turn, 10 ms at 4 MiB; warm throughput barely moved.)
-SEND_PER_TURN = 2 * SEND_AT_ONCE
+#: The most a producer sends with C{sendfile} in one turn of the reactor: a
+#: client that takes everything at once must not keep the others waiting.
+#: (bench/, 32 clients catching up on 256 MiB: a new client's first byte took
+#: up to 80 ms at 4 MiB a turn, 10-14 ms at 1 MiB.)
+SEND_PER_TURN = SEND_AT_ONCE
 
 
 @implementer(IBlobProgress)
@@ -126,6 +126,7 @@ class FollowingProducer:
         self._released: OneShotEvent[None] = OneShotEvent()
         self._sink_for = sink_for
         self._sink: IZeroCopySink | None = None
+        self._next_turn: IDelayedCall | None = None
 
     def start(self) -> None:
         """
@@ -173,13 +174,20 @@ class FollowingProducer:
             self._release()
 
     def _pump(self) -> None:
-        while not self._paused and not self._stopped:
+        while not self._paused and not self._stopped and self._next_turn is None:
             limit = self._available
             if self._end is not None:
                 # Hold the last byte back until the blob is verified.
                 limit = min(limit, self._end if self._complete else self._end - 1)
-            if self._sink is not None:
-                self._send_from_page_cache(self._sink, limit)
+            if (
+                self._sink is not None
+                and self._send_from_page_cache(self._sink, limit)
+                and self._clock is not None
+            ):
+                # The socket takes more, but this turn is spent: the next one
+                # comes once the reactor has served everyone else.
+                self._next_turn = self._clock.callLater(0, self._take_turn)
+                return
             if self._offset < limit:
                 size = min(self._chunk_size, limit - self._offset)
                 data = self._reader.read(self._offset, size)
@@ -197,21 +205,30 @@ class FollowingProducer:
                     self._waiting.addCallbacks(self._advanced, self._failed)
                 return
 
-    def _send_from_page_cache(self, sink: IZeroCopySink, limit: int) -> None:
+    def _send_from_page_cache(self, sink: IZeroCopySink, limit: int) -> bool:
         """
         Send what the socket takes at once, up to L{SEND_PER_TURN}, with the
-        sink. Whatever is left then goes as a chunk through the transport,
-        which waits for the socket and resumes this producer once it has
-        drained: other clients have their turn in between.
+        sink. When the socket is full, what is left goes as a chunk through
+        the transport, which waits for the socket and resumes this producer
+        once it has drained.
+
+        @return: whether the turn ended with the socket still taking bytes.
         """
         budget = SEND_PER_TURN
-        while self._offset < limit and budget > 0:
+        while self._offset < limit:
+            if budget == 0:
+                return True
             count = min(limit - self._offset, SEND_AT_ONCE, budget)
             sent = sink.send(self._reader, self._offset, count)
             self._offset += sent
             budget -= sent
             if sent < count:
-                return
+                return False
+        return False
+
+    def _take_turn(self) -> None:
+        self._next_turn = None
+        self._pump()
 
     def _advanced(self, available: int) -> None:
         self._waiting = None
@@ -269,6 +286,9 @@ class FollowingProducer:
 
     def _release(self) -> None:
         self._cancel_client_timer()
+        if self._next_turn is not None and self._next_turn.active():
+            self._next_turn.cancel()
+        self._next_turn = None
         self._stopped = True
         self._reader.close()
         if self._waiting is not None:

@@ -52,6 +52,7 @@ class FollowingResource(Resource):
     """
 
     isLeaf = True
+    clock: Clock | None = None
 
     def __init__(
         self, reader: CountingReader, progress: IBlobProgress, length: int | None
@@ -74,6 +75,7 @@ class FollowingResource(Resource):
             end=self.length,
             chunk_size=CHUNK,
             sink_for=self.sink_for,
+            clock=self.clock,
         ).start()
         return NOT_DONE_YET
 

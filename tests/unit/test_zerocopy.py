@@ -27,6 +27,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import KeyPair
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThread
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -179,6 +180,35 @@ def test_sink_sends_a_bounded_amount_a_turn(
     while connection.response()[2] != DATA:
         connection.transport.drain()
     assert resource.reader.reads == [(4000, 1000), (9000, 1000)]
+
+
+def test_sink_takes_turns_with_other_clients_while_the_socket_takes_all(
+    store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blobserve.producer.SEND_AT_ONCE", 1000)
+    monkeypatch.setattr("blobserve.producer.SEND_PER_TURN", 4000)
+    temporary = store.create_temporary(DIGEST)
+    temporary.write(DATA)
+    reader = CountingReader(temporary.open_reader())
+    resource = SinkResource(reader, CompleteBlob(len(DATA)), len(DATA), amounts=[])
+    resource.clock = Clock()
+    connection = connect(resource)
+    connection.transport.buffer_limit = 500
+    connection.request("GET", "/blob")
+    # The headers waited in the transport: the first chunk went after them.
+    assert reader.reads == [(0, 1000)]
+    connection.transport.drain()
+
+    # Then a turn of 4000 bytes, and the next turns from the reactor's next
+    # rounds, with nothing more read into the process: the socket took all.
+    sink = resource.sinks[0]
+    assert sink.sent == 4000
+    assert len(resource.clock.getDelayedCalls()) == 1
+    resource.clock.advance(0)
+    assert connection.response()[2] == DATA
+    assert max(sink.asked) == 1000
+    assert reader.reads == [(0, 1000)]
+    assert reader.closed
 
 
 def test_sink_never_sends_the_last_byte_of_an_unverified_blob(
