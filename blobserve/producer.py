@@ -34,15 +34,12 @@ log = Logger()
 #: copies (bench/: warm throughput +10-15 % over 128 KiB, RSS unchanged).
 CHUNK_SIZE = 256 * 1024
 
-#: The most one C{sendfile} may send: on a cold page cache it reads from disk
-#: in the reactor's thread, so it is bounded like a read.
-SEND_AT_ONCE = 1024 * 1024
-
-#: The most a producer sends with C{sendfile} in one turn of the reactor: a
+#: The most a producer sends with C{sendfile} in one turn of the reactor: on
+#: a cold page cache that reads from disk in the reactor's thread, and a
 #: client that takes everything at once must not keep the others waiting.
 #: (bench/, 32 clients catching up on 256 MiB: a new client's first byte took
 #: up to 80 ms at 4 MiB a turn, 10-14 ms at 1 MiB.)
-SEND_PER_TURN = SEND_AT_ONCE
+SEND_PER_TURN = 1024 * 1024
 
 
 @implementer(IBlobProgress)
@@ -77,11 +74,11 @@ class FollowingProducer:
     L{CHUNK_SIZE}, as fast as the client takes them and no faster.
 
     It reads only while the request's transport wants data, so a slow client
-    costs one chunk of memory, never more. Where the connection allows it (see
-    L{blobserve.zerocopy}), whatever the socket takes at once goes with
+    costs one chunk of memory, never more. Where the connection allows it
+    (see L{blobserve.zerocopy}), whatever the socket takes at once goes with
     C{sendfile}, straight from the page cache, and only the chunk that waits
-    for a full socket passes through this process. It sends the last byte of a blob of
-    known length only once the blob is verified, so a blob that fails
+    for a full socket passes through this process. It sends the last byte of
+    a blob of known length only once the blob is verified, so a blob that fails
     verification never reaches a client as a complete body: the connection is
     aborted instead. It owns its reader and closes it when it stops, for
     whatever reason.
@@ -214,17 +211,12 @@ class FollowingProducer:
 
         @return: whether the turn ended with the socket still taking bytes.
         """
-        budget = SEND_PER_TURN
-        while self._offset < limit:
-            if budget == 0:
-                return True
-            count = min(limit - self._offset, SEND_AT_ONCE, budget)
-            sent = sink.send(self._reader, self._offset, count)
-            self._offset += sent
-            budget -= sent
-            if sent < count:
-                return False
-        return False
+        count = min(limit - self._offset, SEND_PER_TURN)
+        if count <= 0:
+            return False
+        sent = sink.send(self._reader, self._offset, count)
+        self._offset += sent
+        return sent == count and self._offset < limit
 
     def _take_turn(self) -> None:
         self._next_turn = None

@@ -164,17 +164,16 @@ def test_sink_carries_the_body_when_the_socket_takes_it(
 def test_sink_sends_a_bounded_amount_a_turn(
     store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("blobserve.producer.SEND_AT_ONCE", 1000)
     monkeypatch.setattr("blobserve.producer.SEND_PER_TURN", 4000)
     writer, resource, connection = serve(store, [], limit=500)
     connection.transport.drain()
     writer.append(DATA)
     writer.finish()
 
-    # 4000 bytes by the sink, a call at most 1000, then a chunk through the
-    # transport, which pauses the producer until the client has taken it.
+    # 4000 bytes by the sink, then a chunk through the transport, which
+    # pauses the producer until the client has taken it.
     sink = resource.sinks[0]
-    assert (sink.sent, max(sink.asked)) == (4000, 1000)
+    assert (sink.sent, max(sink.asked)) == (4000, 4000)
     assert resource.reader.reads == [(4000, 1000)]
     assert connection.transport.producerState == "paused"
     while connection.response()[2] != DATA:
@@ -185,7 +184,6 @@ def test_sink_sends_a_bounded_amount_a_turn(
 def test_sink_takes_turns_with_other_clients_while_the_socket_takes_all(
     store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("blobserve.producer.SEND_AT_ONCE", 1000)
     monkeypatch.setattr("blobserve.producer.SEND_PER_TURN", 4000)
     temporary = store.create_temporary(DIGEST)
     temporary.write(DATA)
@@ -206,7 +204,7 @@ def test_sink_takes_turns_with_other_clients_while_the_socket_takes_all(
     assert len(resource.clock.getDelayedCalls()) == 1
     resource.clock.advance(0)
     assert connection.response()[2] == DATA
-    assert max(sink.asked) == 1000
+    assert max(sink.asked) == 4000
     assert reader.reads == [(0, 1000)]
     assert reader.closed
 
