@@ -11,6 +11,22 @@ from attrs import frozen
 
 _SPEC = re.compile(r"([0-9]*)-([0-9]*)")
 
+#: Offsets with more digits than this lie beyond any blob (and beyond what
+#: int() converts: CPython refuses strings of more than 4300 digits).
+_MAX_DIGITS = 18
+_BEYOND_ANY_BLOB: int = 10**_MAX_DIGITS
+
+
+def _offset(digits: str) -> int:
+    """
+    The number C{digits} spell, or a number past the end of any blob if they
+    spell a larger one.
+    """
+    stripped = digits.lstrip("0") or "0"
+    if len(stripped) > _MAX_DIGITS:
+        return _BEYOND_ANY_BLOB
+    return int(stripped)
+
 
 class UnsatisfiableRange(ValueError):
     """
@@ -43,6 +59,8 @@ def parse_range(header: str | None, length: int) -> ByteRange | None:
     or L{None} if the whole resource should be sent (no header, a unit other
     than bytes, or several ranges, which blobserve answers in full).
 
+    It never raises anything else, whatever the header holds.
+
     @raise UnsatisfiableRange: if the header asks for bytes in a malformed way,
         or only for bytes beyond the end.
     """
@@ -56,12 +74,12 @@ def parse_range(header: str | None, length: int) -> ByteRange | None:
         raise UnsatisfiableRange(f"malformed range: {header[:100]!r}")
     first, last = match.groups()
     if first == "":
-        suffix = int(last)
+        suffix = _offset(last)
         if suffix == 0:
             raise UnsatisfiableRange("an empty suffix range selects no bytes")
         return ByteRange(max(length - suffix, 0), length, length)
-    start = int(first)
-    end = length if last == "" else int(last) + 1
+    start = _offset(first)
+    end = length if last == "" else _offset(last) + 1
     if end <= start:
         raise UnsatisfiableRange(f"malformed range: {header[:100]!r}")
     if start >= length:

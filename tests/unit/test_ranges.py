@@ -52,3 +52,44 @@ def test_any_range_lies_within_the_resource(header: str, length: int) -> None:
     if byte_range is not None:
         assert 0 <= byte_range.start < byte_range.end <= length
         assert byte_range.length == length
+
+
+HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (f"bytes=0-{HUGE}", ByteRange(0, 1000, 1000)),
+        (f"bytes=-{HUGE}", ByteRange(0, 1000, 1000)),
+        (f"bytes=0{'0' * 5000}7-8", ByteRange(7, 9, 1000)),
+        (f"bytes=5-0{'0' * 5000}9", ByteRange(5, 10, 1000)),
+    ],
+)
+def test_numbers_of_thousands_of_digits(header: str, expected: ByteRange) -> None:
+    assert parse_range(header, 1000) == expected
+
+
+@pytest.mark.parametrize("header", [f"bytes={HUGE}-", f"bytes={HUGE}-{HUGE}"])
+def test_offsets_of_thousands_of_digits_lie_beyond_the_end(header: str) -> None:
+    with pytest.raises(UnsatisfiableRange):
+        parse_range(header, 1000)
+
+
+numbers = st.one_of(
+    st.just(""),
+    st.integers(min_value=0, max_value=10**25).map(str),
+    st.integers(min_value=1, max_value=20_000).map(lambda n: "9" * n),
+)
+
+
+@given(numbers, numbers, st.integers(min_value=1, max_value=10**12))
+def test_a_range_of_any_numbers_never_raises_anything_else(
+    first: str, last: str, length: int
+) -> None:
+    try:
+        byte_range = parse_range(f"bytes={first}-{last}", length)
+    except UnsatisfiableRange:
+        return
+    assert byte_range is not None
+    assert 0 <= byte_range.start < byte_range.end <= length
