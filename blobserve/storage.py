@@ -10,7 +10,6 @@ that a commit is a rename.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -87,6 +86,9 @@ class TemporaryBlob:
     path: str
     _fd: int
     _closed: bool = field(default=False, init=False)
+    #: Whether the file is no longer at L{path}: renamed into the store, or
+    #: removed. Nothing is unlinked at C{path} after that.
+    moved: bool = field(default=False, init=False)
 
     def write(self, data: bytes) -> None:
         """
@@ -167,13 +169,15 @@ class IBlobStore(Interface):
         none. The temporary's write handle is left open for its owner to close.
         A C{media_type} is recorded durably before the blob becomes visible.
 
-        @return: fires once the blob is visible, or fails (and the temporary is
-            removed) if the file system refuses.
+        @return: fires once the blob is visible and its rename durable, or
+            fails if the file system refuses; then neither the temporary nor
+            the blob is left visible.
         """
 
     def discard(temporary: TemporaryBlob) -> None:
         """
         Remove a temporary blob that will not be committed, and close it.
+        Discarding twice, or after a commit, removes nothing more.
         """
 
 
@@ -234,20 +238,35 @@ class DirectoryBlobStore:
         except (FileNotFoundError, NotADirectoryError):
             return None
         reader = BlobReader(fd)
-        record = self._record(digest)
-        if record is not None and record.get("size") != reader.size():
-            # Damaged since it was committed: never serve it; fetch it again.
+        try:
+            damage = self._damage(digest, reader.size())
+        except BaseException:
+            reader.close()
+            raise
+        if damage is not None:
+            # Never serve it; the next request fetches it again.
             log.warn(
-                "{digest} has {actual} bytes on disk, not the {size} committed:"
-                " removing it",
-                digest=str(digest),
-                actual=reader.size(),
-                size=record.get("size"),
+                "{digest} {damage}: removing it", digest=str(digest), damage=damage
             )
             reader.close()
             self._remove(digest)
             return None
         return reader
+
+    def _damage(self, digest: Digest, size: int) -> str | None:
+        """
+        What is wrong with the committed blob C{digest} of C{size} bytes on
+        disk, judged by its record, or L{None} if nothing is.
+        """
+        try:
+            record = self._record(digest)
+        except OSError as e:
+            return f"has an unreadable record ({e.strerror})"
+        if record is None:
+            return None
+        if record.get("size") != size:
+            return f"has {size} bytes on disk, not the {record.get('size')} committed"
+        return None
 
     def create_temporary(self, digest: Digest) -> TemporaryBlob:
         fd = -1
@@ -272,20 +291,27 @@ class DirectoryBlobStore:
     def _record(self, digest: Digest) -> dict[str, Any] | None:
         """
         What was recorded of the blob C{digest} when it was committed: its
-        C{size}, and its C{media_type} if it has one.
+        C{size}, and its C{media_type} if it has one; L{None} if nothing was.
+
+        @raise OSError: if the record is there but cannot be read, or is not a
+            record.
         """
         try:
             with open(self._record_path(digest), encoding="utf-8") as f:
-                record: dict[str, Any] = json.load(f)
+                record = json.load(f)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except ValueError:
-            log.warn("unreadable record of {digest}", digest=str(digest))
-            return None
+            raise OSError(errno.EINVAL, "not JSON") from None
+        if not isinstance(record, dict) or type(record.get("size")) is not int:
+            raise OSError(errno.EINVAL, "not a record of a size")
         return record
 
     def media_type(self, digest: Digest) -> str | None:
-        record = self._record(digest)
+        try:
+            record = self._record(digest)
+        except OSError:
+            return None  # open() finds the damage and repairs it
         media_type = None if record is None else record.get("media_type")
         return media_type if isinstance(media_type, str) else None
 
@@ -304,8 +330,12 @@ class DirectoryBlobStore:
 
     def _remove(self, digest: Digest) -> None:
         for path in (self.path_for(digest), self._record_path(digest)):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                log.failure("could not remove {path}", path=path)
 
     def commit(
         self, temporary: TemporaryBlob, media_type: str | None = None
@@ -319,7 +349,15 @@ class DirectoryBlobStore:
             created = not os.path.isdir(directory)
             os.makedirs(directory, exist_ok=True)
             os.rename(temporary.path, final)
-            return self.run_blocking(self._sync_directories, directory, created)
+            temporary.moved = True
+            synced = self.run_blocking(self._sync_directories, directory, created)
+            return synced.addErrback(withdraw)
+
+        def withdraw(reason: Any) -> Any:
+            # The rename may not last: take the blob out again, so that what
+            # is visible is what is reported committed.
+            self._remove(temporary.digest)
+            return reason
 
         def failed(reason: Any) -> Any:
             self.discard(temporary)
@@ -344,9 +382,11 @@ class DirectoryBlobStore:
             _fsync_directory(os.path.dirname(directory))
 
     def discard(self, temporary: TemporaryBlob) -> None:
-        try:
-            os.unlink(temporary.path)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                log.failure("could not remove {path}", path=temporary.path)
+        if not temporary.moved:
+            temporary.moved = True
+            try:
+                os.unlink(temporary.path)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.failure("could not remove {path}", path=temporary.path)
         temporary.close()

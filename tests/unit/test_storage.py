@@ -2,9 +2,14 @@
 The directory store: temporaries, atomic commits, lookups.
 """
 
+import errno
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred, fail
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
@@ -114,3 +119,76 @@ def test_blob_of_the_wrong_size_is_removed_as_damaged(
     reader = store.open(DIGEST)
     assert reader is not None
     reader.close()
+
+
+def open_descriptors() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"[1, 2]", b'{"size": "7000"}', b"{}", b"\xff\xfe not json", b"null", None],
+)
+def test_unreadable_record_is_a_miss_that_is_repaired_and_leaks_nothing(
+    store: DirectoryBlobStore, tmp_path: Path, record: bytes | None
+) -> None:
+    path = commit_blob(store, DATA)
+    record_path = tmp_path / "records" / "sha256" / DIGEST.hex[:2] / DIGEST.hex
+    record_path.unlink()
+    if record is None:
+        record_path.mkdir()  # a record that cannot even be opened as a file
+    else:
+        record_path.write_bytes(record)
+    before = open_descriptors()
+    assert store.open(DIGEST) is None
+    assert store.media_type(DIGEST) is None
+    assert open_descriptors() == before
+    assert not path.exists()
+    # Fetched again, it is a hit.
+    if record is None:
+        record_path.rmdir()
+    commit_blob(store, DATA)
+    reader = store.open(DIGEST)
+    assert reader is not None
+    reader.close()
+
+
+def test_failed_directory_sync_after_the_rename_leaves_nothing_visible(
+    tmp_path: Path,
+) -> None:
+    def run_blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if f == DirectoryBlobStore._sync_directories:
+            return fail(OSError(errno.EIO, "I/O error"))
+        return run_now(f, *args)
+
+    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_blocking)
+    temporary = store.create_temporary(DIGEST)
+    temporary.write(DATA)
+    failure_of(store.commit(temporary)).trap(OSError)
+    # Reported not committed, and not visible either.
+    assert store.open(DIGEST) is None
+    assert not Path(store.path_for(DIGEST)).exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list((tmp_path / "records").rglob("*" + DIGEST.hex)) == []
+
+
+def test_a_temporary_is_unlinked_once_whoever_discards_it(
+    store: DirectoryBlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unlinked: list[str] = []
+    real_unlink = os.unlink
+
+    def unlink(path: str) -> None:
+        unlinked.append(path)
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    committed = store.create_temporary(DIGEST)
+    committed.write(DATA)
+    result_of(store.commit(committed))
+    store.discard(committed)
+    assert Path(store.path_for(DIGEST)).exists()
+    dropped = store.create_temporary(Digest.of(b"other"))
+    store.discard(dropped)
+    store.discard(dropped)
+    assert unlinked == [dropped.path]
