@@ -6,9 +6,10 @@ where it broke off when the upstream connection fails.
 from __future__ import annotations
 
 import re
+from typing import Any, TypeVar
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -18,11 +19,14 @@ from twisted.web.iweb import IResponse
 
 from blobserve.digest import Digest
 from blobserve.oneshot import OneShotEvent
+from blobserve.slots import UpstreamSlots
 from blobserve.storage import BlobReader, IBlobStore, TemporaryBlob
 from blobserve.upstream import BlobUnknown, IUpstream, UpstreamError, response_length
-from blobserve.writer import ChunkWriter
+from blobserve.writer import BlobTooLarge, ChunkWriter
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -47,8 +51,25 @@ class Landing:
     def open_reader(self) -> BlobReader:
         """
         A read handle of the caller's own on the blob as it lands.
+
+        @raise DownloadFailed: if the blob will never be complete.
         """
+        if self.progress.failed:
+            raise DownloadFailed("the upstream transfer of this blob failed")
         return self._temporary.open_reader()
+
+
+class DownloadFailed(UpstreamError):
+    """
+    A download that had begun failed: its transfer broke for good, or its
+    body did not verify.
+    """
+
+
+class Abandoned(CancelledError):
+    """
+    Every client of a download left before its upstream sent any of the blob.
+    """
 
 
 @frozen
@@ -73,8 +94,11 @@ class Download:
 
     When the upstream connection breaks, stalls or is cut short, the transfer
     is resumed from the bytes on disk with a C{Range} request; clients
-    following it see a pause, not an error. It runs to its end whether or not
-    anyone is following it: a client that goes away never stops it.
+    following it see a pause, not an error. Once the upstream has answered it
+    runs to its end whether or not anyone is following it: a client that goes
+    away never stops it. Before that, while it waits for an upstream slot or
+    for the upstream's answer, it is abandoned as soon as every client that
+    waits for it has gone.
     """
 
     def __init__(
@@ -86,11 +110,15 @@ class Download:
         clock: IReactorTime,
         idle_timeout: float = 30.0,
         retry: RetryPolicy = RetryPolicy(),
-        slots: DeferredSemaphore | None = None,
+        slots: UpstreamSlots | None = None,
+        max_size: int | None = None,
     ) -> None:
         """
         @param slots: bounds how many downloads talk to upstreams at once; a
             download holds one slot from its first request to its end.
+        @param max_size: the largest blob fetched, in bytes: one declared
+            larger is refused before anything is written, one without a
+            declared length fails once it grows past it.
         """
         self.name = name
         self.digest = digest
@@ -100,9 +128,13 @@ class Download:
         self._idle_timeout = idle_timeout
         self._retry = retry
         self._slots = slots
+        self._max_size = max_size
         self._ready: OneShotEvent[Landing] = OneShotEvent()
         self._done: OneShotEvent[None] = OneShotEvent()
         self._started_at = 0.0
+        # What the download waits for before the upstream answers: a slot,
+        # then the upstream's headers. Cancelled when every client has gone.
+        self._pending: Deferred[Any] | None = None
         #: The blob's progress, once the upstream has answered.
         self.progress: ChunkWriter | None = None
 
@@ -111,31 +143,88 @@ class Download:
         Ask the upstream for the blob (once a slot is free). Call once.
         """
         self._started_at = self._clock.seconds()
-        if self._slots is None:
-            d = Deferred.fromCoroutine(self._run())
-        else:
-            d = self._slots.run(lambda: Deferred.fromCoroutine(self._run()))
+        d = Deferred.fromCoroutine(self._run())
         d.addErrback(lambda reason: log.failure("download failed", reason))
-        d.addBoth(lambda _: self._done.succeed_with(None))
+        d.addBoth(lambda _: self._end())
 
     def when_ready(self) -> Deferred[Landing]:
         """
         Fire with a L{Landing} once the upstream has answered with the blob's
         headers, or fail with the reason there will be no blob (an
-        L{blobserve.upstream.UpstreamError}, or an C{OSError} from the store).
+        L{blobserve.upstream.UpstreamError}, a L{blobserve.slots.QueueFull},
+        an C{OSError} from the store).
+
+        Cancelling the Deferred means its caller has gone: when no caller is
+        left waiting, a download that has no answer yet is abandoned.
         """
-        return self._ready.observe()
+        d = self._ready.observe()
+        if not d.called:
+            d.addErrback(self._observer_left)
+        return d
 
     def when_done(self) -> Deferred[None]:
         """
-        Fire once the download has ended, committed or not. Never fails.
+        Fire once the download has ended, committed or not, so that the next
+        request for its digest finds the store or starts afresh. A failed
+        download ends the moment it fails, before its temporary file is
+        removed. Never fails.
         """
         return self._done.observe()
 
+    def _end(self) -> None:
+        if not self._done.happened:
+            self._done.succeed_with(None)
+
+    def _observer_left(self, reason: Failure) -> Failure:
+        if (
+            reason.check(CancelledError)
+            and not self._ready.happened
+            and self._ready.waiting == 0
+            and self._pending is not None
+        ):
+            self._pending.cancel()
+        return reason
+
+    async def _before_answer(self, d: Deferred[_T]) -> _T:
+        """
+        Wait for C{d}, which ends as L{Abandoned} if every client goes first.
+        """
+        self._pending = d
+        try:
+            return await d
+        except CancelledError:
+            if self._ready.waiting == 0:
+                raise Abandoned() from None
+            raise
+        finally:
+            self._pending = None
+
     async def _run(self) -> None:
+        if self._slots is not None:
+            try:
+                await self._before_answer(self._slots.acquire())
+            except Exception:
+                self._give_up(Failure())
+                return
+        try:
+            await self._fetch()
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    async def _fetch(self) -> None:
         log.info("fetching {digest} from upstream", digest=str(self.digest))
         try:
-            response = await self._upstream.fetch_blob(self.name, self.digest)
+            response = await self._before_answer(
+                self._upstream.fetch_blob(self.name, self.digest)
+            )
+            length = response_length(response)
+            if self._max_size is not None and (length or 0) > self._max_size:
+                _drop(response)
+                raise BlobTooLarge(
+                    f"the upstream declares {length} bytes, over the limit of"
+                    f" {self._max_size}"
+                )
         except Exception:
             self._give_up(Failure())
             return
@@ -146,11 +235,17 @@ class Download:
             self._give_up(Failure())
             return
         try:
-            length = response_length(response)
-            writer = self.progress = ChunkWriter(temporary, length)
-            # A failed blob goes at once, not once the upstream connection
-            # has closed: by then its followers have been cut off already.
-            writer.when_finished().addErrback(lambda _: self._store.discard(temporary))
+            writer = self.progress = ChunkWriter(temporary, length, self._max_size)
+
+            def failed(_: Failure) -> None:
+                # Out of the table first, so that nobody joins a blob that
+                # is going; then the file goes at once, not once the
+                # upstream connection has closed: by then its followers have
+                # been cut off already.
+                self._end()
+                self._store.discard(temporary)
+
+            writer.when_finished().addErrback(failed)
             # Followers subscribe before the first byte arrives: none misses one.
             self._ready.succeed_with(Landing(length, writer, temporary))
             await self._transfer(writer, response)
@@ -160,11 +255,18 @@ class Download:
             temporary.close()
 
     def _give_up(self, reason: Failure) -> None:
-        log.warn(
-            "cannot fetch {digest}: {reason}",
-            digest=str(self.digest),
-            reason=reason.getErrorMessage(),
-        )
+        if reason.check(Abandoned):
+            log.info(
+                "{digest}: every client left before the upstream answered;"
+                " not fetching it",
+                digest=str(self.digest),
+            )
+        else:
+            log.warn(
+                "cannot fetch {digest}: {reason}",
+                digest=str(self.digest),
+                reason=reason.getErrorMessage(),
+            )
         self._ready.fail_with(reason)
 
     async def _transfer(self, writer: ChunkWriter, response: IResponse | None) -> None:

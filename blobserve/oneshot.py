@@ -32,6 +32,13 @@ class OneShotEvent(Generic[_T]):
         """
         return self._outcome is not None
 
+    @property
+    def waiting(self) -> int:
+        """
+        How many observers wait for the outcome now.
+        """
+        return len(self._waiting)
+
     def observe(self) -> Deferred[_T]:
         """
         A Deferred that fires with the outcome, at once if it is already known.

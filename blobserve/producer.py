@@ -130,11 +130,19 @@ class FollowingProducer:
         Send the response headers at once, register with the request and
         begin writing the body.
         """
-        # Clients give up on a response whose headers do not come: send them
-        # now, not with the first body byte.
-        self._request.write(b"")
-        self._sink = self._sink_for(self._request)
-        self._request.registerProducer(self, True)
+        if self._request.channel is None:
+            # The client has gone already: notifyFinish would never fire.
+            self._release()
+            return
+        try:
+            # Clients give up on a response whose headers do not come: send
+            # them now, not with the first body byte.
+            self._request.write(b"")
+            self._sink = self._sink_for(self._request)
+            self._request.registerProducer(self, True)
+        except BaseException:
+            self._release()
+            raise
         self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._pump()
 
@@ -171,6 +179,15 @@ class FollowingProducer:
             self._release()
 
     def _pump(self) -> None:
+        """
+        Send what may be sent now; on an error (a failed read), abort.
+        """
+        try:
+            self._send_available()
+        except Exception:
+            self._abort(Failure())
+
+    def _send_available(self) -> None:
         while not self._paused and not self._stopped and self._next_turn is None:
             limit = self._available
             if self._end is not None:
@@ -257,7 +274,8 @@ class FollowingProducer:
             reason=reason.getErrorMessage(),
         )
         self._release()
-        self._request.unregisterProducer()
+        if self._request.producer is self and self._request.channel is not None:
+            self._request.unregisterProducer()
         transport = self._request.transport
         if transport is not None:
             cast(ITCPTransport, transport).abortConnection()
@@ -277,6 +295,8 @@ class FollowingProducer:
             self._stalled_client = None
 
     def _release(self) -> None:
+        if self._released.happened:
+            return
         self._cancel_client_timer()
         if self._next_turn is not None and self._next_turn.active():
             self._next_turn.cancel()

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+from typing import cast
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -21,6 +22,7 @@ from blobserve.manifests import ManifestCache
 from blobserve.names import InvalidName, InvalidTag, parse_name, parse_tag
 from blobserve.producer import CompleteBlob, FollowingProducer
 from blobserve.ranges import UnsatisfiableRange, parse_range
+from blobserve.slots import QueueFull
 from blobserve.storage import BlobReader, IBlobStore
 from blobserve.upstream import (
     BlobInfo,
@@ -33,7 +35,7 @@ from blobserve.upstream import (
     UpstreamError,
     Upstreams,
 )
-from blobserve.writer import IBlobProgress
+from blobserve.writer import BlobTooLarge, IBlobProgress
 
 log = Logger()
 
@@ -50,11 +52,18 @@ class OCIError(Exception):
     An error the client is told about with the distribution spec's error body.
     """
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[bytes, bytes] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
 
 def error_for(reason: Failure) -> OCIError:
@@ -68,6 +77,16 @@ def error_for(reason: Failure) -> OCIError:
         return OCIError(404, "BLOB_UNKNOWN", "blob unknown to registry")
     if reason.check(ManifestUnknown):
         return OCIError(404, "MANIFEST_UNKNOWN", "manifest unknown to registry")
+    if reason.check(QueueFull):
+        full: QueueFull = reason.value  # type: ignore[assignment]
+        return OCIError(
+            503,
+            "TOOMANYREQUESTS",
+            str(full),
+            {b"Retry-After": b"%d" % full.retry_after},
+        )
+    if reason.check(BlobTooLarge):
+        return OCIError(403, "DENIED", reason.getErrorMessage())
     if reason.check(UpstreamError):
         return OCIError(502, "UNKNOWN", reason.getErrorMessage())
     if reason.check(OSError):
@@ -85,6 +104,8 @@ def write_error(request: Request, error: OCIError) -> bytes:
         {"errors": [{"code": error.code, "message": error.message, "detail": None}]}
     ).encode()
     request.setResponseCode(error.status)
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return body
@@ -134,9 +155,11 @@ class RegistryResource(Resource):
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
         try:
             return self._route(request)
-        except OCIError as error:
-            body = write_error(request, error)
-            return b"" if request.method == b"HEAD" else body
+        except Exception:
+            # An OCIError says what to answer; anything else is a bug, logged
+            # and answered with a 500 in the protocol's own terms.
+            _finish_with_error(request, Failure())
+            return NOT_DONE_YET
 
     def _route(self, request: Request) -> bytes | int:
         path = request.path
@@ -165,21 +188,21 @@ class RegistryResource(Resource):
     def _get_blob(self, request: Request, name: str, digest: Digest) -> int:
         reader = self._store.open(digest)
         if reader is not None:
-            length = reader.size()
-            self._stream(request, digest, reader, CompleteBlob(length), length)
+            self._stream(request, digest, reader)
             return NOT_DONE_YET
 
         _, upstream = self._upstream_for(request)
         ready = self._downloads.join(name, digest, upstream).when_ready()
-        # A client that leaves before the upstream answers stops waiting; the
-        # download goes on.
+        # A client that leaves before the upstream answers stops waiting (and
+        # when no client is left waiting, the download is abandoned).
         request.notifyFinish().addErrback(lambda _: ready.cancel())
 
         def follow(landing: Landing) -> None:
-            reader = landing.open_reader()
-            self._stream(request, digest, reader, landing.progress, landing.length)
+            self._stream(request, digest, landing.open_reader(), landing)
 
-        ready.addCallbacks(follow, lambda reason: _finish_with_error(request, reason))
+        ready.addCallback(follow).addErrback(
+            lambda reason: _finish_with_error(request, reason)
+        )
         return NOT_DONE_YET
 
     def _status(self, request: Request) -> bytes:
@@ -247,33 +270,67 @@ class RegistryResource(Resource):
         request: Request,
         digest: Digest,
         reader: BlobReader,
-        progress: IBlobProgress,
-        length: int | None,
+        landing: Landing | None = None,
     ) -> None:
         """
         Answer a blob GET with the whole blob or the single range it asks for,
-        read by C{reader} as C{progress} says it lands.
+        read by C{reader}: a committed blob, or one landing as C{landing} says.
+
+        C{reader} is this call's to close: the producer takes it over once it
+        is made, and before that nothing that fails keeps it open.
         """
+        try:
+            producer = self._producer_for(request, digest, reader, landing)
+        except BaseException:
+            reader.close()
+            raise
+        if producer is None:
+            reader.close()
+            return
+        self._responses.add(producer)
+        producer.when_released().addCallback(
+            lambda _: self._responses.discard(producer)
+        )
+        producer.start()
+
+    def _producer_for(
+        self,
+        request: Request,
+        digest: Digest,
+        reader: BlobReader,
+        landing: Landing | None,
+    ) -> FollowingProducer | None:
+        """
+        Set the response's status and headers, and make the producer that will
+        send its body; or answer a range that cannot be served, and return
+        L{None}.
+        """
+        progress: IBlobProgress
+        length: int | None
+        if landing is None:
+            length = reader.size()
+            progress = CompleteBlob(length)
+        else:
+            length, progress = landing.length, landing.progress
+        start, end = 0, length
         byte_range = None
         if length is not None:
             try:
                 byte_range = parse_range(_header(request, b"range"), length)
             except UnsatisfiableRange as e:
-                reader.close()
                 request.setHeader(b"Content-Range", b"bytes */%d" % length)
                 request.write(
                     write_error(request, OCIError(416, "RANGE_INVALID", str(e)))
                 )
                 request.finish()
-                return
+                return None
         _blob_headers(request, digest, length)
-        start, end = 0, length
         if byte_range is not None:
             start, end = byte_range.start, byte_range.end
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", byte_range.content_range.encode())
             request.setHeader(b"Content-Length", b"%d" % (end - start))
-        producer = FollowingProducer(
+        return FollowingProducer(
             request,
             reader,
             progress,
@@ -282,11 +339,6 @@ class RegistryResource(Resource):
             clock=self._clock,
             client_timeout=self._client_timeout,
         )
-        self._responses.add(producer)
-        producer.when_released().addCallback(
-            lambda _: self._responses.discard(producer)
-        )
-        producer.start()
 
     def _head_blob(self, request: Request, name: str, digest: Digest) -> int | bytes:
         reader = self._store.open(digest)
@@ -370,9 +422,14 @@ def _parse_blob_path(match: re.Match[bytes]) -> tuple[str, Digest]:
 
 def _finish_with_error(request: Request, reason: Failure) -> None:
     """
-    Answer a request whose headers are not sent yet with an OCI error.
+    Answer a request with an OCI error, or, if its headers are sent already,
+    cut its connection: a body that has begun must not end cleanly.
     """
-    if reason.check(CancelledError) or request.channel is None:
-        return  # the client has gone
+    if reason.check(CancelledError) or request.channel is None or request.finished:
+        return  # the client has gone, or has its answer
+    if request.startedWriting:
+        log.warn("cutting off a response: {reason}", reason=reason.getErrorMessage())
+        cast(ITCPTransport, request.channel.transport).abortConnection()
+        return
     request.write(write_error(request, error_for(reason)))
     request.finish()

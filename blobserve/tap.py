@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -25,6 +25,7 @@ from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.site import registry_site
+from blobserve.slots import UpstreamSlots
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import RegistryUpstream, Upstreams
 
@@ -57,6 +58,27 @@ def _positive_count(value: str) -> int:
     if number < 1:
         raise ValueError(f"must be at least 1, not {value}")
     return number
+
+
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(value: str) -> int:
+    """
+    A size in bytes, from a number of bytes or of binary kilo-, mega-, giga-
+    or terabytes (C{500M}, C{64G}, C{2T}; a trailing C{B} or C{iB} is allowed).
+
+    @raise ValueError: if it is no such size, or not positive.
+    """
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    number = text[: len(text) - len(unit)].strip()
+    if not number.isdigit() or len(number) > 15:
+        raise ValueError(f"not a size: {value[:40]!r}")
+    size = int(number) * _SIZE_UNITS[unit]
+    if size < 1:
+        raise ValueError(f"must be at least one byte, not {value[:40]!r}")
+    return size
 
 
 class Options(usage.Options):
@@ -108,6 +130,24 @@ class Options(usage.Options):
             "How many blob downloads may talk to upstreams at once; more wait"
             " their turn.",
             _positive_count,
+        ],
+        [
+            "upstream-queue",
+            None,
+            256,
+            "How many blob downloads may wait for an upstream slot; beyond"
+            " that, and after waiting --upstream-timeout for a slot, clients"
+            " get 503 TOOMANYREQUESTS with Retry-After.",
+            _count,
+        ],
+        [
+            "max-blob-size",
+            None,
+            "64G",
+            "The largest blob fetched (bytes, or with K, M, G or T): an"
+            " upstream declaring more is refused with 403 DENIED, a body"
+            " without a length is cut off past it.",
+            parse_size,
         ],
         [
             "client-timeout",
@@ -162,6 +202,8 @@ class Options(usage.Options):
         if not self["upstreams"]:
             self["upstreams"] = {DEFAULT_REGISTRY: DEFAULT_UPSTREAM}
         self["credentials"] = self._credentials()
+        if isinstance(self["max-blob-size"], str):  # the default is not coerced
+            self["max-blob-size"] = parse_size(self["max-blob-size"])
 
     def _credentials(self) -> Credentials | None:
         username = self["upstream-username"]
@@ -281,7 +323,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 retries=options["upstream-retries"],
                 delay=options["upstream-retry-delay"],
             ),
-            slots=DeferredSemaphore(options["upstream-concurrency"]),
+            slots=UpstreamSlots(
+                options["upstream-concurrency"],
+                options["upstream-queue"],
+                options["upstream-timeout"],
+                reactor,
+            ),
+            max_size=options["max-blob-size"],
         )
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])

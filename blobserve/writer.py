@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
@@ -20,6 +21,12 @@ from blobserve.storage import TemporaryBlob
 class VerificationFailed(Exception):
     """
     A downloaded body is not the blob it claims to be: wrong length or digest.
+    """
+
+
+class BlobTooLarge(Exception):
+    """
+    A blob is larger than blobserve is allowed to store.
     """
 
 
@@ -59,12 +66,20 @@ class ChunkWriter:
     @ivar written: how many bytes are on disk so far.
     """
 
-    def __init__(self, temporary: TemporaryBlob, expected_length: int | None) -> None:
+    def __init__(
+        self,
+        temporary: TemporaryBlob,
+        expected_length: int | None,
+        max_length: int | None = None,
+    ) -> None:
         """
         @param expected_length: the upstream's C{Content-Length}, if it sent one.
+        @param max_length: the most bytes the blob may have: more fail it with
+            L{BlobTooLarge}.
         """
         self.written = 0
         self.expected_length = expected_length
+        self._max_length = max_length
         self._temporary = temporary
         self._hasher = temporary.digest.hasher()
         self._observers: list[tuple[int, Deferred[int]]] = []
@@ -126,9 +141,19 @@ class ChunkWriter:
         """
         Add C{data} at the end of the blob and tell the observers.
 
-        A write error, or more bytes than the expected length, fails the blob.
+        A write error, or more bytes than the expected or the largest length,
+        fails the blob.
         """
         if self._complete or self._failure is not None:
+            return
+        if self._max_length is not None and self.written + len(data) > self._max_length:
+            self.fail(
+                Failure(
+                    BlobTooLarge(
+                        f"the blob grows past the limit of {self._max_length} bytes"
+                    )
+                )
+            )
             return
         try:
             self._temporary.write(data)
@@ -247,7 +272,10 @@ class BodyReceiver(Protocol):
             return
         if self._stall is not None:
             self.ended.errback(self._stall)
-        elif not reason.check(ResponseDone):
+        elif not reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss is how a body without Content-Length or
+            # chunking ends: by closing. That is a normal end; whether the
+            # blob is whole is for its length and digest to say.
             self.ended.errback(reason)
         elif self._skip:
             self.ended.errback(

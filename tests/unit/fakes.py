@@ -117,6 +117,7 @@ class FakeUpstream:
     fetches: list[tuple[str, Digest, Deferred[IResponse]]] = field(factory=list)
     stats: list[tuple[str, Digest]] = field(factory=list)
     offsets: list[int] = field(factory=list)
+    cancelled: list[Digest] = field(factory=list)
     size: int | None = None
     refusal: Exception | None = None
     stat_answer: Deferred[BlobInfo] | None = None
@@ -130,7 +131,7 @@ class FakeUpstream:
     def fetch_blob(
         self, name: str, digest: Digest, offset: int = 0
     ) -> Deferred[IResponse]:
-        d: Deferred[IResponse] = Deferred()
+        d: Deferred[IResponse] = Deferred(lambda _: self.cancelled.append(digest))
         self.fetches.append((name, digest, d))
         self.offsets.append(offset)
         if self.refusal is not None:

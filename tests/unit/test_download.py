@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 from attrs import define
-from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from blobserve.digest import Digest
 from blobserve.download import Download, Landing, RetryPolicy
+from blobserve.slots import UpstreamSlots
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import BlobUnknown, UpstreamError
 from blobserve.writer import VerificationFailed
@@ -185,7 +187,7 @@ def test_corrupt_blob_is_not_retried(subject: Subject) -> None:
 def test_downloads_wait_for_a_free_slot_in_order(tmp_path: Path) -> None:
     upstream = FakeUpstream()
     store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
-    slots = DeferredSemaphore(1)
+    slots = UpstreamSlots(1, queue_limit=10, wait=60, clock=Clock())
     blobs = [bytes([n]) * 10 for n in range(3)]
     downloads = [
         Download(upstream, "x", Digest.of(b), store, Clock(), slots=slots)
@@ -211,4 +213,45 @@ def test_failed_blob_is_removed_before_the_upstream_closes(subject: Subject) -> 
     first.protocol.dataReceived(DATA + b"one byte too many")
     assert first.transport.producerState == "stopped"
     # The upstream connection has not closed yet; the temporary is gone.
+    assert subject.temporaries() == []
+
+
+def test_body_without_length_ending_with_a_close_is_complete(
+    subject: Subject,
+) -> None:
+    response = FakeResponse(length=UNKNOWN_LENGTH)
+    subject.upstream.fetches[-1][2].callback(response)
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA)
+    # How twisted.web tells the end of a body that ends by closing.
+    response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    assert result_of(landing(subject).progress.when_finished()) == len(DATA)
+    assert subject.committed()
+    subject.clock.advance(100)
+    assert len(subject.upstream.fetches) == 1
+
+
+def test_body_without_length_ending_short_with_a_close_fails_verification(
+    subject: Subject,
+) -> None:
+    response = FakeResponse(length=UNKNOWN_LENGTH)
+    subject.upstream.fetches[-1][2].callback(response)
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA[:-1])
+    response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    failure_of(landing(subject).progress.when_finished()).trap(VerificationFailed)
+    assert not subject.committed()
+    assert subject.temporaries() == []
+
+
+def test_failed_download_ends_before_its_file_is_removed(subject: Subject) -> None:
+    ended: list[int] = []
+    subject.download.when_done().addCallback(
+        lambda _: ended.append(len(subject.temporaries()))
+    )
+    response = subject.answer()
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA + b"!")
+    # It ended while its file was still there, and the file went at once.
+    assert ended == [1]
     assert subject.temporaries() == []

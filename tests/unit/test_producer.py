@@ -299,3 +299,33 @@ class StallWatchingResource(FollowingResource):
             client_timeout=60,
         ).start()
         return NOT_DONE_YET
+
+
+class FailingReader(CountingReader):
+    """
+    A reader whose disk fails after C{good} bytes.
+    """
+
+    good = 3 * CHUNK
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset >= self.good:
+            raise OSError(5, "Input/output error")
+        return super().read(offset, size)
+
+
+def test_read_error_cuts_the_response_and_releases_the_reader(
+    temporary: TemporaryBlob,
+) -> None:
+    writer = ChunkWriter(temporary, len(DATA))
+    reader = FailingReader(temporary.open_reader())
+    connection = get(reader, writer, len(DATA))
+    writer.append(DATA[:CHUNK])
+    assert not connection.transport.aborted
+    # The failing read comes from a Deferred's callback: it must not vanish
+    # into the Deferred and leave the response hanging.
+    writer.append(DATA[CHUNK:])
+    assert connection.transport.aborted
+    assert reader.closed
+    assert writer.observers == 0
+    assert len(connection.response()[2]) == FailingReader.good

@@ -3,9 +3,11 @@ The registry resource with the real table, download, writer, producer and
 store, an upstream double and in-memory connections.
 """
 
+import errno
 import json
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from attrs import define
@@ -16,11 +18,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from blobserve import resource as resource_module
 from blobserve.digest import Digest
-from blobserve.download import Download
+from blobserve.download import Download, Landing
 from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
+from blobserve.slots import UpstreamSlots
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError, Upstreams
 
@@ -72,16 +76,23 @@ class Registry:
         return list((self.root / "tmp").iterdir())
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Registry:
+def registry_for(tmp_path: Path, clock: Clock, **download: Any) -> Registry:
+    """
+    A registry whose downloads get the options in C{download}.
+    """
     store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
     upstream = FakeUpstream()
     other = FakeUpstream()
-    table = InFlightTable(partial(Download, store=store, clock=Clock()))
+    table = InFlightTable(partial(Download, store=store, clock=clock, **download))
     upstreams = Upstreams({"docker.io": upstream, "ghcr.io": other}, "docker.io")
-    manifests = ManifestCache(store, Clock(), ttl=60)
+    manifests = ManifestCache(store, clock, ttl=60)
     resource = RegistryResource(store, table, manifests, upstreams)
     return Registry(store, upstream, other, table, resource, tmp_path)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return registry_for(tmp_path, Clock())
 
 
 def error_code(connection: Connection) -> tuple[int, str]:
@@ -179,8 +190,8 @@ def test_unknown_length_is_streamed_chunked(registry: Registry) -> None:
 
 def test_client_leaving_does_not_stop_the_download(registry: Registry) -> None:
     early = registry.get()
-    early.disconnect()
     response = registry.answer()
+    early.disconnect()
     assert response.protocol is not None
     response.protocol.dataReceived(DATA[:1000])
     halfway = registry.get()
@@ -189,6 +200,23 @@ def test_client_leaving_does_not_stop_the_download(registry: Registry) -> None:
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert response.transport.producerState == "producing"
     assert registry.committed()
+
+
+def test_download_every_client_left_before_the_answer_is_abandoned(
+    registry: Registry,
+) -> None:
+    first, second = registry.get(), registry.get()
+    first.disconnect()
+    assert registry.upstream.cancelled == []
+    assert len(registry.table) == 1
+    second.disconnect()
+    # The upstream request is cancelled and the download leaves the table.
+    assert registry.upstream.cancelled == [DIGEST]
+    assert len(registry.table) == 0
+    assert registry.temporaries() == []
+    # The next client starts afresh.
+    registry.get()
+    assert len(registry.upstream.fetches) == 2
 
 
 def test_corrupt_blob_is_never_committed_and_clients_are_cut_off(
@@ -401,3 +429,160 @@ def test_status_counts_what_runs_and_ends_at_zero(registry: Registry) -> None:
     response.protocol.dataReceived(DATA[1000:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert status(registry) == {"downloads": 0, "observers": 0, "responses": 0}
+
+
+def open_descriptors() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [(f"bytes=0-{HUGE}", 206), (f"bytes={HUGE}-", 416), (f"bytes=-{HUGE}", 206)],
+)
+def test_range_of_thousands_of_digits_on_a_hit_is_answered(
+    registry: Registry, header: str, status: int
+) -> None:
+    commit_blob(registry.store, DATA)
+    before = open_descriptors()
+    client = registry.get(headers={"Range": header})
+    answer, _headers, body = client.response()
+    assert answer == status
+    if status == 206:
+        assert body == DATA
+    assert not client.transport.aborted
+    assert open_descriptors() == before
+
+
+def test_range_of_thousands_of_digits_on_a_miss_is_answered_and_leaks_nothing(
+    registry: Registry,
+) -> None:
+    before = open_descriptors()
+    client = registry.get(headers={"Range": f"bytes={HUGE}-"})
+    response = registry.answer()
+    assert response.protocol is not None
+    assert error_code(client) == (416, "RANGE_INVALID")
+    response.protocol.dataReceived(DATA)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert registry.committed()
+    assert open_descriptors() == before
+
+
+def test_reader_is_closed_when_a_response_fails_before_it_starts(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit_blob(registry.store, DATA)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a new way to fail")
+
+    monkeypatch.setattr(resource_module, "_blob_headers", broken)
+    before = open_descriptors()
+    client = registry.get()
+    assert error_code(client) == (500, "UNKNOWN")
+    assert open_descriptors() == before
+
+
+def test_error_while_following_a_download_reaches_the_client(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Landing) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(Landing, "open_reader", broken)
+    client = registry.get()
+    registry.answer()
+    assert error_code(client) == (503, "UNAVAILABLE")
+
+
+def test_client_arriving_after_a_failure_starts_afresh(registry: Registry) -> None:
+    first = registry.get()
+    response = registry.answer()
+    assert response.protocol is not None
+    # More than the declared length: the download fails while the upstream
+    # connection is still open.
+    response.protocol.dataReceived(DATA + b"!")
+    assert first.transport.aborted
+    assert len(registry.table) == 0
+    late = registry.get()
+    assert len(registry.upstream.fetches) == 2
+    retry = registry.answer()
+    assert retry.protocol is not None
+    retry.protocol.dataReceived(DATA)
+    retry.protocol.connectionLost(Failure(ResponseDone()))
+    assert late.response()[:1] == (200,)
+    assert late.response()[2] == DATA
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert registry.committed()
+
+
+def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
+    clock = Clock()
+    slots = UpstreamSlots(1, queue_limit=1, wait=30, clock=clock)
+    registry = registry_for(tmp_path, clock, slots=slots)
+    running = registry.get(f"/v2/a/blobs/{Digest.of(b'a')}")
+    queued = registry.get(f"/v2/a/blobs/{Digest.of(b'b')}")
+    refused = registry.get(f"/v2/a/blobs/{Digest.of(b'c')}")
+    assert error_code(refused) == (503, "TOOMANYREQUESTS")
+    assert refused.response()[1]["retry-after"] == "30"
+    assert len(registry.upstream.fetches) == 1
+    assert slots.waiting == 1
+    # Waiting longer than allowed for a slot is answered the same way.
+    clock.advance(30)
+    assert error_code(queued) == (503, "TOOMANYREQUESTS")
+    assert slots.waiting == 0
+    assert len(registry.table) == 1
+    assert running.transport.value() == b""
+
+
+def test_queued_download_whose_clients_all_left_leaves_the_queue(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    slots = UpstreamSlots(1, queue_limit=4, wait=30, clock=clock)
+    registry = registry_for(tmp_path, clock, slots=slots)
+    running = registry.get()
+    queued = [registry.get(f"/v2/a/blobs/{Digest.of(b'b')}") for _ in range(2)]
+    assert slots.waiting == 1
+    for client in queued:
+        client.disconnect()
+    assert slots.waiting == 0
+    assert len(registry.table) == 1
+    response = registry.answer()
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert running.response()[2] == DATA
+    # The slot is free, and nothing asks the upstream for the abandoned blob.
+    assert slots.taken == 0
+    assert len(registry.upstream.fetches) == 1
+
+
+def test_blob_declared_over_the_size_limit_is_refused_before_any_write(
+    tmp_path: Path,
+) -> None:
+    registry = registry_for(tmp_path, Clock(), max_size=len(DATA) - 1)
+    client = registry.get()
+    response = registry.answer()
+    assert error_code(client) == (403, "DENIED")
+    assert response.transport.producerState == "stopped"
+    assert registry.temporaries() == []
+    assert len(registry.table) == 0
+
+
+def test_body_without_length_past_the_size_limit_is_cut_off_and_discarded(
+    tmp_path: Path,
+) -> None:
+    registry = registry_for(tmp_path, Clock(), max_size=len(DATA) - 1)
+    client = registry.get()
+    response = registry.answer(length=None)
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA[:1000])
+    assert len(registry.temporaries()) == 1
+    response.protocol.dataReceived(DATA[1000:])
+    assert response.transport.producerState == "stopped"
+    assert client.transport.aborted
+    assert registry.temporaries() == []
+    assert not registry.committed()
