@@ -1,7 +1,8 @@
 """
 L{SocketSink}: sends a range of a file straight from the page cache to a
 response's socket with C{sendfile(2)}, when it is safe to go around Twisted's
-transport.
+transport; L{ZeroCopy}: allows it only once a self-test has shown it safe
+with the running Twisted.
 
 Twisted's transports copy every byte twice in this process (read from the
 file into a string, then the string into the socket) and have no
@@ -11,6 +12,15 @@ everything written before them, and whatever is written after them follows
 them. It never waits: when the socket is full it sends what fits and says so,
 and the caller writes its next chunk through the transport, which waits for
 the socket and resumes the caller's producer once it has drained.
+
+Going around the transport relies on private parts of Twisted: how a TCP
+transport takes bytes and where it keeps those it has not sent yet. What the
+sink relies on is checked before each use, and anything unfamiliar means no
+sink: a wrapper or connection with a C{write} of its own (on its class or,
+as Twisted's TLS transport does, on the instance), a buffer kept elsewhere.
+At start-up L{ZeroCopy} sends a file between two writes through a transport
+over a real loopback connection; until the bytes have arrived in order, and
+for good if they did not, every response is read and written.
 """
 
 from __future__ import annotations
@@ -48,44 +58,36 @@ class IZeroCopySink(Interface):
 
 @implementer(IZeroCopySink)
 @define
-class SocketSink:
+class ConnectionSink:
     """
-    The socket under one HTTP response, for bytes that need no framing.
+    The socket of one TCP connection (or UNIX socket), for bytes sent between
+    two writes through its transport.
 
     After a failure other than a full socket it sends nothing more: the
     transport's own writes carry the rest, or report the failure.
     """
 
-    _request: Request
     _connection: Connection
     _broken: bool = False
 
     @classmethod
-    def under(cls, request: Request) -> SocketSink | None:
+    def under(cls, transport: object) -> ConnectionSink | None:
         """
-        The sink for C{request}'s body, once its headers are written, if its
-        bytes may go to the socket as they are: the connection is plain TCP
-        (or a UNIX socket) under nothing but wrappers that pass writes
-        through unchanged, never TLS; the response has a body, and it is not
-        chunked. L{None} otherwise.
+        The sink for the connection under C{transport}, if it is plain TCP
+        (or a UNIX socket), never TLS, under nothing but wrappers that pass
+        writes through unchanged, and takes and keeps its bytes as the
+        Twisted this was written for does. L{None} otherwise.
         """
-        if (
-            not request.startedWriting
-            or request.chunked
-            or request.method == b"HEAD"
-            or request.code in NO_BODY_CODES
-            or request.isSecure()
-            or request.channel is None
-        ):
-            return None
-        transport: object = request.channel.transport
         while _passes_writes_through(transport):
             transport = transport.transport
-        if not isinstance(transport, Connection) or transport.TLS:
+        if (
+            not isinstance(transport, Connection)
+            or transport.TLS
+            or not _keeps_methods_of(transport, Connection, _CONNECTION_METHODS)
+            or not _can_tell_buffered(transport)
+        ):
             return None
-        if not _can_tell_buffered(transport):
-            return None
-        return cls(request, transport)
+        return cls(transport)
 
     def send(self, reader: BlobReader, offset: int, count: int) -> int:
         connection = self._connection
@@ -98,14 +100,69 @@ class SocketSink:
         ):
             return 0
         try:
-            sent = os.sendfile(connection.fileno(), reader.fileno(), offset, count)
+            return os.sendfile(connection.fileno(), reader.fileno(), offset, count)
         except BlockingIOError:
             return 0
         except OSError:
             self._broken = True
             return 0
+
+
+@implementer(IZeroCopySink)
+@define
+class SocketSink:
+    """
+    The socket under one HTTP response, for bytes that need no framing. What
+    it sends counts as sent by the response.
+    """
+
+    _request: Request
+    _socket: ConnectionSink
+
+    @classmethod
+    def under(cls, request: Request) -> SocketSink | None:
+        """
+        The sink for C{request}'s body, once its headers are written, if its
+        bytes may go to the socket as they are: the response has a body, it
+        is not chunked, and its connection has a L{ConnectionSink}. L{None}
+        otherwise.
+        """
+        if (
+            not request.startedWriting
+            or request.chunked
+            or request.method == b"HEAD"
+            or request.code in NO_BODY_CODES
+            or request.isSecure()
+            or request.channel is None
+        ):
+            return None
+        socket = ConnectionSink.under(request.channel.transport)
+        if socket is None:
+            return None
+        return cls(request, socket)
+
+    def send(self, reader: BlobReader, offset: int, count: int) -> int:
+        sent = self._socket.send(reader, offset, count)
         self._request.sentLength += sent
         return sent
+
+
+#: The methods through which a wrapper passes writes on, and through which
+#: a connection takes bytes and sends them.
+_WRAPPER_METHODS = ("write", "writeSequence")
+_CONNECTION_METHODS = ("write", "writeSequence", "doWrite")
+
+
+def _keeps_methods_of(thing: object, kind: type, names: tuple[str, ...]) -> bool:
+    """
+    Whether C{thing}'s methods called C{names} are those of C{kind}: neither
+    its class nor the object itself has its own.
+    """
+    own = getattr(thing, "__dict__", {})
+    return all(
+        getattr(type(thing), name, None) is getattr(kind, name) and name not in own
+        for name in names
+    )
 
 
 def _passes_writes_through(transport: object) -> TypeGuard[ProtocolWrapper]:
@@ -113,10 +170,8 @@ def _passes_writes_through(transport: object) -> TypeGuard[ProtocolWrapper]:
     Whether C{transport} is a protocol wrapper that hands every write to the
     transport under it as it is, holding nothing back and watching nothing.
     """
-    return (
-        isinstance(transport, ProtocolWrapper)
-        and type(transport).write is ProtocolWrapper.write
-        and type(transport).writeSequence is ProtocolWrapper.writeSequence
+    return isinstance(transport, ProtocolWrapper) and _keeps_methods_of(
+        transport, ProtocolWrapper, _WRAPPER_METHODS
     )
 
 

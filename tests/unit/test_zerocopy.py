@@ -351,7 +351,11 @@ class PlainConnection:
     driven by hand: C{flush} is the reactor finding the socket writable.
     """
 
-    def __init__(self, wrapper: type[ProtocolWrapper] | None = None) -> None:
+    def __init__(
+        self,
+        wrapper: type[ProtocolWrapper] | None = None,
+        kind: type[tcp.Connection] = LoopbackTransport,
+    ) -> None:
         with socket.create_server(("127.0.0.1", 0)) as listener:
             self.peer = socket.create_connection(listener.getsockname())
             ours, _ = listener.accept()
@@ -362,7 +366,7 @@ class PlainConnection:
         protocol: Any = channel
         if wrapper is not None:
             protocol = wrapper(WrappingFactory(Factory()), channel)
-        self.transport = LoopbackTransport(ours, protocol, MemoryReactor())
+        self.transport = kind(ours, protocol, MemoryReactor())
         protocol.makeConnection(self.transport)
         self.request = Request(channel)
         self.request.method = b"GET"
@@ -493,3 +497,64 @@ def test_socket_sink_looks_only_past_wrappers_that_pass_writes_through(
         assert (SocketSink.under(connection.request) is not None) == sink
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize("method", ["write", "writeSequence"])
+def test_no_socket_sink_past_a_wrapper_with_writes_of_its_own_on_the_instance(
+    method: str,
+) -> None:
+    # As Twisted's BufferingTLSTransport sets self.write in its __init__.
+    connection = PlainConnection(ProtocolWrapper)
+    try:
+        connection.start(len(DATA))
+        assert SocketSink.under(connection.request) is not None
+        wrapper = connection.request.channel.transport
+        assert isinstance(wrapper, ProtocolWrapper)
+        setattr(wrapper, method, getattr(wrapper, method))
+        assert SocketSink.under(connection.request) is None
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("method", ["write", "writeSequence", "doWrite"])
+def test_no_socket_sink_on_a_connection_with_methods_of_its_own_on_the_instance(
+    plain: PlainConnection, method: str
+) -> None:
+    plain.start(len(DATA))
+    assert SocketSink.under(plain.request) is not None
+    setattr(plain.transport, method, getattr(plain.transport, method))
+    assert SocketSink.under(plain.request) is None
+
+
+class CountingWrites(LoopbackTransport):
+    """
+    A TCP transport whose class has a C{write} of its own.
+    """
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def test_no_socket_sink_on_a_connection_whose_class_writes_in_its_own_way() -> None:
+    connection = PlainConnection(kind=CountingWrites)
+    try:
+        connection.start(len(DATA))
+        assert SocketSink.under(connection.request) is None
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("dataBuffer", bytearray()), ("offset", None), ("_tempDataLen", 0.0)],
+)
+def test_no_socket_sink_on_a_connection_that_keeps_its_buffer_elsewhere(
+    plain: PlainConnection, name: str, value: object
+) -> None:
+    plain.start(len(DATA))
+    assert SocketSink.under(plain.request) is not None
+    setattr(plain.transport, name, value)
+    assert SocketSink.under(plain.request) is None
