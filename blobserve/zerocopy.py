@@ -40,11 +40,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP4ServerEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
@@ -319,8 +315,8 @@ async def _self_test(
         endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         port = await endpoint.listen(server)
         address = cast(IPv4Address, port.getHost())
-        await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", address.port), client
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", address.port).connect(
+            _Quiet(client)
         )
         await server.peer.made
         transport = server.peer.transport
@@ -379,15 +375,32 @@ class _Refused(Protocol):
         self.transport.loseConnection()
 
 
+class _Quiet(Factory):
+    """
+    Builds the one protocol it is given, and logs nothing: the self-test
+    should not fill the start-up log.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self._protocol
+
+
 class _FirstConnection(WrappingFactory):
     """
     Serves the first connection with one L{_Peer}, through a wrapper as the
     registry's site does, and closes any other.
     """
 
+    noisy = False
+
     def __init__(self) -> None:
-        super().__init__(Factory())
         self.peer = _Peer()
+        super().__init__(_Quiet(self.peer))
         self._taken = False
 
     def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper:
