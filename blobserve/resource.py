@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import cast
 
 from twisted.internet.defer import CancelledError
@@ -36,6 +37,7 @@ from blobserve.upstream import (
     Upstreams,
 )
 from blobserve.writer import BlobTooLarge, IBlobProgress
+from blobserve.zerocopy import IZeroCopySink, SocketSink
 
 log = Logger()
 
@@ -137,15 +139,19 @@ class RegistryResource(Resource):
         upstreams: Upstreams,
         clock: IReactorTime | None = None,
         client_timeout: float | None = None,
+        sink_for: Callable[[Request], IZeroCopySink | None] = SocketSink.under,
     ) -> None:
         """
         @param client_timeout: seconds a client may take no bytes of a blob
             before it is dropped (needs C{clock}).
+        @param sink_for: finds where a blob response's body may go with
+            C{sendfile} (see L{FollowingProducer}).
         """
         super().__init__()
         self._responses: set[FollowingProducer] = set()
         self._clock = clock
         self._client_timeout = client_timeout
+        self._sink_for = sink_for
         self._store = store
         self._downloads = downloads
         self._manifests = manifests
@@ -338,6 +344,7 @@ class RegistryResource(Resource):
             end,
             clock=self._clock,
             client_timeout=self._client_timeout,
+            sink_for=self._sink_for,
         )
 
     def _head_blob(self, request: Request, name: str, digest: Digest) -> int | bytes:

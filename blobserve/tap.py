@@ -28,6 +28,7 @@ from blobserve.site import registry_site
 from blobserve.slots import UpstreamSlots
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import RegistryUpstream, Upstreams
+from blobserve.zerocopy import ZeroCopy, self_test
 
 log = Logger()
 
@@ -333,6 +334,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         )
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])
+    zero_copy = ZeroCopy(partial(self_test, reactor, reactor))
     resource = RegistryResource(
         store,
         downloads,
@@ -340,6 +342,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         upstreams,
         clock=reactor,
         client_timeout=options["client-timeout"],
+        sink_for=zero_copy.sink_for,
     )
     site = registry_site(resource, timeout=options["client-timeout"])
 
@@ -348,4 +351,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     endpoint = serverFromString(reactor, options["listen"])
     StreamServerEndpointService(endpoint, site).setServiceParent(service)
     _FreezeStartupHeap().setServiceParent(service)
+    # Started after the freeze, which would keep what the self-test makes.
+    zero_copy.setServiceParent(service)
     return service

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.usage import UsageError
@@ -17,6 +17,9 @@ from twisted.web.server import Site
 from blobserve.auth import Credentials
 from blobserve.resource import RegistryResource
 from blobserve.tap import PASSWORD_VARIABLE, Options, makeService
+from blobserve.zerocopy import ZeroCopy
+
+from fakes import has_fired, result_of
 
 
 def test_plugin_is_found() -> None:
@@ -167,3 +170,28 @@ def test_start_puts_the_startup_heap_out_of_the_collectors_sight(
     finally:
         service.stopService()
         gc.unfreeze()
+
+
+def test_service_sends_with_sendfile_only_once_its_self_test_has_passed(
+    tmp_path: Path,
+) -> None:
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path)])
+    reactor = MemoryReactorClock()
+    service = makeService(options, reactor)
+    [zero_copy] = [s for s in service if isinstance(s, ZeroCopy)]
+    [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    resource = server.factory.wrappedFactory.resource
+    assert resource._sink_for == zero_copy.sink_for
+
+    service.startService()
+    try:
+        # The self-test listens on loopback, and has not passed yet.
+        _, _, _, interface = reactor.tcpServers[-1]
+        assert interface == "127.0.0.1"
+        assert not has_fired(zero_copy.checked())
+    finally:
+        service.stopService()
+        gc.unfreeze()
+    assert result_of(zero_copy.checked()) is False
+    assert reactor.getDelayedCalls() == []

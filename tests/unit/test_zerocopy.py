@@ -1,8 +1,9 @@
 """
 Bodies sent with sendfile: the producer's use of a zero-copy sink keeps every
 byte in order whatever the sink takes, and the socket sink sends only when
-nothing waits in the transport, only where the bytes need no framing, and
-never into TLS.
+nothing waits in the transport, only where the bytes need no framing, never
+into TLS, never past a transport it does not know, and only once its
+start-up self-test has passed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import errno
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from http.client import HTTPSConnection
 from itertools import pairwise
 from pathlib import Path
@@ -24,24 +26,38 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+)
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import KeyPair
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
 from blobserve.producer import CompleteBlob
 from blobserve.site import registry_site
 from blobserve.storage import BlobReader, DirectoryBlobStore
 from blobserve.writer import ChunkWriter
-from blobserve.zerocopy import IZeroCopySink, SocketSink
+from blobserve.zerocopy import (
+    ConnectionSink,
+    IZeroCopySink,
+    SocketSink,
+    ZeroCopy,
+    self_test,
+)
 
 from fakes import ClientTransport, Connection, connect, run_now
 from test_producer import CountingReader, FollowingResource
@@ -351,7 +367,11 @@ class PlainConnection:
     driven by hand: C{flush} is the reactor finding the socket writable.
     """
 
-    def __init__(self, wrapper: type[ProtocolWrapper] | None = None) -> None:
+    def __init__(
+        self,
+        wrapper: type[ProtocolWrapper] | None = None,
+        kind: type[tcp.Connection] = LoopbackTransport,
+    ) -> None:
         with socket.create_server(("127.0.0.1", 0)) as listener:
             self.peer = socket.create_connection(listener.getsockname())
             ours, _ = listener.accept()
@@ -362,7 +382,7 @@ class PlainConnection:
         protocol: Any = channel
         if wrapper is not None:
             protocol = wrapper(WrappingFactory(Factory()), channel)
-        self.transport = LoopbackTransport(ours, protocol, MemoryReactor())
+        self.transport = kind(ours, protocol, MemoryReactor())
         protocol.makeConnection(self.transport)
         self.request = Request(channel)
         self.request.method = b"GET"
@@ -468,6 +488,12 @@ def test_no_socket_sink_after_start_tls(plain: PlainConnection) -> None:
     assert SocketSink.under(plain.request) is None
 
 
+def test_sinks_provide_the_interface(plain: PlainConnection) -> None:
+    plain.start(len(DATA))
+    assert verifyObject(IZeroCopySink, SocketSink.under(plain.request))
+    assert verifyObject(IZeroCopySink, ConnectionSink.under(plain.transport))
+
+
 def test_no_socket_sink_before_the_headers(plain: PlainConnection) -> None:
     assert SocketSink.under(plain.request) is None
 
@@ -493,3 +519,210 @@ def test_socket_sink_looks_only_past_wrappers_that_pass_writes_through(
         assert (SocketSink.under(connection.request) is not None) == sink
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize("method", ["write", "writeSequence"])
+def test_no_socket_sink_past_a_wrapper_with_writes_of_its_own_on_the_instance(
+    method: str,
+) -> None:
+    # As Twisted's BufferingTLSTransport sets self.write in its __init__.
+    connection = PlainConnection(ProtocolWrapper)
+    try:
+        connection.start(len(DATA))
+        assert SocketSink.under(connection.request) is not None
+        wrapper = connection.request.channel.transport
+        assert isinstance(wrapper, ProtocolWrapper)
+        setattr(wrapper, method, getattr(wrapper, method))
+        assert SocketSink.under(connection.request) is None
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("method", ["write", "writeSequence", "doWrite"])
+def test_no_socket_sink_on_a_connection_with_methods_of_its_own_on_the_instance(
+    plain: PlainConnection, method: str
+) -> None:
+    plain.start(len(DATA))
+    assert SocketSink.under(plain.request) is not None
+    setattr(plain.transport, method, getattr(plain.transport, method))
+    assert SocketSink.under(plain.request) is None
+
+
+class CountingWrites(LoopbackTransport):
+    """
+    A TCP transport whose class has a C{write} of its own.
+    """
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def test_no_socket_sink_on_a_connection_whose_class_writes_in_its_own_way() -> None:
+    connection = PlainConnection(kind=CountingWrites)
+    try:
+        connection.start(len(DATA))
+        assert SocketSink.under(connection.request) is None
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("dataBuffer", bytearray()), ("offset", None), ("_tempDataLen", 0.0)],
+)
+def test_no_socket_sink_on_a_connection_that_keeps_its_buffer_elsewhere(
+    plain: PlainConnection, name: str, value: object
+) -> None:
+    plain.start(len(DATA))
+    assert SocketSink.under(plain.request) is not None
+    setattr(plain.transport, name, value)
+    assert SocketSink.under(plain.request) is None
+
+
+def warnings_in(events: Any) -> list[str]:
+    return [
+        event["log_format"].format(**event)
+        for event in events
+        if event.get("log_level") == LogLevel.warn
+        and event.get("log_namespace") == "blobserve.zerocopy"
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_self_test_passes_over_loopback_with_this_twisted(
+    plain: PlainConnection, sendfile_calls: list[int]
+) -> None:
+    plain.start(len(DATA))
+    zero_copy = ZeroCopy(partial(self_test, reactor, reactor))
+    with capturedLogs() as events:
+        zero_copy.startService()
+        try:
+            on = await zero_copy.checked().addTimeout(10, reactor)
+        finally:
+            await zero_copy.stopService()
+
+    assert on
+    assert sum(sendfile_calls) == 64 * 1024
+    assert zero_copy.sink_for(plain.request) is not None
+    assert warnings_in(events) == []
+
+
+@implementer(IZeroCopySink)
+class SendingNothing:
+    """
+    A sink whose socket never takes anything.
+    """
+
+    def send(self, reader: BlobReader, offset: int, count: int) -> int:
+        return 0
+
+
+def sendfile_ahead_of_held_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    # A Twisted that keeps what it has not sent where the sink does not look.
+    monkeypatch.setattr("blobserve.zerocopy._buffered", lambda connection: 0)
+    return {}
+
+
+def sendfile_sending_other_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    def corrupting(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        data = bytearray(os.pread(in_fd, count, offset))
+        data[-1] ^= 1
+        return os.write(out_fd, data)
+
+    monkeypatch.setattr("blobserve.zerocopy.os.sendfile", corrupting)
+    return {}
+
+
+def wrappers_setting_write(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    # A Twisted whose wrappers set their own write, as its TLS transport does.
+    connected = ProtocolWrapper.makeConnection
+
+    def making(wrapper: ProtocolWrapper, transport: Any) -> None:
+        wrapper.write = transport.write  # type: ignore[method-assign]
+        connected(wrapper, transport)
+
+    monkeypatch.setattr(ProtocolWrapper, "makeConnection", making)
+    return {}
+
+
+def socket_never_taking(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    return {"sink_under": lambda transport: SendingNothing(), "timeout": 0.2}
+
+
+def sink_raising(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    def raising(transport: object) -> IZeroCopySink:
+        raise RuntimeError("unexpected")
+
+    return {"sink_under": raising}
+
+
+@pytest.mark.parametrize(
+    ("breakage", "why"),
+    [
+        (sendfile_ahead_of_held_bytes, "only the first 0 as they were sent"),
+        (sendfile_sending_other_bytes, "as they were sent"),
+        (wrappers_setting_write, "no sink for a loopback connection"),
+        (socket_never_taking, "it took too long"),
+        (sink_raising, "RuntimeError: unexpected"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_failed_self_test_leaves_sendfile_off_and_says_why_once(
+    plain: PlainConnection,
+    monkeypatch: pytest.MonkeyPatch,
+    breakage: Callable[[pytest.MonkeyPatch], dict[str, Any]],
+    why: str,
+) -> None:
+    plain.start(len(DATA))
+    assert SocketSink.under(plain.request) is not None
+    zero_copy = ZeroCopy(partial(self_test, reactor, reactor, **breakage(monkeypatch)))
+    with capturedLogs() as events:
+        zero_copy.startService()
+        try:
+            on = await zero_copy.checked().addTimeout(10, reactor)
+        finally:
+            await zero_copy.stopService()
+
+    assert not on
+    assert zero_copy.sink_for(plain.request) is None
+    [warning] = warnings_in(events)
+    assert warning.startswith("sendfile is off")
+    assert why in warning
+
+
+def test_no_sink_before_the_self_test_has_passed(plain: PlainConnection) -> None:
+    plain.start(len(DATA))
+    passing: Deferred[None] = Deferred()
+    zero_copy = ZeroCopy(lambda: passing)
+    assert zero_copy.sink_for(plain.request) is None
+    zero_copy.startService()
+    assert zero_copy.sink_for(plain.request) is None
+    passing.callback(None)
+    assert zero_copy.sink_for(plain.request) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_during_the_self_test_closes_its_connection_and_port() -> None:
+    reached: Deferred[Any] = Deferred()
+
+    def stalling(transport: object) -> IZeroCopySink:
+        # Not at once: the test would stop the service from inside the test.
+        reactor.callLater(0, reached.callback, transport)
+        return SendingNothing()
+
+    zero_copy = ZeroCopy(partial(self_test, reactor, reactor, stalling))
+    with capturedLogs() as events:
+        zero_copy.startService()
+        transport = await reached.addTimeout(5, reactor)
+        port = transport.getHost().port
+        await zero_copy.stopService().addTimeout(2, reactor)
+
+    assert transport.disconnected
+    assert not await zero_copy.checked()
+    assert warnings_in(events) == []
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    with pytest.raises(ConnectionRefusedError):
+        await endpoint.connect(Factory())
