@@ -169,14 +169,17 @@ class Options(usage.Options):
             "upstream-timeout",
             None,
             30.0,
-            "Seconds to wait for the upstream's response headers.",
+            "Seconds to wait for a connection to the upstream, and for its"
+            " response headers (token servers included); also the longest a"
+            " download waits for its turn (--upstream-queue).",
             _positive_float,
         ],
         [
             "upstream-idle-timeout",
             None,
             30.0,
-            "Seconds without body bytes after which an upstream transfer fails.",
+            "Seconds an upstream body may send nothing before its connection"
+            " is dropped and the transfer resumed.",
             _positive_float,
         ],
     ]
