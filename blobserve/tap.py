@@ -74,7 +74,7 @@ def parse_size(value: str) -> int:
     text = value.strip().upper().removesuffix("IB").removesuffix("B")
     unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
     number = text[: len(text) - len(unit)].strip()
-    if not number.isdigit() or len(number) > 15:
+    if not (number.isascii() and number.isdigit()) or len(number) > 15:
         raise ValueError(f"not a size: {value[:40]!r}")
     size = int(number) * _SIZE_UNITS[unit]
     if size < 1:

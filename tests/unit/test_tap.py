@@ -6,6 +6,8 @@ import gc
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
@@ -16,7 +18,7 @@ from twisted.web.server import Site
 
 from blobserve.auth import Credentials
 from blobserve.resource import RegistryResource
-from blobserve.tap import PASSWORD_VARIABLE, Options, makeService
+from blobserve.tap import PASSWORD_VARIABLE, Options, makeService, parse_size
 from blobserve.zerocopy import ZeroCopy
 
 from fakes import has_fired, result_of
@@ -35,6 +37,8 @@ def test_defaults() -> None:
     assert options["storage"] == "./blobserve-data"
     assert options["upstream-retries"] == 5
     assert options["upstream-concurrency"] == 16
+    assert options["upstream-queue"] == 256
+    assert options["max-blob-size"] == 64 * 2**30
     assert options["tag-ttl"] == 60.0
 
 
@@ -50,8 +54,14 @@ def test_flags() -> None:
             "/srv/blobs",
             "--upstream-idle-timeout",
             "5",
+            "--upstream-queue",
+            "0",
+            "--max-blob-size",
+            "1500M",
         ]
     )
+    assert options["upstream-queue"] == 0
+    assert options["max-blob-size"] == 1500 * 2**20
     assert options["listen"] == "tcp:6000:interface=::1"
     assert options["upstreams"] == {"127.0.0.1:5100": "http://127.0.0.1:5100"}
     assert options["storage"] == "/srv/blobs"
@@ -68,6 +78,10 @@ def test_flags() -> None:
         ["--upstream-idle-timeout", "soon"],
         ["--upstream-retries", "-1"],
         ["--upstream-concurrency", "0"],
+        ["--upstream-queue", "-1"],
+        ["--max-blob-size", "0"],
+        ["--max-blob-size", "12X"],
+        ["--max-blob-size", "1" * 5000],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
     ],
@@ -195,3 +209,28 @@ def test_service_sends_with_sendfile_only_once_its_self_test_has_passed(
         gc.unfreeze()
     assert result_of(zero_copy.checked()) is False
     assert reactor.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1", 1),
+        ("500M", 500 * 2**20),
+        ("64G", 64 * 2**30),
+        ("2T", 2 * 2**40),
+        ("10k", 10 * 2**10),
+        ("3GiB", 3 * 2**30),
+        ("7 MB", 7 * 2**20),
+    ],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@given(st.text(max_size=30))
+def test_a_size_is_positive_or_refused(text: str) -> None:
+    try:
+        size = parse_size(text)
+    except ValueError:
+        return
+    assert size >= 1
