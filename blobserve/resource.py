@@ -29,8 +29,10 @@ from blobserve.upstream import (
     Manifest,
     ManifestInfo,
     ManifestUnknown,
+    RepositoryUnknown,
     UnknownRegistry,
     UpstreamError,
+    UpstreamRefused,
     Upstreams,
 )
 from blobserve.writer import IBlobProgress
@@ -48,26 +50,62 @@ STATUS_PATH = b"/_blobserve/status"
 class OCIError(Exception):
     """
     An error the client is told about with the distribution spec's error body.
+
+    @ivar headers: more response headers that go with it.
     """
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[bytes, bytes] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
+
+
+#: How the upstream's refusals are told: the same status, the spec's code.
+_REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
 
 
 def error_for(reason: Failure) -> OCIError:
     """
     The OCI error that tells a client why its blob or manifest cannot be
     served.
+
+    The upstream's answers keep their meaning: 404 C{NAME_UNKNOWN},
+    C{BLOB_UNKNOWN} or C{MANIFEST_UNKNOWN} when it has no such thing, 401
+    C{UNAUTHORIZED}, 403 C{DENIED}, 429 C{TOOMANYREQUESTS} (with its
+    C{Retry-After}, when sane) when it refuses; 502 only when it is
+    unreachable or fails.
+
+    A 401 carries no C{WWW-Authenticate}: the upstream's challenge names its
+    realm, which is none of a mirror client's business, and blobserve has no
+    access control of its own that a client could answer a challenge of
+    ours with. The distribution spec has 401 only I{often} come with a
+    challenge; containerd and Docker take a 401 without one as final and
+    move on to their next host.
     """
     if reason.check(OCIError):
         return reason.value  # type: ignore[return-value]
+    if reason.check(RepositoryUnknown):
+        return OCIError(404, "NAME_UNKNOWN", "repository name not known to registry")
     if reason.check(BlobUnknown):
         return OCIError(404, "BLOB_UNKNOWN", "blob unknown to registry")
     if reason.check(ManifestUnknown):
         return OCIError(404, "MANIFEST_UNKNOWN", "manifest unknown to registry")
+    if reason.check(UpstreamRefused):
+        refused: UpstreamRefused = reason.value  # type: ignore[assignment]
+        headers = {}
+        if refused.status == 429 and refused.retry_after is not None:
+            headers[b"Retry-After"] = refused.retry_after.encode("ascii")
+        code = _REFUSAL_CODES.get(refused.status)
+        if code is not None:
+            return OCIError(refused.status, code, str(refused), headers)
     if reason.check(UpstreamError):
         return OCIError(502, "UNKNOWN", reason.getErrorMessage())
     if reason.check(OSError):
@@ -85,6 +123,8 @@ def write_error(request: Request, error: OCIError) -> bytes:
         {"errors": [{"code": error.code, "message": error.message, "detail": None}]}
     ).encode()
     request.setResponseCode(error.status)
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return body

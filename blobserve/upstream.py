@@ -5,6 +5,9 @@ challenges, and redirects to object storage.
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
 from collections.abc import Sequence
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -36,13 +39,52 @@ MAX_REDIRECTS = 3
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 _MAX_SMALL_BODY = 64 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
+_RETRY_SECONDS = re.compile(r"[0-9]{1,9}")
+_IMF_FIXDATE = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), ([0-9]{2}) "
+    r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ([0-9]{4}) "
+    r"([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"
+)
+_MONTHS = (
+    "Jan",
+    "Feb",
+    "Mar",
+    "Apr",
+    "May",
+    "Jun",
+    "Jul",
+    "Aug",
+    "Sep",
+    "Oct",
+    "Nov",
+    "Dec",
+)
 
 
 class UpstreamError(Exception):
     """
-    The upstream could not be reached, or answered with something blobserve
-    cannot pass on.
+    The upstream could not be reached, failed (5xx, no answer in time), or
+    answered with something blobserve cannot pass on: a client is told 502.
     """
+
+
+class UpstreamRefused(UpstreamError):
+    """
+    The upstream, or its token server, refused the request in a way a client
+    should be told as it is: 401 (blobserve's credentials, or none, do not let
+    it in, even after answering its challenge), 403 (they do, but not to
+    this) or 429 (not now).
+
+    @ivar status: 401, 403 or 429.
+    @ivar retry_after: the upstream's C{Retry-After}, if it sent a sane one:
+        seconds (at most nine digits) or an HTTP date (IMF-fixdate); else
+        L{None}.
+    """
+
+    def __init__(self, status: int, message: str, retry_after: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class BlobUnknown(UpstreamError):
@@ -54,6 +96,14 @@ class BlobUnknown(UpstreamError):
 class ManifestUnknown(UpstreamError):
     """
     The upstream answered 404: it does not have the manifest or tag.
+    """
+
+
+class RepositoryUnknown(BlobUnknown, ManifestUnknown):
+    """
+    The upstream answered 404 with C{NAME_UNKNOWN}: it has no such
+    repository, so neither the blob nor the manifest asked for. It is both a
+    L{BlobUnknown} and a L{ManifestUnknown}: what handles those handles it.
     """
 
 
@@ -201,18 +251,76 @@ async def _read_body(response: IResponse, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _refusal(response: IResponse, unknown: type[UpstreamError]) -> UpstreamError:
+def _retry_after(response: IResponse) -> str | None:
     """
-    The error that a response other than 200 means.
+    The response's C{Retry-After}, if it is one a client can be given:
+    delay seconds of at most nine digits, or an IMF-fixdate that is a real
+    date. Anything else is dropped rather than passed on.
     """
-    if response.code == 404:
-        return unknown(f"unknown to the upstream registry ({response.code})")
-    if response.code in (401, 403):
-        return UpstreamError(f"the upstream registry refused access ({response.code})")
-    if response.code == 429:
-        return UpstreamError("the upstream registry is rate-limiting (429)")
+    value = (_header(response, b"retry-after") or "").strip()
+    if _RETRY_SECONDS.fullmatch(value):
+        return str(int(value))
+    match = _IMF_FIXDATE.fullmatch(value)
+    if match is None:
+        return None
+    day, month, year, hour, minute, second = match.groups()
+    try:
+        datetime.datetime(
+            int(year),
+            _MONTHS.index(month) + 1,
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+        )
+    except ValueError:
+        return None
+    return value
+
+
+def _names_unknown_repository(body: bytes) -> bool:
+    """
+    Whether an OCI error body says C{NAME_UNKNOWN}.
+    """
+    try:
+        errors = json.loads(body).get("errors")
+        return any(error.get("code") == "NAME_UNKNOWN" for error in errors)
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
+async def _refusal(
+    response: IResponse,
+    unknown: type[UpstreamError] | None,
+    whom: str = "upstream registry",
+) -> UpstreamError:
+    """
+    The error that a response other than the one hoped for means; its body is
+    read (a small one, to tell an unknown repository) or dropped.
+
+    @param unknown: what a 404 means, unless its body says C{NAME_UNKNOWN};
+        L{None} if a 404 means nothing more than any other failure.
+    @param whom: who answered, for the message.
+    """
+    code = response.code
+    if code == 404 and unknown is not None:
+        try:
+            body = await _read_body(response, _MAX_SMALL_BODY)
+        except UpstreamError:
+            body = b""
+        if _names_unknown_repository(body):
+            return RepositoryUnknown(f"repository unknown to the {whom} (404)")
+        return unknown(f"unknown to the {whom} ({code})")
+    _discard(response)
+    if code == 401:
+        return UpstreamRefused(401, f"the {whom} refused access ({code})")
+    if code == 403:
+        return UpstreamRefused(403, f"the {whom} denied access ({code})")
+    if code == 429:
+        message = f"the {whom} is rate-limiting ({code})"
+        return UpstreamRefused(429, message, _retry_after(response))
     phrase = response.phrase.decode("latin-1", "replace")
-    return UpstreamError(f"the upstream registry answered {response.code} {phrase}")
+    return UpstreamError(f"the {whom} answered {code} {phrase}")
 
 
 @implementer(IUpstream)
@@ -255,8 +363,7 @@ class RegistryUpstream:
             extra = {b"Range": b"bytes=%d-" % offset} if offset else {}
             response = await self._send("GET", name, f"blobs/{digest}", extra=extra)
             if response.code not in ((200, 206) if offset else (200,)):
-                _discard(response)
-                raise _refusal(response, BlobUnknown)
+                raise await _refusal(response, BlobUnknown)
             return response
 
         return Deferred.fromCoroutine(fetch())
@@ -265,7 +372,7 @@ class RegistryUpstream:
         async def stat() -> BlobInfo:
             response = await self._send("HEAD", name, f"blobs/{digest}")
             if response.code != 200:
-                raise _refusal(response, BlobUnknown)
+                raise await _refusal(response, BlobUnknown)
             return BlobInfo(_declared_length(response))
 
         return Deferred.fromCoroutine(stat())
@@ -276,8 +383,7 @@ class RegistryUpstream:
         async def fetch() -> Manifest:
             response = await self._send("GET", name, f"manifests/{reference}", accept)
             if response.code != 200:
-                _discard(response)
-                raise _refusal(response, ManifestUnknown)
+                raise await _refusal(response, ManifestUnknown)
             content = await _read_body(response, MAX_MANIFEST_SIZE)
             expected = _expected_digest(reference) or _declared_digest(response)
             algorithm = expected.algorithm if expected else "sha256"
@@ -297,7 +403,7 @@ class RegistryUpstream:
         async def stat() -> ManifestInfo:
             response = await self._send("HEAD", name, f"manifests/{reference}", accept)
             if response.code != 200:
-                raise _refusal(response, ManifestUnknown)
+                raise await _refusal(response, ManifestUnknown)
             return ManifestInfo(
                 _declared_digest(response),
                 _header(response, b"content-type"),
@@ -378,7 +484,9 @@ class RegistryUpstream:
         Get what the upstream's C{WWW-Authenticate} challenge asks for, so that
         the request can be sent again.
 
-        @raise UpstreamError: if it cannot be answered.
+        @raise UpstreamRefused: (401) if blobserve has nothing to answer it
+            with, or the token server refuses (401, 403, 429).
+        @raise UpstreamError: if the token server fails otherwise.
         """
         challenges = [
             parse_challenge(value.decode("latin-1"))
@@ -392,7 +500,9 @@ class RegistryUpstream:
         elif "basic" in by_scheme and self._credentials is not None:
             self._scheme = "basic"
         else:
-            raise UpstreamError("the upstream registry asks for credentials (401)")
+            raise UpstreamRefused(
+                401, "the upstream registry asks for credentials (401)"
+            )
 
     async def _fetch_token(self, challenge: dict[str, str], scope: str) -> Token:
         query = {"scope": challenge.get("scope", scope)}
@@ -405,11 +515,7 @@ class RegistryUpstream:
             headers.setRawHeaders(b"Authorization", [self._credentials.basic()])
         response = await self._request("GET", url, headers)
         if response.code != 200:
-            _discard(response)
-            raise UpstreamError(
-                f"token server {_host(url)} refused: {response.code}"
-                f" {response.phrase.decode('latin-1', 'replace')}"
-            )
+            raise await _refusal(response, None, f"token server {_host(url)}")
         body = await _read_body(response, _MAX_SMALL_BODY)
         try:
             return parse_token_response(body, self._clock.seconds())

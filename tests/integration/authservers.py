@@ -1,15 +1,18 @@
 """
 What the authentication tests put around the upstream registry: an htpasswd
 file, a token server that signs JWTs with a certificate the registry trusts,
-and a registry front that redirects blob downloads to separate "object
-storage".
+a registry front that redirects blob downloads to separate "object storage",
+and a small upstream that refuses in ways a real registry does not on its
+own.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 USER = "alice"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 PASSWORD = "correct horse battery staple"
 SERVICE = "blobserve-test-registry"
 ISSUER = "blobserve-test-issuer"
@@ -188,6 +192,64 @@ class RedirectingFront(Resource):
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()
+
+
+#: The manifest the refusing upstream serves while it does not refuse.
+REFUSING_MANIFEST = json.dumps(
+    {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "layers": []}
+).encode()
+REFUSING_REALM = "refusing-upstream-realm"
+_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
+
+
+class RefusingRegistry(Resource):
+    """
+    A small upstream that answers as a real registry will not on its own.
+    Repository C{refused/<status>} answers C{<status>} to everything: a 401
+    with a Basic challenge of its own, also to credentials; a 429 with
+    C{Retry-After: 120}. Repository C{gone} answers 404 C{NAME_UNKNOWN}.
+    Repository C{flaky} has tag C{v1} until L{limited} is set, then answers
+    429 to everything.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limited = False
+
+    def render(self, request: Request) -> bytes:
+        path = request.path.decode("latin-1")
+        if path in ("/v2", "/v2/"):
+            return self._send(request, b"{}", "application/json")
+        refused = re.fullmatch(r"/v2/refused/([0-9]{3})/.*", path)
+        if refused:
+            return self._error(request, int(refused[1]))
+        if path.startswith("/v2/gone/"):
+            return self._error(request, 404, "NAME_UNKNOWN")
+        if path.startswith("/v2/flaky/") and self.limited:
+            return self._error(request, 429)
+        if path == "/v2/flaky/manifests/v1":
+            digest = "sha256:" + hashlib.sha256(REFUSING_MANIFEST).hexdigest()
+            request.setHeader(b"Docker-Content-Digest", digest.encode())
+            return self._send(request, REFUSING_MANIFEST, MANIFEST_TYPE)
+        return self._error(request, 404, "MANIFEST_UNKNOWN")
+
+    def _error(self, request: Request, status: int, code: str = "") -> bytes:
+        request.setResponseCode(status)
+        if status == 401:
+            request.setHeader(
+                b"WWW-Authenticate", f'Basic realm="{REFUSING_REALM}"'.encode()
+            )
+        if status == 429:
+            request.setHeader(b"Retry-After", b"120")
+        body = {"errors": [{"code": code or _CODES.get(status, "UNKNOWN")}]}
+        return self._send(request, json.dumps(body).encode(), "application/json")
+
+    def _send(self, request: Request, body: bytes, media_type: str) -> bytes:
+        request.setHeader(b"Content-Type", media_type.encode())
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
 
 
 def listen(reactor: Any, resource: Resource) -> tuple[IListeningPort, int]:

@@ -1,11 +1,13 @@
 """
 Pulling through blobserve from upstreams that ask for credentials (htpasswd
 Basic, and bearer tokens from a token server), and from one that redirects
-blob downloads to object storage on another host.
+blob downloads to object storage on another host; and upstream refusals
+told to clients as what they are.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -13,20 +15,26 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.web.http_headers import Headers
 
 from authservers import (
     ISSUER,
     PASSWORD,
+    REFUSING_MANIFEST,
+    REFUSING_REALM,
     SERVICE,
     USER,
     RedirectingFront,
+    RefusingRegistry,
     StorageServer,
     TokenServer,
     listen,
     write_htpasswd,
 )
 from images import layout_digests, layout_top_digest, pull_image, push_image
-from processes import BlobserveProcess, RegistryProcess
+from processes import DEADLINE, BlobserveProcess, RegistryProcess
 
 CREDENTIALS = f"{USER}:{PASSWORD}"
 
@@ -163,21 +171,105 @@ async def test_pulls_through_a_token_upstream(
     assert "eyJ" not in log  # no JWT
 
 
+async def ask(method: str, url: str) -> tuple[int, Headers, bytes]:
+    """
+    The status, headers and body of a request to blobserve, on a connection
+    of its own.
+    """
+    response = await treq.request(method, url, timeout=DEADLINE, persistent=False)
+    return response.code, response.headers, await response.content()
+
+
+def error_code(body: bytes) -> str:
+    code: str = json.loads(body)["errors"][0]["code"]
+    return code
+
+
 @pytest_twisted.ensureDeferred
-async def test_token_upstream_without_credentials_is_a_clear_502(
+async def test_token_upstream_without_credentials_is_a_clear_401(
     tmp_path: Path, token_registry: RegistryProcess
 ) -> None:
     server = BlobserveProcess(tmp_path, token_registry.url, tmp_path / "storage")
     await server.start()
     try:
-        response = await treq.get(f"{server.url}/v2/auth/none/manifests/v1")
-        body = await response.json()
+        status, headers, body = await ask(
+            "GET", f"{server.url}/v2/auth/none/manifests/v1"
+        )
     finally:
         server.stop()
-    assert response.code == 502
-    message = body["errors"][0]["message"]
+    assert (status, error_code(body)) == (401, "UNAUTHORIZED")
+    assert not headers.hasHeader(b"www-authenticate")
+    message = json.loads(body)["errors"][0]["message"]
     assert "token server" in message
     assert "401" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_refusals_keep_their_meaning(tmp_path: Path) -> None:
+    upstream = RefusingRegistry()
+    port, number = listen(reactor, upstream)
+    server = BlobserveProcess(
+        tmp_path,
+        f"http://127.0.0.1:{number}",
+        tmp_path / "storage",
+        extra=(f"--upstream-username={USER}", "--tag-ttl=0.05"),
+        env={"BLOBSERVE_UPSTREAM_PASSWORD": PASSWORD},
+    )
+    await server.start()
+    blob = "sha256:" + "0" * 64
+    try:
+        answers = {}
+        for repository in [
+            "refused/401",
+            "refused/403",
+            "refused/429",
+            "refused/500",
+            "gone",
+        ]:
+            for method in ("GET", "HEAD"):
+                for path in ("manifests/v1", f"blobs/{blob}"):
+                    url = f"{server.url}/v2/{repository}/{path}"
+                    answers[repository, method, path] = await ask(method, url)
+
+        # Known, then past its TTL while the upstream rate-limits: the tag is
+        # served from the cache.
+        tag = f"{server.url}/v2/flaky/manifests/v1"
+        assert (await ask("GET", tag))[::2] == (200, REFUSING_MANIFEST)
+        upstream.limited = True
+        await deferLater(reactor, 0.1, lambda: None)
+        stale = await ask("GET", tag)
+    finally:
+        server.stop()
+        await maybeDeferred(port.stopListening)
+
+    expected = {
+        "refused/401": (401, "UNAUTHORIZED"),
+        "refused/403": (403, "DENIED"),
+        "refused/429": (429, "TOOMANYREQUESTS"),
+        "refused/500": (502, "UNKNOWN"),
+        "gone": (404, "NAME_UNKNOWN"),
+    }
+    for (repository, method, path), (status, headers, body) in answers.items():
+        want_status, want_code = expected[repository]
+        if repository == "gone" and method == "HEAD":
+            # A HEAD has no body to tell an unknown repository by.
+            want_code = "MANIFEST_UNKNOWN" if "manifests" in path else "BLOB_UNKNOWN"
+        where = (repository, method, path)
+        assert status == want_status, where
+        if method == "GET":
+            assert error_code(body) == want_code, where
+        else:
+            assert body == b"", where
+        assert not headers.hasHeader(b"www-authenticate"), where
+        for values in headers.getAllRawHeaders():
+            assert REFUSING_REALM.encode() not in b"".join(values[1]), where
+        retry_after = headers.getRawHeaders(b"retry-after")
+        assert retry_after == ([b"120"] if status == 429 else None), where
+    assert stale[::2] == (200, REFUSING_MANIFEST)
+    log = server.log.read_text()
+    assert "serving flaky:v1" in log
+    assert "Unhandled" not in log
+    assert PASSWORD not in log
 
 
 @pytest_twisted.ensureDeferred

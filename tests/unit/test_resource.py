@@ -4,12 +4,13 @@ store, an upstream double and in-memory connections.
 """
 
 import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import pytest
 from attrs import define
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -22,7 +23,14 @@ from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.storage import DirectoryBlobStore
-from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError, Upstreams
+from blobserve.upstream import (
+    BlobInfo,
+    BlobUnknown,
+    RepositoryUnknown,
+    UpstreamError,
+    UpstreamRefused,
+    Upstreams,
+)
 
 from fakes import (
     Connection,
@@ -401,3 +409,74 @@ def test_status_counts_what_runs_and_ends_at_zero(registry: Registry) -> None:
     response.protocol.dataReceived(DATA[1000:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert status(registry) == {"downloads": 0, "observers": 0, "responses": 0}
+
+
+TAG_PATH = "/v2/library/busybox/manifests/latest"
+
+
+def fail_get_manifest(registry: Registry, reason: Exception) -> Connection:
+    client = registry.get(TAG_PATH)
+    registry.upstream.manifest_fetches[0][3].errback(Failure(reason))
+    return client
+
+
+def fail_head_manifest(registry: Registry, reason: Exception) -> Connection:
+    client = registry.get(TAG_PATH, "HEAD")
+    registry.upstream.manifest_stats[0][3].errback(Failure(reason))
+    return client
+
+
+def fail_get_blob(registry: Registry, reason: Exception) -> Connection:
+    client = registry.get()
+    registry.upstream.fetches[0][2].errback(Failure(reason))
+    return client
+
+
+def fail_head_blob(registry: Registry, reason: Exception) -> Connection:
+    registry.upstream.stat_answer = fail(reason)
+    return registry.get(method="HEAD")
+
+
+@pytest.mark.parametrize(
+    "ask", [fail_get_manifest, fail_head_manifest, fail_get_blob, fail_head_blob]
+)
+@pytest.mark.parametrize(
+    ("reason", "status", "code"),
+    [
+        (
+            UpstreamRefused(401, "the upstream registry refused access (401)"),
+            401,
+            "UNAUTHORIZED",
+        ),
+        (
+            UpstreamRefused(403, "the upstream registry denied access (403)"),
+            403,
+            "DENIED",
+        ),
+        (UpstreamRefused(429, "rate-limiting (429)", "120"), 429, "TOOMANYREQUESTS"),
+        (UpstreamRefused(429, "rate-limiting (429)"), 429, "TOOMANYREQUESTS"),
+        (RepositoryUnknown("repository unknown (404)"), 404, "NAME_UNKNOWN"),
+        (UpstreamError("the upstream registry answered 503"), 502, "UNKNOWN"),
+        (UpstreamError("upstream unreachable: refused"), 502, "UNKNOWN"),
+    ],
+)
+def test_upstream_answers_keep_their_meaning(
+    registry: Registry,
+    ask: Callable[[Registry, Exception], Connection],
+    reason: Exception,
+    status: int,
+    code: str,
+) -> None:
+    client = ask(registry, reason)
+    answered, headers, body = client.response()
+    assert answered == status
+    if ask in (fail_get_manifest, fail_get_blob):
+        assert error_code(client) == (status, code)
+        if isinstance(reason, UpstreamRefused):
+            assert json.loads(body)["errors"][0]["message"] == str(reason)
+    else:
+        assert body == b""
+    # Never the upstream's challenge: its realm is no business of a client.
+    assert "www-authenticate" not in headers
+    retry_after = getattr(reason, "retry_after", None)
+    assert headers.get("retry-after") == retry_after

@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import pytest
 from treq.client import HTTPClient
@@ -32,7 +32,9 @@ from blobserve.upstream import (
     IUpstream,
     ManifestUnknown,
     RegistryUpstream,
+    RepositoryUnknown,
     UpstreamError,
+    UpstreamRefused,
 )
 
 from fakes import failure_of, result_of
@@ -53,17 +55,26 @@ class RegistryDouble(Resource):
     and object storage (storage.test) it redirects blob downloads to.
 
     @ivar auth: C{None}, C{"basic"} or C{"bearer"}.
+    @ivar headers: headers of its answers other than a challenge.
+    @ivar body: the body of its answers with a C{status} other than 200.
     """
 
     isLeaf = True
 
     def __init__(
-        self, status: int = 200, auth: str | None = None, redirect: bool = False
+        self,
+        status: int = 200,
+        auth: str | None = None,
+        redirect: bool = False,
+        headers: dict[bytes, bytes] | None = None,
+        body: bytes | None = None,
     ) -> None:
         super().__init__()
         self.status = status
         self.auth = auth
         self.redirect = redirect
+        self.headers = headers or {}
+        self.body = body
         self.requests: list[tuple[str, bytes, bytes, Sequence[bytes]]] = []
         self.token_requests: list[bytes] = []
 
@@ -93,6 +104,10 @@ class RegistryDouble(Resource):
             request.setHeader(b"Location", b"http://storage.test/data?signature=x")
             return b""
         request.setResponseCode(self.status)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
+        if self.status != 200 and self.body is not None:
+            return self._content(request, self.body)
         if b"/manifests/" in request.uri:
             request.setHeader(b"Content-Type", MANIFEST_TYPE.encode())
             request.setHeader(b"Docker-Content-Digest", str(MANIFEST_DIGEST).encode())
@@ -133,6 +148,16 @@ def upstream_for(
         credentials=credentials,
     )
     return upstream, agent
+
+
+def refusal_of(d: Deferred[Any]) -> UpstreamRefused:
+    """
+    The refusal a Deferred has already failed with.
+    """
+    reason = failure_of(d)
+    reason.trap(UpstreamRefused)
+    assert isinstance(reason.value, UpstreamRefused)
+    return reason.value
 
 
 def settled(d: Deferred[_T], agent: RequestTraversalAgent) -> Deferred[_T]:
@@ -219,12 +244,13 @@ def test_tokens_are_per_repository() -> None:
     assert len(registry.token_requests) == 2
 
 
-def test_refused_token_is_an_upstream_error_without_secrets() -> None:
+def test_refused_token_is_a_401_refusal_without_secrets() -> None:
     registry = RegistryDouble(auth="bearer")
     upstream, agent = upstream_for(registry, Credentials("alice", "wrong"))
-    reason = failure_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
-    reason.trap(UpstreamError)
-    assert "wrong" not in reason.getErrorMessage()
+    refused = refusal_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    assert refused.status == 401
+    assert "token server" in str(refused)
+    assert "wrong" not in str(refused)
     assert "wrong" not in repr(Credentials("alice", "wrong"))
 
 
@@ -241,10 +267,11 @@ def test_basic_challenge_is_answered_with_credentials() -> None:
     ]
 
 
-def test_challenge_without_credentials_is_an_upstream_error() -> None:
+def test_challenge_without_credentials_is_a_401_refusal() -> None:
     upstream, agent = upstream_for(RegistryDouble(auth="basic"))
-    reason = failure_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
-    assert "credentials" in reason.getErrorMessage()
+    refused = refusal_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    assert refused.status == 401
+    assert "credentials" in str(refused)
 
 
 def test_redirect_is_followed_without_the_registrys_authorization() -> None:
@@ -295,3 +322,120 @@ def test_unknown_manifest() -> None:
 
 def test_authorization_header_value() -> None:
     assert CREDENTIALS.basic() == b"Basic " + base64.b64encode(b"alice:s3cret")
+
+
+#: Each request an upstream is asked for, for repository busybox.
+ASKS: dict[str, Callable[[RegistryUpstream], Deferred[Any]]] = {
+    "fetch_blob": lambda upstream: upstream.fetch_blob("busybox", DIGEST),
+    "stat_blob": lambda upstream: upstream.stat_blob("busybox", DIGEST),
+    "fetch_manifest": lambda upstream: upstream.fetch_manifest("busybox", "x", []),
+    "stat_manifest": lambda upstream: upstream.stat_manifest("busybox", "x", []),
+}
+
+
+def each_request(upstream: RegistryUpstream) -> list[Deferred[Any]]:
+    return [ask(upstream) for ask in ASKS.values()]
+
+
+@pytest.mark.parametrize("status", [401, 403, 429])
+def test_refusals_keep_their_status(status: int) -> None:
+    upstream, agent = upstream_for(RegistryDouble(status))
+    for d in each_request(upstream):
+        refused = refusal_of(settled(d, agent))
+        assert refused.status == status
+
+
+def test_401_after_answering_the_challenge_is_a_401_refusal() -> None:
+    registry = RegistryDouble(auth="basic")
+    upstream, agent = upstream_for(registry, Credentials("alice", "wrong"))
+    refused = refusal_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    assert refused.status == 401
+    # Asked once without credentials, once with: no more.
+    assert [r[3] for r in registry.requests] == [
+        [],
+        [Credentials("alice", "wrong").basic()],
+    ]
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 400, 405])
+def test_failures_and_other_statuses_are_plain_upstream_errors(status: int) -> None:
+    upstream, agent = upstream_for(RegistryDouble(status))
+    for d in each_request(upstream):
+        reason = failure_of(settled(d, agent))
+        reason.trap(UpstreamError)
+        assert not isinstance(reason.value, UpstreamRefused | BlobUnknown)
+        assert str(status) in reason.getErrorMessage()
+
+
+@pytest.mark.parametrize(
+    ("header", "passed_on"),
+    [
+        (b"120", "120"),
+        (b" 0030 ", "30"),
+        (b"0", "0"),
+        (b"Wed, 21 Oct 2015 07:28:00 GMT", "Wed, 21 Oct 2015 07:28:00 GMT"),
+        (b"9" * 9, "9" * 9),
+        (b"9" * 10, None),
+        (b"9" * 5000, None),
+        (b"-1", None),
+        (b"1.5", None),
+        (b"soon", None),
+        (b"\xb2", None),
+        (b"Wed, 31 Feb 2015 07:28:00 GMT", None),
+        (b"Wed, 21 Oct 2015 07:28:00 UTC", None),
+        (b"Wed, 21 Oct 2015 07:28:00 GMT; x", None),
+        (b"Wednesday, 21-Oct-15 07:28:00 GMT", None),
+    ],
+)
+def test_retry_after_is_passed_on_only_when_sane(
+    header: bytes, passed_on: str | None
+) -> None:
+    registry = RegistryDouble(429, headers={b"Retry-After": header})
+    upstream, agent = upstream_for(registry)
+    for d in each_request(upstream):
+        refused = refusal_of(settled(d, agent))
+        assert refused.retry_after == passed_on
+
+
+def test_429_without_retry_after_has_none() -> None:
+    upstream, agent = upstream_for(RegistryDouble(429))
+    refused = refusal_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    assert refused.retry_after is None
+
+
+NAME_UNKNOWN = json.dumps(
+    {"errors": [{"code": "NAME_UNKNOWN", "message": "repository name not known"}]}
+).encode()
+
+
+@pytest.mark.parametrize("kind", [BlobUnknown, ManifestUnknown])
+def test_404_naming_an_unknown_repository_is_repository_unknown(kind: type) -> None:
+    upstream, agent = upstream_for(RegistryDouble(404, body=NAME_UNKNOWN))
+    fetch = (
+        upstream.fetch_blob("busybox", DIGEST)
+        if kind is BlobUnknown
+        else upstream.fetch_manifest("busybox", "latest", [])
+    )
+    reason = failure_of(settled(fetch, agent))
+    reason.trap(RepositoryUnknown)
+    # Whoever handles an unknown blob or manifest handles it too.
+    assert isinstance(reason.value, kind)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"errors": [{"code": "MANIFEST_UNKNOWN"}]}).encode(),
+        b"not json",
+        b'{"errors": "NAME_UNKNOWN"}',
+        b"",
+        # Past the bound of what is read to tell.
+        NAME_UNKNOWN[:-1] + b" " * (64 * 1024) + b"}",
+    ],
+)
+def test_other_404s_are_unknown_blobs_or_manifests(body: bytes) -> None:
+    upstream, agent = upstream_for(RegistryDouble(404, body=body))
+    for d in each_request(upstream):
+        reason = failure_of(settled(d, agent))
+        reason.trap(BlobUnknown, ManifestUnknown)
+        assert not isinstance(reason.value, RepositoryUnknown)
