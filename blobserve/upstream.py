@@ -9,7 +9,7 @@ import datetime
 import json
 import re
 from collections.abc import Sequence
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import SplitResult, urlencode, urljoin, urlsplit
 
 from attrs import frozen
 from treq import collect
@@ -333,6 +333,12 @@ class RegistryUpstream:
     they expire, and C{Basic} challenges with C{credentials}. It follows up to
     L{MAX_REDIRECTS} redirects, and never sends the registry's
     C{Authorization} to another host.
+
+    Credentials go only where they belong: to a token server over https, or
+    over plain http only when the upstream itself is plain http on the same
+    host and port (else the token is asked for anonymously). A redirect from
+    https to http is refused, so every answer, and every digest it declares,
+    came over the scheme the upstream was configured with.
     """
 
     def __init__(
@@ -355,6 +361,8 @@ class RegistryUpstream:
         # The scheme of the upstream's last challenge: "bearer", "basic" or
         # None before any.
         self._scheme: str | None = None
+        # Token realms already warned about getting no credentials.
+        self._withheld_from: set[str] = set()
 
     def fetch_blob(
         self, name: str, digest: Digest, offset: int = 0
@@ -424,6 +432,9 @@ class RegistryUpstream:
         Send C{method} for C{/v2/<name>/<path>}, answering one authentication
         challenge and following redirects, and return the final response,
         whatever its status.
+
+        @raise UpstreamError: for a redirect from https to http, or to
+            anything but http(s), and for too many redirects.
         """
         url = f"{self.base_url}/v2/{name}/{path}"
         origin = _origin(url)
@@ -448,7 +459,7 @@ class RegistryUpstream:
             location = _header(response, b"location")
             if response.code in _REDIRECTS and location:
                 _discard(response)
-                url = urljoin(url, location)
+                url = _redirect_target(url, location)
                 continue
             return response
         raise UpstreamError(f"more than {MAX_REDIRECTS} redirects from upstream")
@@ -509,10 +520,16 @@ class RegistryUpstream:
         if "service" in challenge:
             query["service"] = challenge["service"]
         realm = challenge["realm"]
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UpstreamError("the upstream's token realm is not an http(s) URL")
         url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
         headers = Headers()
         if self._credentials is not None:
-            headers.setRawHeaders(b"Authorization", [self._credentials.basic()])
+            if self._may_send_credentials(parts):
+                headers.setRawHeaders(b"Authorization", [self._credentials.basic()])
+            else:
+                self._warn_withheld(parts)
         response = await self._request("GET", url, headers)
         if response.code != 200:
             raise await _refusal(response, None, f"token server {_host(url)}")
@@ -521,6 +538,64 @@ class RegistryUpstream:
             return parse_token_response(body, self._clock.seconds())
         except AuthenticationFailed as e:
             raise UpstreamError(f"token server {_host(url)}: {e}") from None
+
+    def _may_send_credentials(self, realm: SplitResult) -> bool:
+        """
+        Whether the credentials may go to the token realm C{realm}: over https
+        always; over plain http only if the upstream itself is plain http and
+        the realm is on its host and port, where they could be read anyway.
+        """
+        if realm.scheme == "https":
+            return True
+        upstream = urlsplit(self.base_url)
+        if realm.scheme != "http" or upstream.scheme != "http":
+            return False
+        where = _host_and_port(realm)
+        return where is not None and where == _host_and_port(upstream)
+
+    def _warn_withheld(self, realm: SplitResult) -> None:
+        where = f"{realm.scheme}://{realm.netloc.rpartition('@')[2]}"
+        if where in self._withheld_from:
+            return
+        self._withheld_from.add(where)
+        log.warn(
+            "not sending the upstream credentials over plain http to the token"
+            " server {realm}: only https, or a plain http upstream's own host"
+            " and port, get them; asking for an anonymous token",
+            realm=where,
+        )
+
+
+def _host_and_port(parts: SplitResult) -> tuple[str, int] | None:
+    """
+    The host and port an http(s) URL's request goes to, or L{None} if it
+    names none that can be told.
+    """
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    default = 443 if parts.scheme == "https" else 80
+    return parts.hostname, default if port is None else port
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """
+    Where a redirect from C{url} to C{location} goes.
+
+    @raise UpstreamError: if that is not http(s), or plain http from https.
+    """
+    target = urljoin(url, location)
+    scheme = urlsplit(target).scheme
+    if scheme == "http" and urlsplit(url).scheme == "https":
+        raise UpstreamError(
+            f"upstream {_host(url)} redirected from https to plain http; refused"
+        )
+    if scheme not in ("http", "https"):
+        raise UpstreamError(f"upstream {_host(url)} redirected to a non-http URL")
+    return target
 
 
 def _host(url: str) -> str:

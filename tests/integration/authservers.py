@@ -2,8 +2,8 @@
 What the authentication tests put around the upstream registry: an htpasswd
 file, a token server that signs JWTs with a certificate the registry trusts,
 a registry front that redirects blob downloads to separate "object storage",
-and a small upstream that refuses in ways a real registry does not on its
-own.
+one that serves the registry and its token server on one port, and a small
+upstream that refuses in ways a real registry does not on its own.
 """
 
 from __future__ import annotations
@@ -80,10 +80,13 @@ class TokenServer(Resource):
             self.certificate.public_bytes(serialization.Encoding.PEM)
         )
         self.requests: list[dict[str, list[str]]] = []
+        #: The C{Authorization} header of each request, in the same order.
+        self.authorizations: list[bytes | None] = []
 
     def render_GET(self, request: Request) -> bytes:
         query = parse_qs(request.uri.partition(b"?")[2].decode())
         self.requests.append(query)
+        self.authorizations.append(request.getHeader(b"authorization"))
         expected = b"Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode())
         if request.getHeader(b"authorization") != expected:
             request.setResponseCode(401)
@@ -170,28 +173,55 @@ class RedirectingFront(Resource):
                 b"Location", f"{self.storage}/data/{hex_digest}?sig=x".encode()
             )
             return b""
-        Deferred.fromCoroutine(self._forward(request))
+        Deferred.fromCoroutine(_forward(request, self.registry))
         return NOT_DONE_YET
 
-    async def _forward(self, request: Request) -> None:
-        headers = Headers()
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() != b"host":
-                headers.setRawHeaders(name, values)
-        response = await treq.request(
-            request.method.decode(),
-            self.registry + request.uri.decode(),
-            headers=headers,
-            allow_redirects=False,
-        )
-        body = await response.content()
-        request.setResponseCode(response.code)
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in (b"content-length", b"content-encoding"):
-                request.responseHeaders.setRawHeaders(name, values)
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
+
+class SameOriginFront(Resource):
+    """
+    The registry and its token server behind one port, as a reverse proxy
+    serves them: C{/token} is the token server's, everything else goes to the
+    registry (set L{registry} once it runs).
+    """
+
+    isLeaf = True
+
+    def __init__(self, tokens: TokenServer) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.registry = ""
+        #: Where it listens, once it does.
+        self.url = ""
+
+    def render(self, request: Request) -> int | bytes:
+        if request.path == b"/token":
+            return self.tokens.render(request)  # type: ignore[no-any-return]
+        Deferred.fromCoroutine(_forward(request, self.registry))
+        return NOT_DONE_YET
+
+
+async def _forward(request: Request, registry: str) -> None:
+    """
+    Pass C{request} on to C{registry} and its answer back.
+    """
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if name.lower() != b"host":
+            headers.setRawHeaders(name, values)
+    response = await treq.request(
+        request.method.decode(),
+        registry + request.uri.decode(),
+        headers=headers,
+        allow_redirects=False,
+    )
+    body = await response.content()
+    request.setResponseCode(response.code)
+    for name, values in response.headers.getAllRawHeaders():
+        if name.lower() not in (b"content-length", b"content-encoding"):
+            request.responseHeaders.setRawHeaders(name, values)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
 
 
 #: The manifest the refusing upstream serves while it does not refuse.

@@ -1,10 +1,12 @@
 """
 In-memory doubles for the unit tests: an upstream whose answers the test
-controls, and an HTTP connection to a resource over a StringTransport.
+controls, an HTTP connection to a resource over a StringTransport, and the
+log events a test causes.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +17,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
@@ -239,3 +242,34 @@ def connect(resource: IResource) -> Connection:
     transport = ClientTransport()
     channel.makeConnection(transport)
     return Connection(channel, transport)
+
+
+@implementer(ILogObserver)
+@define(eq=False)
+class LoggedEvents:
+    """
+    The Twisted log events emitted while it is in use (C{with}).
+    """
+
+    events: list[dict[str, Any]] = field(factory=list)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def __enter__(self) -> LoggedEvents:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def failures(self) -> list[Failure]:
+        """
+        The failures logged so far, counting unhandled errors in Deferreds
+        that are garbage now.
+        """
+        gc.collect()
+        return [event["log_failure"] for event in self.events if "log_failure" in event]
+
+    def messages(self) -> list[str]:
+        return [formatEvent(event) for event in self.events]

@@ -37,7 +37,7 @@ from blobserve.upstream import (
     UpstreamRefused,
 )
 
-from fakes import failure_of, result_of
+from fakes import LoggedEvents, failure_of, result_of
 
 _T = TypeVar("_T")
 DATA = b"blob bytes" * 100
@@ -51,8 +51,9 @@ TOKEN = "token-for-alice"
 
 class RegistryDouble(Resource):
     """
-    A registry (host registry.test) with an optional token server (auth.test)
-    and object storage (storage.test) it redirects blob downloads to.
+    A registry (host registry.test) with an optional token server (at
+    C{realm}, C{/token} of any host) and object storage (storage.test) it
+    redirects blob downloads to.
 
     @ivar auth: C{None}, C{"basic"} or C{"bearer"}.
     @ivar headers: headers of its answers other than a challenge.
@@ -66,6 +67,8 @@ class RegistryDouble(Resource):
         status: int = 200,
         auth: str | None = None,
         redirect: bool = False,
+        realm: str = "https://auth.test/token",
+        location: bytes = b"http://storage.test/data?signature=x",
         headers: dict[bytes, bytes] | None = None,
         body: bytes | None = None,
     ) -> None:
@@ -73,24 +76,24 @@ class RegistryDouble(Resource):
         self.status = status
         self.auth = auth
         self.redirect = redirect
+        self.realm = realm
+        self.location = location
         self.headers = headers or {}
         self.body = body
         self.requests: list[tuple[str, bytes, bytes, Sequence[bytes]]] = []
         self.token_requests: list[bytes] = []
+        #: Who asked for tokens: (scheme, host, Authorization headers).
+        self.token_askers: list[tuple[str, str, Sequence[bytes]]] = []
 
     def render(self, request: Request) -> bytes:
         host = (request.getHeader(b"host") or b"").decode()
         authorization = request.getHeader(b"authorization") or b""
-        self.requests.append(
-            (
-                host,
-                request.method,
-                request.uri,
-                request.requestHeaders.getRawHeaders(b"authorization") or [],
-            )
-        )
-        if host == "auth.test":
+        authorizations = request.requestHeaders.getRawHeaders(b"authorization") or []
+        self.requests.append((host, request.method, request.uri, authorizations))
+        if request.path == b"/token":
+            scheme = "https" if request.isSecure() else "http"
             self.token_requests.append(request.uri)
+            self.token_askers.append((scheme, host, authorizations))
             if authorization != CREDENTIALS.basic():
                 request.setResponseCode(401)
                 return b""
@@ -99,9 +102,9 @@ class RegistryDouble(Resource):
             return self._content(request, DATA)
         if not self._authorized(request, authorization):
             return b'{"errors": [{"code": "UNAUTHORIZED"}]}'
-        if self.redirect and b"/blobs/" in request.uri:
+        if self.redirect:
             request.setResponseCode(307)
-            request.setHeader(b"Location", b"http://storage.test/data?signature=x")
+            request.setHeader(b"Location", self.location)
             return b""
         request.setResponseCode(self.status)
         for name, value in self.headers.items():
@@ -128,7 +131,7 @@ class RegistryDouble(Resource):
             request.setResponseCode(401)
             request.setHeader(
                 b"WWW-Authenticate",
-                f'Bearer realm="http://auth.test/token",service="registry.test",'
+                f'Bearer realm="{self.realm}",service="registry.test",'
                 f'scope="repository:{name.decode()}:pull"'.encode(),
             )
             return False
@@ -139,10 +142,11 @@ def upstream_for(
     registry: RegistryDouble,
     credentials: Credentials | None = None,
     clock: Clock | None = None,
+    base_url: str = "http://registry.test/",
 ) -> tuple[RegistryUpstream, RequestTraversalAgent]:
     agent = RequestTraversalAgent(registry)
     upstream = RegistryUpstream(
-        "http://registry.test/",
+        base_url,
         HTTPClient(agent),
         clock or Clock(),
         credentials=credentials,
@@ -439,3 +443,92 @@ def test_other_404s_are_unknown_blobs_or_manifests(body: bytes) -> None:
         reason = failure_of(settled(d, agent))
         reason.trap(BlobUnknown, ManifestUnknown)
         assert not isinstance(reason.value, RepositoryUnknown)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "realm", "sent"),
+    [
+        ("http://registry.test", "https://auth.test/token", True),
+        ("https://registry.test", "https://auth.test/token", True),
+        ("http://registry.test", "http://registry.test/token", True),
+        ("http://registry.test:5000", "http://registry.test:5000/token", True),
+        ("http://registry.test", "http://REGISTRY.test:80/token", True),
+        ("http://registry.test", "http://auth.test/token", False),
+        ("http://registry.test:5000", "http://registry.test:5001/token", False),
+        ("http://registry.test", "http://registry.test:8080/token", False),
+        ("https://registry.test", "http://registry.test/token", False),
+        ("https://registry.test", "http://registry.test:443/token", False),
+    ],
+)
+def test_credentials_go_to_a_token_realm_only_over_https_or_to_the_upstream(
+    base_url: str, realm: str, sent: bool
+) -> None:
+    registry = RegistryDouble(auth="bearer", realm=realm)
+    upstream, agent = upstream_for(registry, CREDENTIALS, base_url=base_url)
+    d = settled(upstream.stat_blob("busybox", DIGEST), agent)
+    (_, _, authorizations), *_ = registry.token_askers
+    if sent:
+        assert authorizations == [CREDENTIALS.basic()]
+        assert result_of(d) == BlobInfo(len(DATA))
+    else:
+        # Asked anonymously; this token server wants credentials.
+        assert authorizations == []
+        refused = refusal_of(d)
+        assert refused.status == 401
+
+
+def test_withheld_credentials_are_warned_about_once_without_secrets() -> None:
+    registry = RegistryDouble(auth="bearer", realm="http://auth.test/token")
+    upstream, agent = upstream_for(registry, CREDENTIALS)
+    with LoggedEvents() as logged:
+        for name in ("a", "b"):
+            failure_of(settled(upstream.stat_blob(name, DIGEST), agent))
+    assert len(registry.token_askers) == 2
+    warnings = [m for m in logged.messages() if "not sending" in m]
+    assert len(warnings) == 1
+    assert "http://auth.test" in warnings[0]
+    assert CREDENTIALS.password not in " ".join(logged.messages())
+
+
+@pytest.mark.parametrize("realm", ["ftp://auth.test/token", "/token", "auth.test"])
+def test_token_realm_that_is_not_http_is_refused(realm: str) -> None:
+    registry = RegistryDouble(auth="bearer", realm=realm)
+    upstream, agent = upstream_for(registry, CREDENTIALS)
+    reason = failure_of(settled(upstream.stat_blob("busybox", DIGEST), agent))
+    reason.trap(UpstreamError)
+    assert "realm" in reason.getErrorMessage()
+    assert registry.token_askers == []
+
+
+@pytest.mark.parametrize("ask", ASKS)
+def test_redirect_from_https_to_http_is_refused(ask: str) -> None:
+    # Whatever a downgraded answer says, digests included, is never read.
+    registry = RegistryDouble(
+        auth="basic", redirect=True, location=b"http://storage.test/data"
+    )
+    upstream, agent = upstream_for(
+        registry, CREDENTIALS, base_url="https://registry.test"
+    )
+    reason = failure_of(settled(ASKS[ask](upstream), agent))
+    reason.trap(UpstreamError)
+    assert "https to plain http" in reason.getErrorMessage()
+    assert [r for r in registry.requests if r[0] == "storage.test"] == []
+
+
+@pytest.mark.parametrize(
+    ("base_url", "location"),
+    [
+        ("https://registry.test", b"https://storage.test/data"),
+        ("https://registry.test", b"//storage.test/data"),
+        ("http://registry.test", b"http://storage.test/data"),
+        ("http://registry.test", b"https://storage.test/data"),
+    ],
+)
+def test_redirects_that_keep_or_raise_security_are_followed(
+    base_url: str, location: bytes
+) -> None:
+    registry = RegistryDouble(redirect=True, location=location)
+    upstream, agent = upstream_for(registry, base_url=base_url)
+    response = result_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
+    assert response.code == 200
+    assert [r[0] for r in registry.requests] == ["registry.test", "storage.test"]
