@@ -74,6 +74,10 @@ class ManifestCache:
     wrong credentials), and serving on would hide it from the operator. The
     tag's record is kept, so the tag is served stale again if the upstream
     goes on to fail in another way.
+
+    A caller that cancels what L{get} or L{head} returned (its client left)
+    only stops waiting: work shared with other callers goes on, a C{HEAD} of
+    its own is stopped, and nothing is served stale or recorded for it.
     """
 
     def __init__(self, store: IBlobStore, clock: IReactorTime, ttl: float) -> None:

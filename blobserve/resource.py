@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -242,9 +243,11 @@ class RegistryResource(Resource):
     def _get_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)
         d = self._manifests.get(registry, upstream, name, reference, _accept(request))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        _stop_when_over(request, d)
 
         def send(manifest: Manifest) -> None:
+            if _over(request):
+                return
             _manifest_headers(
                 request, manifest.digest, manifest.media_type, len(manifest.content)
             )
@@ -257,9 +260,11 @@ class RegistryResource(Resource):
     def _head_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)
         d = self._manifests.head(registry, upstream, name, reference, _accept(request))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        _stop_when_over(request, d)
 
         def send(info: ManifestInfo) -> None:
+            if _over(request):
+                return
             _manifest_headers(request, info.digest, info.media_type, info.length)
             request.finish()
 
@@ -338,9 +343,11 @@ class RegistryResource(Resource):
             return b""
 
         d = self._upstream_for(request)[1].stat_blob(name, digest)
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        _stop_when_over(request, d)
 
         def answer(info: BlobInfo) -> None:
+            if _over(request):
+                return
             _blob_headers(request, digest, info.length)
             request.finish()
 
@@ -408,11 +415,27 @@ def _parse_blob_path(match: re.Match[bytes]) -> tuple[str, Digest]:
     return name, digest
 
 
+def _over(request: Request) -> bool:
+    """
+    Whether C{request} can take no answer any more: its client has gone, or
+    it has been answered.
+    """
+    return request.channel is None or bool(request.finished)
+
+
+def _stop_when_over(request: Request, answer: Deferred[Any]) -> None:
+    """
+    Cancel C{answer} once C{request} is over, however it ended: what it was
+    waiting for has nobody to go to.
+    """
+    request.notifyFinish().addBoth(lambda _: answer.cancel())
+
+
 def _finish_with_error(request: Request, reason: Failure) -> None:
     """
     Answer a request whose headers are not sent yet with an OCI error.
     """
-    if reason.check(CancelledError) or request.channel is None:
+    if reason.check(CancelledError) or _over(request):
         return  # the client has gone
     request.write(write_error(request, error_for(reason)))
     request.finish()

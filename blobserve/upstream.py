@@ -9,14 +9,19 @@ import datetime
 import json
 import re
 from collections.abc import Sequence
+from typing import TypeVar
 from urllib.parse import SplitResult, urlencode, urljoin, urlsplit
 
 from attrs import frozen
 from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import Interface, implementer
@@ -59,6 +64,8 @@ _MONTHS = (
     "Nov",
     "Dec",
 )
+
+_T = TypeVar("_T")
 
 
 class UpstreamError(Exception):
@@ -228,27 +235,64 @@ def _discard(response: IResponse) -> None:
     collect(response, lambda data: None).addErrback(lambda reason: None)
 
 
+class _BodyReader(Protocol):
+    """
+    Reads a body of at most C{limit} bytes. L{done} fires with it, or fails
+    with L{UpstreamError} when it is larger or cut short; cancelling L{done}
+    stops the transfer and fails it with C{CancelledError}, nothing else.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._over = False
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+
+    def _stop(self) -> None:
+        # Marked first: stopping may end the connection at once, and that end
+        # must not fire done as well.
+        self._over = True
+        if self.transport is not None:
+            IPushProducer(self.transport).stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._over:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._stop()
+            self.done.errback(
+                UpstreamError(f"upstream body larger than {self._limit} bytes")
+            )
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._over:
+            return
+        self._over = True
+        # PotentialDataLoss is the end of a body that ends by closing; the
+        # caller's digest check decides whether it is whole.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._parts))
+        else:
+            message = f"upstream body cut short: {reason.getErrorMessage()}"
+            self.done.errback(UpstreamError(message))
+
+
 async def _read_body(response: IResponse, limit: int) -> bytes:
     """
     The whole body of C{response}, which must not exceed C{limit} bytes.
+
+    @raise UpstreamError: if it does, or is cut short.
+    @raise CancelledError: if the caller cancelled; the transfer is stopped.
     """
-    parts: list[bytes] = []
-    size = 0
-
-    def take(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise UpstreamError(f"upstream body larger than {limit} bytes")
-        parts.append(data)
-
-    try:
-        await collect(response, take)
-    except UpstreamError:
-        raise
-    except Exception as e:
-        raise UpstreamError(f"upstream body cut short: {e}") from None
-    return b"".join(parts)
+    if response.length == 0:
+        return b""
+    reader = _BodyReader(limit)
+    response.deliverBody(reader)
+    return await reader.done
 
 
 def _retry_after(response: IResponse) -> str | None:
@@ -323,6 +367,35 @@ async def _refusal(
     return UpstreamError(f"the {whom} answered {code} {phrase}")
 
 
+def _cancellable(sent: Deferred[_T]) -> Deferred[_T]:
+    """
+    A Deferred that fires as C{sent} does, except that cancelling it cancels
+    C{sent} and fails with C{CancelledError}, whatever C{sent}'s canceller
+    makes of it (Twisted's agent says C{ResponseNeverReceived} or
+    C{DNSLookupError}, which would read as an unreachable upstream).
+    """
+    cancelled = False
+
+    def cancel(_: Deferred[_T]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        sent.cancel()
+
+    answer: Deferred[_T] = Deferred(cancel)
+
+    def forward(result: _T | Failure) -> None:
+        if cancelled:
+            if not answer.called:
+                answer.errback(CancelledError())
+        elif isinstance(result, Failure):
+            answer.errback(result)
+        else:
+            answer.callback(result)
+
+    sent.addBoth(forward)
+    return answer
+
+
 @implementer(IUpstream)
 class RegistryUpstream:
     """
@@ -339,6 +412,10 @@ class RegistryUpstream:
     host and port (else the token is asked for anonymously). A redirect from
     https to http is refused, so every answer, and every digest it declares,
     came over the scheme the upstream was configured with.
+
+    Cancelling what a method returns stops its upstream request and fails
+    with C{CancelledError}, never with L{UpstreamError}: a caller that gives
+    up is not an upstream failure.
     """
 
     def __init__(
@@ -465,21 +542,43 @@ class RegistryUpstream:
         raise UpstreamError(f"more than {MAX_REDIRECTS} redirects from upstream")
 
     async def _request(self, method: str, url: str, headers: Headers) -> IResponse:
+        """
+        Send one request and wait, at most the timeout, for its headers.
+
+        @raise UpstreamError: if the upstream is unreachable or gives no
+            answer in time.
+        @raise CancelledError: if the caller cancelled; the request is
+            abandoned.
+        """
+        sent = self._client.request(
+            method, url, headers=headers, allow_redirects=False, unbuffered=True
+        )
+        # The timeout is kept here rather than left to treq: treq's cancels
+        # the request too, and only a flag tells its expiry from a caller
+        # that went away (and treq's would run on the global reactor, not on
+        # this clock).
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            sent.cancel()
+
+        answer = _cancellable(sent)
+        timer = self._clock.callLater(self._timeout, expire)
         try:
-            response: IResponse = await self._client.request(
-                method,
-                url,
-                headers=headers,
-                allow_redirects=False,
-                unbuffered=True,
-                timeout=self._timeout,
-            )
-        except CancelledError:
-            raise UpstreamError(
-                f"upstream {_host(url)} gave no answer within {self._timeout:g} s"
-            ) from None
+            response: IResponse = await answer
         except Exception as e:
+            if expired:
+                raise UpstreamError(
+                    f"upstream {_host(url)} gave no answer within {self._timeout:g} s"
+                ) from None
+            if isinstance(e, CancelledError):
+                raise
             raise UpstreamError(f"upstream {_host(url)} unreachable: {e}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
         return response
 
     def _authorization(self, scope: str) -> bytes | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from attrs import define
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -212,3 +212,34 @@ def test_head_of_uncached_tag_asks_upstream_head_only(subject: Cache) -> None:
 
 def test_accept_key_ignores_order_case_and_parameters() -> None:
     assert accept_key(["b/c;q=0.5, A/B", "a/b"]) == ("a/b", "b/c")
+
+
+def test_head_of_a_tag_whose_caller_leaves_serves_nothing_stale(
+    subject: Cache,
+) -> None:
+    cold_fetch(subject)
+    record = dict(subject.cache._tags)
+    subject.clock.advance(120)
+    h = subject.head()
+    h.cancel()
+    failure_of(h).trap(CancelledError)
+    # The upstream's HEAD is stopped, and the tag's record is as it was.
+    assert len(subject.upstream.manifest_stats) == 1
+    assert subject.upstream.manifest_stats[0][3].called
+    assert subject.cache._tags == record
+
+
+def test_caller_leaving_a_shared_tag_resolution_leaves_it_to_the_others(
+    subject: Cache,
+) -> None:
+    cold_fetch(subject)
+    subject.clock.advance(120)
+    leaving, staying = subject.get(), subject.get()
+    leaving.cancel()
+    failure_of(leaving).trap(CancelledError)
+    stat = subject.upstream.manifest_stats[0][3]
+    assert not stat.called
+    stat.callback(ManifestInfo(V2.digest, INDEX_TYPE, len(V2.content)))
+    subject.upstream.manifest_fetches[-1][3].callback(V2)
+    assert result_of(staying) == V2
+    assert subject.cache._tags[next(iter(subject.cache._tags))].digest == V2.digest

@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
@@ -37,7 +39,7 @@ from blobserve.upstream import (
     UpstreamRefused,
 )
 
-from fakes import LoggedEvents, failure_of, result_of
+from fakes import ControlledAgent, FakeResponse, LoggedEvents, failure_of, result_of
 
 _T = TypeVar("_T")
 DATA = b"blob bytes" * 100
@@ -532,3 +534,79 @@ def test_redirects_that_keep_or_raise_security_are_followed(
     response = result_of(settled(upstream.fetch_blob("busybox", DIGEST), agent))
     assert response.code == 200
     assert [r[0] for r in registry.requests] == ["registry.test", "storage.test"]
+
+
+#: What cancelling a request may fail with, depending on Twisted's agent's
+#: stage (resolving, connecting, waiting for the response).
+CANCELLED_AS: list[Callable[[], Exception]] = [
+    lambda: ResponseNeverReceived([Failure(CancelledError())]),
+    lambda: DNSLookupError("Couldn't find the hostname 'registry.test'."),
+    CancelledError,
+]
+
+
+def controlled_upstream(
+    clock: Clock | None = None,
+    cancelled_as: Callable[[], Exception] = CANCELLED_AS[0],
+) -> tuple[RegistryUpstream, ControlledAgent]:
+    agent = ControlledAgent(cancelled_as=cancelled_as)
+    upstream = RegistryUpstream(
+        "http://registry.test", HTTPClient(agent), clock or Clock(), timeout=30
+    )
+    return upstream, agent
+
+
+@pytest.mark.parametrize("cancelled_as", CANCELLED_AS)
+@pytest.mark.parametrize("ask", ASKS)
+def test_cancelling_a_request_is_not_an_upstream_failure(
+    ask: str, cancelled_as: Callable[[], Exception]
+) -> None:
+    upstream, agent = controlled_upstream(cancelled_as=cancelled_as)
+    d = ASKS[ask](upstream)
+    d.cancel()
+    failure_of(d).trap(CancelledError)
+    # The upstream request is abandoned.
+    assert agent.cancelled == [agent.requests[0][1]]
+
+
+@pytest.mark.parametrize("cancelled_as", CANCELLED_AS)
+@pytest.mark.parametrize("ask", ASKS)
+def test_no_answer_within_the_timeout_is_an_upstream_failure(
+    ask: str, cancelled_as: Callable[[], Exception]
+) -> None:
+    clock = Clock()
+    upstream, agent = controlled_upstream(clock, cancelled_as)
+    d = ASKS[ask](upstream)
+    clock.advance(29)
+    assert not d.called
+    clock.advance(1)
+    reason = failure_of(d)
+    reason.trap(UpstreamError)
+    assert "no answer within 30 s" in reason.getErrorMessage()
+    assert agent.cancelled == [agent.requests[0][1]]
+
+
+def test_an_answer_in_time_leaves_no_timer_behind() -> None:
+    clock = Clock()
+    upstream, agent = controlled_upstream(clock)
+    d = upstream.stat_blob("busybox", DIGEST)
+    agent.requests[0][3].callback(FakeResponse(code=200))
+    assert result_of(d) == BlobInfo(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancelling_while_a_manifest_body_arrives_stops_it() -> None:
+    upstream, agent = controlled_upstream()
+    d = upstream.fetch_manifest("busybox", "latest", [])
+    response = FakeResponse(code=200)
+    response.headers.setRawHeaders(b"content-type", [MANIFEST_TYPE.encode()])
+    agent.requests[0][3].callback(response)
+    assert response.protocol is not None
+    response.protocol.dataReceived(MANIFEST[:5])
+    with LoggedEvents() as logged:
+        d.cancel()
+        failure_of(d).trap(CancelledError)
+        assert response.transport.producerState == "stopped"
+        # The end of the connection that follows changes nothing.
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        assert logged.failures() == []
