@@ -25,6 +25,7 @@ from blobserve.upstream import (
     ManifestInfo,
     ManifestUnknown,
     UpstreamError,
+    UpstreamRefused,
 )
 
 log = Logger()
@@ -65,8 +66,18 @@ class ManifestCache:
     By tag, the digest the tag resolves to is remembered per registry,
     repository and set of accepted media types; within C{ttl} seconds the
     upstream is not asked again, after that a C{HEAD} revalidates it. When the
-    upstream is unreachable, answers 5xx or rate-limits, the last known
-    manifest is served; when it says the tag is gone, so does blobserve.
+    upstream is unreachable, answers 5xx or rate-limits (429), the last known
+    manifest is served; when it says the tag (or its repository) is gone, so
+    does blobserve. When it refuses access (401, 403), the refusal is passed
+    on and nothing stale is served: unlike an outage, that is the upstream's
+    answer about this tag now (revoked access, a repository made private,
+    wrong credentials), and serving on would hide it from the operator. The
+    tag's record is kept, so the tag is served stale again if the upstream
+    goes on to fail in another way.
+
+    A caller that cancels what L{get} or L{head} returned (its client left)
+    only stops waiting: work shared with other callers goes on, a C{HEAD} of
+    its own is stopped, and nothing is served stale or recorded for it.
     """
 
     def __init__(self, store: IBlobStore, clock: IReactorTime, ttl: float) -> None:
@@ -158,7 +169,7 @@ class ManifestCache:
             self._tags.pop(key, None)
             raise
         except UpstreamError as e:
-            stale = self._load(record.digest)
+            stale = self._load(record.digest) if _may_serve_stale(e) else None
             if stale is None:
                 raise
             log.warn(
@@ -206,8 +217,8 @@ class ManifestCache:
         except ManifestUnknown:
             self._tags.pop(key, None)
             raise
-        except UpstreamError:
-            if stored is None:
+        except UpstreamError as e:
+            if stored is None or not _may_serve_stale(e):
                 raise
             return _info(stored)
         if info.digest is not None:
@@ -283,6 +294,14 @@ class ManifestCache:
 
             d.addBoth(settle)
         return running.observe()
+
+
+def _may_serve_stale(error: UpstreamError) -> bool:
+    """
+    Whether a tag may be served from its last known manifest despite
+    C{error}: for an outage or a rate limit, not for a refusal of access.
+    """
+    return not (isinstance(error, UpstreamRefused) and error.status in (401, 403))
 
 
 def _digest_or_none(reference: str) -> Digest | None:

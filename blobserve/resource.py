@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,14 +32,18 @@ from blobserve.upstream import (
     Manifest,
     ManifestInfo,
     ManifestUnknown,
+    RepositoryUnknown,
     UnknownRegistry,
     UpstreamError,
+    UpstreamRefused,
     Upstreams,
 )
 from blobserve.writer import BlobTooLarge, IBlobProgress
 from blobserve.zerocopy import IZeroCopySink, SocketSink
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 _BLOB_PATH = re.compile(rb"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 _MANIFEST_PATH = re.compile(rb"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
@@ -52,6 +56,8 @@ STATUS_PATH = b"/_blobserve/status"
 class OCIError(Exception):
     """
     An error the client is told about with the distribution spec's error body.
+
+    @ivar headers: more response headers that go with it.
     """
 
     def __init__(
@@ -68,13 +74,32 @@ class OCIError(Exception):
         self.headers = headers or {}
 
 
+#: How the upstream's refusals are told: the same status, the spec's code.
+_REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
+
+
 def error_for(reason: Failure) -> OCIError:
     """
     The OCI error that tells a client why its blob or manifest cannot be
     served.
+
+    The upstream's answers keep their meaning: 404 C{NAME_UNKNOWN},
+    C{BLOB_UNKNOWN} or C{MANIFEST_UNKNOWN} when it has no such thing, 401
+    C{UNAUTHORIZED}, 403 C{DENIED}, 429 C{TOOMANYREQUESTS} (with its
+    C{Retry-After}, when sane) when it refuses; 502 only when it is
+    unreachable or fails.
+
+    A 401 carries no C{WWW-Authenticate}: the upstream's challenge names its
+    realm, which is none of a mirror client's business, and blobserve has no
+    access control of its own that a client could answer a challenge of
+    ours with. The distribution spec has 401 only I{often} come with a
+    challenge; containerd and Docker take a 401 without one as final and
+    move on to their next host.
     """
     if reason.check(OCIError):
         return reason.value  # type: ignore[return-value]
+    if reason.check(RepositoryUnknown):
+        return OCIError(404, "NAME_UNKNOWN", "repository name not known to registry")
     if reason.check(BlobUnknown):
         return OCIError(404, "BLOB_UNKNOWN", "blob unknown to registry")
     if reason.check(ManifestUnknown):
@@ -89,6 +114,14 @@ def error_for(reason: Failure) -> OCIError:
         )
     if reason.check(BlobTooLarge):
         return OCIError(403, "DENIED", reason.getErrorMessage())
+    if reason.check(UpstreamRefused):
+        refused: UpstreamRefused = reason.value  # type: ignore[assignment]
+        headers = {}
+        if refused.status == 429 and refused.retry_after is not None:
+            headers[b"Retry-After"] = refused.retry_after.encode("ascii")
+        code = _REFUSAL_CODES.get(refused.status)
+        if code is not None:
+            return OCIError(refused.status, code, str(refused), headers)
     if reason.check(UpstreamError):
         return OCIError(502, "UNKNOWN", reason.getErrorMessage())
     if reason.check(OSError):
@@ -199,16 +232,13 @@ class RegistryResource(Resource):
 
         _, upstream = self._upstream_for(request)
         ready = self._downloads.join(name, digest, upstream).when_ready()
-        # A client that leaves before the upstream answers stops waiting (and
-        # when no client is left waiting, the download is abandoned).
-        request.notifyFinish().addErrback(lambda _: ready.cancel())
 
         def follow(landing: Landing) -> None:
             self._stream(request, digest, landing.open_reader(), landing)
 
-        ready.addCallback(follow).addErrback(
-            lambda reason: _finish_with_error(request, reason)
-        )
+        # A client that leaves before the upstream answers stops waiting (and
+        # when no client is left waiting, the download is abandoned).
+        _answer_with(request, ready, follow)
         return NOT_DONE_YET
 
     def _status(self, request: Request) -> bytes:
@@ -231,28 +261,30 @@ class RegistryResource(Resource):
     def _get_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)
         d = self._manifests.get(registry, upstream, name, reference, _accept(request))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def send(manifest: Manifest) -> None:
+            if _over(request):
+                return
             _manifest_headers(
                 request, manifest.digest, manifest.media_type, len(manifest.content)
             )
             request.write(manifest.content)
             request.finish()
 
-        d.addCallbacks(send, lambda reason: _finish_with_error(request, reason))
+        _answer_with(request, d, send)
         return NOT_DONE_YET
 
     def _head_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)
         d = self._manifests.head(registry, upstream, name, reference, _accept(request))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def send(info: ManifestInfo) -> None:
+            if _over(request):
+                return
             _manifest_headers(request, info.digest, info.media_type, info.length)
             request.finish()
 
-        d.addCallbacks(send, lambda reason: _finish_with_error(request, reason))
+        _answer_with(request, d, send)
         return NOT_DONE_YET
 
     def _upstream_for(self, request: Request) -> tuple[str, IUpstream]:
@@ -357,13 +389,14 @@ class RegistryResource(Resource):
             return b""
 
         d = self._upstream_for(request)[1].stat_blob(name, digest)
-        request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def answer(info: BlobInfo) -> None:
+            if _over(request):
+                return
             _blob_headers(request, digest, info.length)
             request.finish()
 
-        d.addCallbacks(answer, lambda reason: _finish_with_error(request, reason))
+        _answer_with(request, d, answer)
         return NOT_DONE_YET
 
 
@@ -427,12 +460,35 @@ def _parse_blob_path(match: re.Match[bytes]) -> tuple[str, Digest]:
     return name, digest
 
 
+def _over(request: Request) -> bool:
+    """
+    Whether C{request} can take no answer any more: its client has gone, or
+    it has been answered.
+    """
+    return request.channel is None or bool(request.finished)
+
+
+def _answer_with(
+    request: Request, result: Deferred[_T], answer: Callable[[_T], None]
+) -> None:
+    """
+    Answer C{request} with C{answer} once C{result} fires; whatever fails,
+    C{result} or C{answer}, is answered as an error. Once C{request} is over,
+    however it ended, C{result} is cancelled: what it was waiting for has
+    nobody to go to.
+    """
+    request.notifyFinish().addBoth(lambda _: result.cancel())
+    result.addCallback(answer).addErrback(
+        lambda reason: _finish_with_error(request, reason)
+    )
+
+
 def _finish_with_error(request: Request, reason: Failure) -> None:
     """
     Answer a request with an OCI error, or, if its headers are sent already,
     cut its connection: a body that has begun must not end cleanly.
     """
-    if reason.check(CancelledError) or request.channel is None or request.finished:
+    if reason.check(CancelledError) or _over(request):
         return  # the client has gone, or has its answer
     if request.startedWriting:
         log.warn("cutting off a response: {reason}", reason=reason.getErrorMessage())

@@ -5,15 +5,23 @@ challenges, and redirects to object storage.
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
 from collections.abc import Sequence
-from urllib.parse import urlencode, urljoin, urlsplit
+from typing import TypeVar
+from urllib.parse import SplitResult, urlencode, urljoin, urlsplit
 
 from attrs import frozen
 from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import Interface, implementer
@@ -36,13 +44,54 @@ MAX_REDIRECTS = 3
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 _MAX_SMALL_BODY = 64 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
+_RETRY_SECONDS = re.compile(r"[0-9]{1,9}")
+_IMF_FIXDATE = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), ([0-9]{2}) "
+    r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ([0-9]{4}) "
+    r"([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"
+)
+_MONTHS = (
+    "Jan",
+    "Feb",
+    "Mar",
+    "Apr",
+    "May",
+    "Jun",
+    "Jul",
+    "Aug",
+    "Sep",
+    "Oct",
+    "Nov",
+    "Dec",
+)
+
+_T = TypeVar("_T")
 
 
 class UpstreamError(Exception):
     """
-    The upstream could not be reached, or answered with something blobserve
-    cannot pass on.
+    The upstream could not be reached, failed (5xx, no answer in time), or
+    answered with something blobserve cannot pass on: a client is told 502.
     """
+
+
+class UpstreamRefused(UpstreamError):
+    """
+    The upstream, or its token server, refused the request in a way a client
+    should be told as it is: 401 (blobserve's credentials, or none, do not let
+    it in, even after answering its challenge), 403 (they do, but not to
+    this) or 429 (not now).
+
+    @ivar status: 401, 403 or 429.
+    @ivar retry_after: the upstream's C{Retry-After}, if it sent a sane one:
+        seconds (at most nine digits) or an HTTP date (IMF-fixdate); else
+        L{None}.
+    """
+
+    def __init__(self, status: int, message: str, retry_after: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class BlobUnknown(UpstreamError):
@@ -54,6 +103,14 @@ class BlobUnknown(UpstreamError):
 class ManifestUnknown(UpstreamError):
     """
     The upstream answered 404: it does not have the manifest or tag.
+    """
+
+
+class RepositoryUnknown(BlobUnknown, ManifestUnknown):
+    """
+    The upstream answered 404 with C{NAME_UNKNOWN}: it has no such
+    repository, so neither the blob nor the manifest asked for. It is both a
+    L{BlobUnknown} and a L{ManifestUnknown}: what handles those handles it.
     """
 
 
@@ -178,41 +235,165 @@ def _discard(response: IResponse) -> None:
     collect(response, lambda data: None).addErrback(lambda reason: None)
 
 
+class _BodyReader(Protocol):
+    """
+    Reads a body of at most C{limit} bytes. L{done} fires with it, or fails
+    with L{UpstreamError} when it is larger or cut short; cancelling L{done}
+    stops the transfer and fails it with C{CancelledError}, nothing else.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._over = False
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
+
+    def _stop(self) -> None:
+        # Marked first: stopping may end the connection at once, and that end
+        # must not fire done as well.
+        self._over = True
+        if self.transport is not None:
+            IPushProducer(self.transport).stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._over:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._stop()
+            self.done.errback(
+                UpstreamError(f"upstream body larger than {self._limit} bytes")
+            )
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._over:
+            return
+        self._over = True
+        # PotentialDataLoss is the end of a body that ends by closing; the
+        # caller's digest check decides whether it is whole.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._parts))
+        else:
+            message = f"upstream body cut short: {reason.getErrorMessage()}"
+            self.done.errback(UpstreamError(message))
+
+
 async def _read_body(response: IResponse, limit: int) -> bytes:
     """
     The whole body of C{response}, which must not exceed C{limit} bytes.
+
+    @raise UpstreamError: if it does, or is cut short.
+    @raise CancelledError: if the caller cancelled; the transfer is stopped.
     """
-    parts: list[bytes] = []
-    size = 0
+    if response.length == 0:
+        return b""
+    reader = _BodyReader(limit)
+    response.deliverBody(reader)
+    return await reader.done
 
-    def take(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise UpstreamError(f"upstream body larger than {limit} bytes")
-        parts.append(data)
 
+def _retry_after(response: IResponse) -> str | None:
+    """
+    The response's C{Retry-After}, if it is one a client can be given:
+    delay seconds of at most nine digits, or an IMF-fixdate that is a real
+    date. Anything else is dropped rather than passed on.
+    """
+    value = (_header(response, b"retry-after") or "").strip()
+    if _RETRY_SECONDS.fullmatch(value):
+        return str(int(value))
+    match = _IMF_FIXDATE.fullmatch(value)
+    if match is None:
+        return None
+    day, month, year, hour, minute, second = match.groups()
     try:
-        await collect(response, take)
-    except UpstreamError:
-        raise
-    except Exception as e:
-        raise UpstreamError(f"upstream body cut short: {e}") from None
-    return b"".join(parts)
+        datetime.datetime(
+            int(year),
+            _MONTHS.index(month) + 1,
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+        )
+    except ValueError:
+        return None
+    return value
 
 
-def _refusal(response: IResponse, unknown: type[UpstreamError]) -> UpstreamError:
+def _names_unknown_repository(body: bytes) -> bool:
     """
-    The error that a response other than 200 means.
+    Whether an OCI error body says C{NAME_UNKNOWN}.
     """
-    if response.code == 404:
-        return unknown(f"unknown to the upstream registry ({response.code})")
-    if response.code in (401, 403):
-        return UpstreamError(f"the upstream registry refused access ({response.code})")
-    if response.code == 429:
-        return UpstreamError("the upstream registry is rate-limiting (429)")
+    try:
+        errors = json.loads(body).get("errors")
+        return any(error.get("code") == "NAME_UNKNOWN" for error in errors)
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
+async def _refusal(
+    response: IResponse,
+    unknown: type[UpstreamError] | None,
+    whom: str = "upstream registry",
+) -> UpstreamError:
+    """
+    The error that a response other than the one hoped for means; its body is
+    read (a small one, to tell an unknown repository) or dropped.
+
+    @param unknown: what a 404 means, unless its body says C{NAME_UNKNOWN};
+        L{None} if a 404 means nothing more than any other failure.
+    @param whom: who answered, for the message.
+    """
+    code = response.code
+    if code == 404 and unknown is not None:
+        try:
+            body = await _read_body(response, _MAX_SMALL_BODY)
+        except UpstreamError:
+            body = b""
+        if _names_unknown_repository(body):
+            return RepositoryUnknown(f"repository unknown to the {whom} (404)")
+        return unknown(f"unknown to the {whom} ({code})")
+    _discard(response)
+    if code == 401:
+        return UpstreamRefused(401, f"the {whom} refused access ({code})")
+    if code == 403:
+        return UpstreamRefused(403, f"the {whom} denied access ({code})")
+    if code == 429:
+        message = f"the {whom} is rate-limiting ({code})"
+        return UpstreamRefused(429, message, _retry_after(response))
     phrase = response.phrase.decode("latin-1", "replace")
-    return UpstreamError(f"the upstream registry answered {response.code} {phrase}")
+    return UpstreamError(f"the {whom} answered {code} {phrase}")
+
+
+def _cancellable(sent: Deferred[_T]) -> Deferred[_T]:
+    """
+    A Deferred that fires as C{sent} does, except that cancelling it cancels
+    C{sent} and fails with C{CancelledError}, whatever C{sent}'s canceller
+    makes of it (Twisted's agent says C{ResponseNeverReceived} or
+    C{DNSLookupError}, which would read as an unreachable upstream).
+    """
+    cancelled = False
+
+    def cancel(_: Deferred[_T]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        sent.cancel()
+
+    answer: Deferred[_T] = Deferred(cancel)
+
+    def forward(result: _T | Failure) -> None:
+        if cancelled:
+            if not answer.called:
+                answer.errback(CancelledError())
+        elif isinstance(result, Failure):
+            answer.errback(result)
+        else:
+            answer.callback(result)
+
+    sent.addBoth(forward)
+    return answer
 
 
 @implementer(IUpstream)
@@ -225,6 +406,16 @@ class RegistryUpstream:
     they expire, and C{Basic} challenges with C{credentials}. It follows up to
     L{MAX_REDIRECTS} redirects, and never sends the registry's
     C{Authorization} to another host.
+
+    Credentials go only where they belong: to a token server over https, or
+    over plain http only when the upstream itself is plain http on the same
+    host and port (else the token is asked for anonymously). A redirect from
+    https to http is refused, so every answer, and every digest it declares,
+    came over the scheme the upstream was configured with.
+
+    Cancelling what a method returns stops its upstream request and fails
+    with C{CancelledError}, never with L{UpstreamError}: a caller that gives
+    up is not an upstream failure.
     """
 
     def __init__(
@@ -247,6 +438,8 @@ class RegistryUpstream:
         # The scheme of the upstream's last challenge: "bearer", "basic" or
         # None before any.
         self._scheme: str | None = None
+        # Token realms already warned about getting no credentials.
+        self._withheld_from: set[str] = set()
 
     def fetch_blob(
         self, name: str, digest: Digest, offset: int = 0
@@ -255,8 +448,7 @@ class RegistryUpstream:
             extra = {b"Range": b"bytes=%d-" % offset} if offset else {}
             response = await self._send("GET", name, f"blobs/{digest}", extra=extra)
             if response.code not in ((200, 206) if offset else (200,)):
-                _discard(response)
-                raise _refusal(response, BlobUnknown)
+                raise await _refusal(response, BlobUnknown)
             return response
 
         return Deferred.fromCoroutine(fetch())
@@ -265,7 +457,7 @@ class RegistryUpstream:
         async def stat() -> BlobInfo:
             response = await self._send("HEAD", name, f"blobs/{digest}")
             if response.code != 200:
-                raise _refusal(response, BlobUnknown)
+                raise await _refusal(response, BlobUnknown)
             return BlobInfo(_declared_length(response))
 
         return Deferred.fromCoroutine(stat())
@@ -276,8 +468,7 @@ class RegistryUpstream:
         async def fetch() -> Manifest:
             response = await self._send("GET", name, f"manifests/{reference}", accept)
             if response.code != 200:
-                _discard(response)
-                raise _refusal(response, ManifestUnknown)
+                raise await _refusal(response, ManifestUnknown)
             content = await _read_body(response, MAX_MANIFEST_SIZE)
             expected = _expected_digest(reference) or _declared_digest(response)
             algorithm = expected.algorithm if expected else "sha256"
@@ -297,7 +488,7 @@ class RegistryUpstream:
         async def stat() -> ManifestInfo:
             response = await self._send("HEAD", name, f"manifests/{reference}", accept)
             if response.code != 200:
-                raise _refusal(response, ManifestUnknown)
+                raise await _refusal(response, ManifestUnknown)
             return ManifestInfo(
                 _declared_digest(response),
                 _header(response, b"content-type"),
@@ -318,6 +509,9 @@ class RegistryUpstream:
         Send C{method} for C{/v2/<name>/<path>}, answering one authentication
         challenge and following redirects, and return the final response,
         whatever its status.
+
+        @raise UpstreamError: for a redirect from https to http, or to
+            anything but http(s), and for too many redirects.
         """
         url = f"{self.base_url}/v2/{name}/{path}"
         origin = _origin(url)
@@ -342,27 +536,49 @@ class RegistryUpstream:
             location = _header(response, b"location")
             if response.code in _REDIRECTS and location:
                 _discard(response)
-                url = urljoin(url, location)
+                url = _redirect_target(url, location)
                 continue
             return response
         raise UpstreamError(f"more than {MAX_REDIRECTS} redirects from upstream")
 
     async def _request(self, method: str, url: str, headers: Headers) -> IResponse:
+        """
+        Send one request and wait, at most the timeout, for its headers.
+
+        @raise UpstreamError: if the upstream is unreachable or gives no
+            answer in time.
+        @raise CancelledError: if the caller cancelled; the request is
+            abandoned.
+        """
+        sent = self._client.request(
+            method, url, headers=headers, allow_redirects=False, unbuffered=True
+        )
+        # The timeout is kept here rather than left to treq: treq's cancels
+        # the request too, and only a flag tells its expiry from a caller
+        # that went away (and treq's would run on the global reactor, not on
+        # this clock).
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            sent.cancel()
+
+        answer = _cancellable(sent)
+        timer = self._clock.callLater(self._timeout, expire)
         try:
-            response: IResponse = await self._client.request(
-                method,
-                url,
-                headers=headers,
-                allow_redirects=False,
-                unbuffered=True,
-                timeout=self._timeout,
-            )
-        except CancelledError:
-            raise UpstreamError(
-                f"upstream {_host(url)} gave no answer within {self._timeout:g} s"
-            ) from None
+            response: IResponse = await answer
         except Exception as e:
+            if expired:
+                raise UpstreamError(
+                    f"upstream {_host(url)} gave no answer within {self._timeout:g} s"
+                ) from None
+            if isinstance(e, CancelledError):
+                raise
             raise UpstreamError(f"upstream {_host(url)} unreachable: {e}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
         return response
 
     def _authorization(self, scope: str) -> bytes | None:
@@ -378,7 +594,9 @@ class RegistryUpstream:
         Get what the upstream's C{WWW-Authenticate} challenge asks for, so that
         the request can be sent again.
 
-        @raise UpstreamError: if it cannot be answered.
+        @raise UpstreamRefused: (401) if blobserve has nothing to answer it
+            with, or the token server refuses (401, 403, 429).
+        @raise UpstreamError: if the token server fails otherwise.
         """
         challenges = [
             parse_challenge(value.decode("latin-1"))
@@ -392,29 +610,91 @@ class RegistryUpstream:
         elif "basic" in by_scheme and self._credentials is not None:
             self._scheme = "basic"
         else:
-            raise UpstreamError("the upstream registry asks for credentials (401)")
+            raise UpstreamRefused(
+                401, "the upstream registry asks for credentials (401)"
+            )
 
     async def _fetch_token(self, challenge: dict[str, str], scope: str) -> Token:
         query = {"scope": challenge.get("scope", scope)}
         if "service" in challenge:
             query["service"] = challenge["service"]
         realm = challenge["realm"]
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UpstreamError("the upstream's token realm is not an http(s) URL")
         url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
         headers = Headers()
         if self._credentials is not None:
-            headers.setRawHeaders(b"Authorization", [self._credentials.basic()])
+            if self._may_send_credentials(parts):
+                headers.setRawHeaders(b"Authorization", [self._credentials.basic()])
+            else:
+                self._warn_withheld(parts)
         response = await self._request("GET", url, headers)
         if response.code != 200:
-            _discard(response)
-            raise UpstreamError(
-                f"token server {_host(url)} refused: {response.code}"
-                f" {response.phrase.decode('latin-1', 'replace')}"
-            )
+            raise await _refusal(response, None, f"token server {_host(url)}")
         body = await _read_body(response, _MAX_SMALL_BODY)
         try:
             return parse_token_response(body, self._clock.seconds())
         except AuthenticationFailed as e:
             raise UpstreamError(f"token server {_host(url)}: {e}") from None
+
+    def _may_send_credentials(self, realm: SplitResult) -> bool:
+        """
+        Whether the credentials may go to the token realm C{realm}: over https
+        always; over plain http only if the upstream itself is plain http and
+        the realm is on its host and port, where they could be read anyway.
+        """
+        if realm.scheme == "https":
+            return True
+        upstream = urlsplit(self.base_url)
+        if realm.scheme != "http" or upstream.scheme != "http":
+            return False
+        where = _host_and_port(realm)
+        return where is not None and where == _host_and_port(upstream)
+
+    def _warn_withheld(self, realm: SplitResult) -> None:
+        where = f"{realm.scheme}://{realm.netloc.rpartition('@')[2]}"
+        if where in self._withheld_from:
+            return
+        self._withheld_from.add(where)
+        log.warn(
+            "not sending the upstream credentials over plain http to the token"
+            " server {realm}: only https, or a plain http upstream's own host"
+            " and port, get them; asking for an anonymous token",
+            realm=where,
+        )
+
+
+def _host_and_port(parts: SplitResult) -> tuple[str, int] | None:
+    """
+    The host and port an http(s) URL's request goes to, or L{None} if it
+    names none that can be told.
+    """
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    default = 443 if parts.scheme == "https" else 80
+    return parts.hostname, default if port is None else port
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """
+    Where a redirect from C{url} to C{location} goes.
+
+    @raise UpstreamError: if that is not http(s), or plain http from https.
+    """
+    target = urljoin(url, location)
+    scheme = urlsplit(target).scheme
+    if scheme == "http" and urlsplit(url).scheme == "https":
+        raise UpstreamError(
+            f"upstream {_host(url)} redirected from https to plain http; refused"
+        )
+    if scheme not in ("http", "https"):
+        raise UpstreamError(f"upstream {_host(url)} redirected to a non-http URL")
+    return target
 
 
 def _host(url: str) -> str:

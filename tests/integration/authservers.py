@@ -1,15 +1,18 @@
 """
 What the authentication tests put around the upstream registry: an htpasswd
 file, a token server that signs JWTs with a certificate the registry trusts,
-and a registry front that redirects blob downloads to separate "object
-storage".
+a registry front that redirects blob downloads to separate "object storage",
+one that serves the registry and its token server on one port, and a small
+upstream that refuses in ways a real registry does not on its own.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 USER = "alice"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 PASSWORD = "correct horse battery staple"
 SERVICE = "blobserve-test-registry"
 ISSUER = "blobserve-test-issuer"
@@ -76,10 +80,13 @@ class TokenServer(Resource):
             self.certificate.public_bytes(serialization.Encoding.PEM)
         )
         self.requests: list[dict[str, list[str]]] = []
+        #: The C{Authorization} header of each request, in the same order.
+        self.authorizations: list[bytes | None] = []
 
     def render_GET(self, request: Request) -> bytes:
         query = parse_qs(request.uri.partition(b"?")[2].decode())
         self.requests.append(query)
+        self.authorizations.append(request.getHeader(b"authorization"))
         expected = b"Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode())
         if request.getHeader(b"authorization") != expected:
             request.setResponseCode(401)
@@ -166,28 +173,113 @@ class RedirectingFront(Resource):
                 b"Location", f"{self.storage}/data/{hex_digest}?sig=x".encode()
             )
             return b""
-        Deferred.fromCoroutine(self._forward(request))
+        Deferred.fromCoroutine(_forward(request, self.registry))
         return NOT_DONE_YET
 
-    async def _forward(self, request: Request) -> None:
-        headers = Headers()
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() != b"host":
-                headers.setRawHeaders(name, values)
-        response = await treq.request(
-            request.method.decode(),
-            self.registry + request.uri.decode(),
-            headers=headers,
-            allow_redirects=False,
-        )
-        body = await response.content()
-        request.setResponseCode(response.code)
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in (b"content-length", b"content-encoding"):
-                request.responseHeaders.setRawHeaders(name, values)
+
+class SameOriginFront(Resource):
+    """
+    The registry and its token server behind one port, as a reverse proxy
+    serves them: C{/token} is the token server's, everything else goes to the
+    registry (set L{registry} once it runs).
+    """
+
+    isLeaf = True
+
+    def __init__(self, tokens: TokenServer) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.registry = ""
+        #: Where it listens, once it does.
+        self.url = ""
+
+    def render(self, request: Request) -> int | bytes:
+        if request.path == b"/token":
+            return self.tokens.render(request)  # type: ignore[no-any-return]
+        Deferred.fromCoroutine(_forward(request, self.registry))
+        return NOT_DONE_YET
+
+
+async def _forward(request: Request, registry: str) -> None:
+    """
+    Pass C{request} on to C{registry} and its answer back.
+    """
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if name.lower() != b"host":
+            headers.setRawHeaders(name, values)
+    response = await treq.request(
+        request.method.decode(),
+        registry + request.uri.decode(),
+        headers=headers,
+        allow_redirects=False,
+    )
+    body = await response.content()
+    request.setResponseCode(response.code)
+    for name, values in response.headers.getAllRawHeaders():
+        if name.lower() not in (b"content-length", b"content-encoding"):
+            request.responseHeaders.setRawHeaders(name, values)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+#: The manifest the refusing upstream serves while it does not refuse.
+REFUSING_MANIFEST = json.dumps(
+    {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "layers": []}
+).encode()
+REFUSING_REALM = "refusing-upstream-realm"
+_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
+
+
+class RefusingRegistry(Resource):
+    """
+    A small upstream that answers as a real registry will not on its own.
+    Repository C{refused/<status>} answers C{<status>} to everything: a 401
+    with a Basic challenge of its own, also to credentials; a 429 with
+    C{Retry-After: 120}. Repository C{gone} answers 404 C{NAME_UNKNOWN}.
+    Repository C{flaky} has tag C{v1} until L{limited} is set, then answers
+    429 to everything.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limited = False
+
+    def render(self, request: Request) -> bytes:
+        path = request.path.decode("latin-1")
+        if path in ("/v2", "/v2/"):
+            return self._send(request, b"{}", "application/json")
+        refused = re.fullmatch(r"/v2/refused/([0-9]{3})/.*", path)
+        if refused:
+            return self._error(request, int(refused[1]))
+        if path.startswith("/v2/gone/"):
+            return self._error(request, 404, "NAME_UNKNOWN")
+        if path.startswith("/v2/flaky/") and self.limited:
+            return self._error(request, 429)
+        if path == "/v2/flaky/manifests/v1":
+            digest = "sha256:" + hashlib.sha256(REFUSING_MANIFEST).hexdigest()
+            request.setHeader(b"Docker-Content-Digest", digest.encode())
+            return self._send(request, REFUSING_MANIFEST, MANIFEST_TYPE)
+        return self._error(request, 404, "MANIFEST_UNKNOWN")
+
+    def _error(self, request: Request, status: int, code: str = "") -> bytes:
+        request.setResponseCode(status)
+        if status == 401:
+            request.setHeader(
+                b"WWW-Authenticate", f'Basic realm="{REFUSING_REALM}"'.encode()
+            )
+        if status == 429:
+            request.setHeader(b"Retry-After", b"120")
+        body = {"errors": [{"code": code or _CODES.get(status, "UNKNOWN")}]}
+        return self._send(request, json.dumps(body).encode(), "application/json")
+
+    def _send(self, request: Request, body: bytes, media_type: str) -> bytes:
+        request.setHeader(b"Content-Type", media_type.encode())
         request.setHeader(b"Content-Length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
+        return b"" if request.method == b"HEAD" else body
 
 
 def listen(reactor: Any, resource: Resource) -> tuple[IListeningPort, int]:

@@ -1,11 +1,14 @@
 """
 Pulling through blobserve from upstreams that ask for credentials (htpasswd
 Basic, and bearer tokens from a token server), and from one that redirects
-blob downloads to object storage on another host.
+blob downloads to object storage on another host; credentials going only
+where they belong; and upstream refusals told to clients as what they are.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -13,22 +16,30 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.web.http_headers import Headers
 
 from authservers import (
     ISSUER,
     PASSWORD,
+    REFUSING_MANIFEST,
+    REFUSING_REALM,
     SERVICE,
     USER,
     RedirectingFront,
+    RefusingRegistry,
+    SameOriginFront,
     StorageServer,
     TokenServer,
     listen,
     write_htpasswd,
 )
 from images import layout_digests, layout_top_digest, pull_image, push_image
-from processes import BlobserveProcess, RegistryProcess
+from processes import DEADLINE, BlobserveProcess, RegistryProcess
 
 CREDENTIALS = f"{USER}:{PASSWORD}"
+BASIC = b"Basic " + base64.b64encode(CREDENTIALS.encode())
 
 
 @pytest.fixture(scope="session")
@@ -49,28 +60,44 @@ def basic_registry(
 
 
 @pytest.fixture(scope="session")
-def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
-    server = TokenServer(tmp_path_factory.mktemp("token-server"))
-    port, number = listen(reactor, server)
-    server.url = f"http://127.0.0.1:{number}/token"  # type: ignore[attr-defined]
-    yield server
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> TokenServer:
+    return TokenServer(tmp_path_factory.mktemp("token-server"))
+
+
+@pytest.fixture(scope="session")
+def token_front(token_server: TokenServer) -> Iterator[SameOriginFront]:
+    """
+    The token registry and its token server on one loopback port: a plain
+    http upstream whose token realm is on its own host and port.
+    """
+    front = SameOriginFront(token_server)
+    port, number = listen(reactor, front)
+    front.url = f"http://127.0.0.1:{number}"
+    yield front
     port.stopListening()
 
 
 @pytest.fixture(scope="session")
 def token_registry(
-    tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer
+    tmp_path_factory: pytest.TempPathFactory,
+    token_server: TokenServer,
+    token_front: SameOriginFront,
 ) -> Iterator[RegistryProcess]:
+    """
+    A registry whose token realm is on the front's port: reached at its own
+    port, its realm is on another port.
+    """
     registry = RegistryProcess(
         tmp_path_factory.mktemp("token-registry"),
         auth=(
             "auth:\n  token:\n"
-            f"    realm: {token_server.url}\n"  # type: ignore[attr-defined]
+            f"    realm: {token_front.url}/token\n"
             f"    service: {SERVICE}\n"
             f"    issuer: {ISSUER}\n"
             f"    rootcertbundle: {token_server.bundle}\n"
         ),
     )
+    token_front.registry = registry.url
     yield registry
     registry.stop()
 
@@ -135,7 +162,10 @@ async def test_pulls_through_an_htpasswd_upstream(
 
 @pytest_twisted.ensureDeferred
 async def test_pulls_through_a_token_upstream(
-    tmp_path: Path, token_registry: RegistryProcess, token_server: TokenServer
+    tmp_path: Path,
+    token_registry: RegistryProcess,
+    token_front: SameOriginFront,
+    token_server: TokenServer,
 ) -> None:
     image = await push_image(
         tmp_path,
@@ -147,7 +177,7 @@ async def test_pulls_through_a_token_upstream(
     asked = len(token_server.requests)
     server, out = await pull_through(
         tmp_path,
-        token_registry.url,
+        token_front.url,
         "auth/token",
         extra=[f"--upstream-username={USER}"],
         env={"BLOBSERVE_UPSTREAM_PASSWORD": PASSWORD},
@@ -156,28 +186,145 @@ async def test_pulls_through_a_token_upstream(
     assert layout_digests(out) == image.blob_digests | {image.manifest_digest}
     scopes = [r.get("scope") for r in token_server.requests[asked:]]
     assert ["repository:auth/token:pull"] in scopes
-    # One token for the repository, reused for the manifest and every blob.
+    # One token for the repository, reused for the manifest and every blob;
+    # asked for with the credentials, the realm being the upstream's origin.
     assert len(scopes) == 1
+    assert token_server.authorizations[asked:] == [BASIC]
     log = server.log.read_text()
     assert PASSWORD not in log
     assert "eyJ" not in log  # no JWT
 
 
+async def ask(method: str, url: str) -> tuple[int, Headers, bytes]:
+    """
+    The status, headers and body of a request to blobserve, on a connection
+    of its own.
+    """
+    response = await treq.request(method, url, timeout=DEADLINE, persistent=False)
+    return response.code, response.headers, await response.content()
+
+
+def error_code(body: bytes) -> str:
+    code: str = json.loads(body)["errors"][0]["code"]
+    return code
+
+
 @pytest_twisted.ensureDeferred
-async def test_token_upstream_without_credentials_is_a_clear_502(
-    tmp_path: Path, token_registry: RegistryProcess
+async def test_token_upstream_without_credentials_is_a_clear_401(
+    tmp_path: Path, token_front: SameOriginFront, token_registry: RegistryProcess
 ) -> None:
-    server = BlobserveProcess(tmp_path, token_registry.url, tmp_path / "storage")
+    server = BlobserveProcess(tmp_path, token_front.url, tmp_path / "storage")
     await server.start()
     try:
-        response = await treq.get(f"{server.url}/v2/auth/none/manifests/v1")
-        body = await response.json()
+        status, headers, body = await ask(
+            "GET", f"{server.url}/v2/auth/none/manifests/v1"
+        )
     finally:
         server.stop()
-    assert response.code == 502
-    message = body["errors"][0]["message"]
+    assert (status, error_code(body)) == (401, "UNAUTHORIZED")
+    assert not headers.hasHeader(b"www-authenticate")
+    message = json.loads(body)["errors"][0]["message"]
     assert "token server" in message
     assert "401" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentials_never_go_over_http_to_a_token_realm_on_another_port(
+    tmp_path: Path, token_registry: RegistryProcess, token_server: TokenServer
+) -> None:
+    # Reached at its own port, the registry's realm is on the front's port.
+    asked = len(token_server.requests)
+    server = BlobserveProcess(
+        tmp_path,
+        token_registry.url,
+        tmp_path / "storage",
+        extra=(f"--upstream-username={USER}",),
+        env={"BLOBSERVE_UPSTREAM_PASSWORD": PASSWORD},
+    )
+    await server.start()
+    try:
+        for _ in range(2):
+            status, _, body = await ask(
+                "GET", f"{server.url}/v2/auth/elsewhere/manifests/v1"
+            )
+            assert (status, error_code(body)) == (401, "UNAUTHORIZED")
+    finally:
+        server.stop()
+    # Asked anonymously, and refused by this token server.
+    authorizations = token_server.authorizations[asked:]
+    assert len(authorizations) == 2
+    assert authorizations == [None, None]
+    log = server.log.read_text()
+    assert log.count("not sending the upstream credentials") == 1
+    assert PASSWORD not in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_refusals_keep_their_meaning(tmp_path: Path) -> None:
+    upstream = RefusingRegistry()
+    port, number = listen(reactor, upstream)
+    server = BlobserveProcess(
+        tmp_path,
+        f"http://127.0.0.1:{number}",
+        tmp_path / "storage",
+        extra=(f"--upstream-username={USER}", "--tag-ttl=0.05"),
+        env={"BLOBSERVE_UPSTREAM_PASSWORD": PASSWORD},
+    )
+    await server.start()
+    blob = "sha256:" + "0" * 64
+    try:
+        answers = {}
+        for repository in [
+            "refused/401",
+            "refused/403",
+            "refused/429",
+            "refused/500",
+            "gone",
+        ]:
+            for method in ("GET", "HEAD"):
+                for path in ("manifests/v1", f"blobs/{blob}"):
+                    url = f"{server.url}/v2/{repository}/{path}"
+                    answers[repository, method, path] = await ask(method, url)
+
+        # Known, then past its TTL while the upstream rate-limits: the tag is
+        # served from the cache.
+        tag = f"{server.url}/v2/flaky/manifests/v1"
+        assert (await ask("GET", tag))[::2] == (200, REFUSING_MANIFEST)
+        upstream.limited = True
+        await deferLater(reactor, 0.1, lambda: None)
+        stale = await ask("GET", tag)
+    finally:
+        server.stop()
+        await maybeDeferred(port.stopListening)
+
+    expected = {
+        "refused/401": (401, "UNAUTHORIZED"),
+        "refused/403": (403, "DENIED"),
+        "refused/429": (429, "TOOMANYREQUESTS"),
+        "refused/500": (502, "UNKNOWN"),
+        "gone": (404, "NAME_UNKNOWN"),
+    }
+    for (repository, method, path), (status, headers, body) in answers.items():
+        want_status, want_code = expected[repository]
+        if repository == "gone" and method == "HEAD":
+            # A HEAD has no body to tell an unknown repository by.
+            want_code = "MANIFEST_UNKNOWN" if "manifests" in path else "BLOB_UNKNOWN"
+        where = (repository, method, path)
+        assert status == want_status, where
+        if method == "GET":
+            assert error_code(body) == want_code, where
+        else:
+            assert body == b"", where
+        assert not headers.hasHeader(b"www-authenticate"), where
+        for values in headers.getAllRawHeaders():
+            assert REFUSING_REALM.encode() not in b"".join(values[1]), where
+        retry_after = headers.getRawHeaders(b"retry-after")
+        assert retry_after == ([b"120"] if status == 429 else None), where
+    assert stale[::2] == (200, REFUSING_MANIFEST)
+    log = server.log.read_text()
+    assert "serving flaky:v1" in log
+    assert "Unhandled" not in log
+    assert PASSWORD not in log
 
 
 @pytest_twisted.ensureDeferred

@@ -1,23 +1,27 @@
 """
-In-memory doubles for the unit tests: an upstream whose answers the test
-controls, and an HTTP connection to a resource over a StringTransport.
+In-memory doubles for the unit tests: an upstream and an HTTP agent whose
+answers the test controls, an HTTP connection to a resource over a
+StringTransport, and the log events a test causes.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -240,3 +244,69 @@ def connect(resource: IResource) -> Connection:
     transport = ClientTransport()
     channel.makeConnection(transport)
     return Connection(channel, transport)
+
+
+@implementer(IAgent)
+@define
+class ControlledAgent:
+    """
+    An HTTP agent whose requests stay unanswered until the test answers them.
+    Cancelling one fails it with what C{cancelled_as} makes: by default what
+    Twisted's agent fails with while it waits for the response,
+    C{ResponseNeverReceived}, not C{CancelledError}.
+    """
+
+    requests: list[tuple[bytes, bytes, Headers, Deferred[IResponse]]] = field(
+        factory=list
+    )
+    #: The URIs of the requests cancelled.
+    cancelled: list[bytes] = field(factory=list)
+    cancelled_as: Callable[[], Exception] = lambda: ResponseNeverReceived(
+        [Failure(CancelledError())]
+    )
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        def cancel(d: Deferred[IResponse]) -> None:
+            self.cancelled.append(uri)
+            d.errback(self.cancelled_as())
+
+        d: Deferred[IResponse] = Deferred(cancel)
+        self.requests.append((method, uri, headers or Headers(), d))
+        return d
+
+
+@implementer(ILogObserver)
+@define(eq=False)
+class LoggedEvents:
+    """
+    The Twisted log events emitted while it is in use (C{with}).
+    """
+
+    events: list[dict[str, Any]] = field(factory=list)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def __enter__(self) -> LoggedEvents:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def failures(self) -> list[Failure]:
+        """
+        The failures logged so far, counting unhandled errors in Deferreds
+        that are garbage now.
+        """
+        gc.collect()
+        return [event["log_failure"] for event in self.events if "log_failure" in event]
+
+    def messages(self) -> list[str]:
+        return [formatEvent(event) for event in self.events]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from attrs import define
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -21,7 +21,9 @@ from blobserve.upstream import (
     Manifest,
     ManifestInfo,
     ManifestUnknown,
+    RepositoryUnknown,
     UpstreamError,
+    UpstreamRefused,
 )
 
 from fakes import FakeUpstream, failure_of, has_fired, result_of, run_now
@@ -128,7 +130,7 @@ def test_moved_tag_fetches_the_new_manifest_by_digest(subject: Cache) -> None:
     [
         UpstreamError("unreachable"),
         UpstreamError("the upstream registry answered 503 Service Unavailable"),
-        UpstreamError("the upstream registry is rate-limiting (429)"),
+        UpstreamRefused(429, "the upstream registry is rate-limiting (429)", "60"),
     ],
 )
 def test_stale_manifest_is_served_when_upstream_fails(
@@ -144,12 +146,34 @@ def test_stale_manifest_is_served_when_upstream_fails(
     assert result_of(h).digest == V1.digest
 
 
-def test_tag_gone_upstream_is_gone(subject: Cache) -> None:
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_access_is_passed_on_not_served_stale(
+    subject: Cache, status: int
+) -> None:
+    cold_fetch(subject)
+    record = dict(subject.cache._tags)
+    subject.clock.advance(120)
+    d = subject.get()
+    h = subject.head()
+    refusal = UpstreamRefused(status, f"refused ({status})")
+    for stat in subject.upstream.manifest_stats:
+        stat[3].errback(Failure(refusal))
+    assert failure_of(d).value is refusal
+    assert failure_of(h).value is refusal
+    # Kept: an outage after the refusal serves the tag stale again.
+    assert subject.cache._tags == record
+    d = subject.get()
+    subject.upstream.manifest_stats[-1][3].errback(Failure(UpstreamError("down")))
+    assert result_of(d) == V1
+
+
+@pytest.mark.parametrize("gone", [ManifestUnknown(), RepositoryUnknown()])
+def test_tag_gone_upstream_is_gone(subject: Cache, gone: Exception) -> None:
     cold_fetch(subject)
     subject.clock.advance(120)
     d = subject.get()
-    subject.upstream.manifest_stats[0][3].errback(Failure(ManifestUnknown()))
-    failure_of(d).trap(ManifestUnknown)
+    subject.upstream.manifest_stats[0][3].errback(Failure(gone))
+    failure_of(d).trap(type(gone))
     # Forgotten: the next request asks the upstream from scratch.
     subject.get()
     assert subject.upstream.manifest_fetches[-1][1] == "latest"
@@ -188,3 +212,34 @@ def test_head_of_uncached_tag_asks_upstream_head_only(subject: Cache) -> None:
 
 def test_accept_key_ignores_order_case_and_parameters() -> None:
     assert accept_key(["b/c;q=0.5, A/B", "a/b"]) == ("a/b", "b/c")
+
+
+def test_head_of_a_tag_whose_caller_leaves_serves_nothing_stale(
+    subject: Cache,
+) -> None:
+    cold_fetch(subject)
+    record = dict(subject.cache._tags)
+    subject.clock.advance(120)
+    h = subject.head()
+    h.cancel()
+    failure_of(h).trap(CancelledError)
+    # The upstream's HEAD is stopped, and the tag's record is as it was.
+    assert len(subject.upstream.manifest_stats) == 1
+    assert subject.upstream.manifest_stats[0][3].called
+    assert subject.cache._tags == record
+
+
+def test_caller_leaving_a_shared_tag_resolution_leaves_it_to_the_others(
+    subject: Cache,
+) -> None:
+    cold_fetch(subject)
+    subject.clock.advance(120)
+    leaving, staying = subject.get(), subject.get()
+    leaving.cancel()
+    failure_of(leaving).trap(CancelledError)
+    stat = subject.upstream.manifest_stats[0][3]
+    assert not stat.called
+    stat.callback(ManifestInfo(V2.digest, INDEX_TYPE, len(V2.content)))
+    subject.upstream.manifest_fetches[-1][3].callback(V2)
+    assert result_of(staying) == V2
+    assert subject.cache._tags[next(iter(subject.cache._tags))].digest == V2.digest

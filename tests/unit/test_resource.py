@@ -5,17 +5,20 @@ store, an upstream double and in-memory connections.
 
 import errno
 import json
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from attrs import define
-from twisted.internet.defer import Deferred
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from blobserve import resource as resource_module
@@ -26,12 +29,23 @@ from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.slots import UpstreamSlots
 from blobserve.storage import DirectoryBlobStore
-from blobserve.upstream import BlobInfo, BlobUnknown, UpstreamError, Upstreams
+from blobserve.upstream import (
+    BlobInfo,
+    BlobUnknown,
+    ManifestInfo,
+    RegistryUpstream,
+    RepositoryUnknown,
+    UpstreamError,
+    UpstreamRefused,
+    Upstreams,
+)
 
 from fakes import (
     Connection,
+    ControlledAgent,
     FakeResponse,
     FakeUpstream,
+    LoggedEvents,
     commit_blob,
     connect,
     run_now,
@@ -321,7 +335,7 @@ def test_head_of_miss_asks_upstream_and_never_downloads(registry: Registry) -> N
 
 
 def test_client_leaving_during_head_is_left_alone(registry: Registry) -> None:
-    # Like RegistryUpstream, this upstream reports a cancelled request as an
+    # Unlike RegistryUpstream, this upstream reports a cancelled request as an
     # upstream error rather than as a cancellation.
     pending: Deferred[BlobInfo] = Deferred(
         lambda d: d.errback(UpstreamError("no answer"))
@@ -586,3 +600,228 @@ def test_body_without_length_past_the_size_limit_is_cut_off_and_discarded(
     assert client.transport.aborted
     assert registry.temporaries() == []
     assert not registry.committed()
+
+
+MANIFEST = b'{"schemaVersion": 2, "layers": []}'
+MANIFEST_DIGEST = Digest.of(MANIFEST)
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+TAG_PATH = "/v2/library/busybox/manifests/latest"
+
+
+def fail_get_manifest(registry: Registry, reason: Exception) -> Connection:
+    client = registry.get(TAG_PATH)
+    registry.upstream.manifest_fetches[0][3].errback(Failure(reason))
+    return client
+
+
+def fail_head_manifest(registry: Registry, reason: Exception) -> Connection:
+    client = registry.get(TAG_PATH, "HEAD")
+    registry.upstream.manifest_stats[0][3].errback(Failure(reason))
+    return client
+
+
+def fail_get_blob(registry: Registry, reason: Exception) -> Connection:
+    client = registry.get()
+    registry.upstream.fetches[0][2].errback(Failure(reason))
+    return client
+
+
+def fail_head_blob(registry: Registry, reason: Exception) -> Connection:
+    registry.upstream.stat_answer = fail(reason)
+    return registry.get(method="HEAD")
+
+
+@pytest.mark.parametrize(
+    "ask", [fail_get_manifest, fail_head_manifest, fail_get_blob, fail_head_blob]
+)
+@pytest.mark.parametrize(
+    ("reason", "status", "code"),
+    [
+        (
+            UpstreamRefused(401, "the upstream registry refused access (401)"),
+            401,
+            "UNAUTHORIZED",
+        ),
+        (
+            UpstreamRefused(403, "the upstream registry denied access (403)"),
+            403,
+            "DENIED",
+        ),
+        (UpstreamRefused(429, "rate-limiting (429)", "120"), 429, "TOOMANYREQUESTS"),
+        (UpstreamRefused(429, "rate-limiting (429)"), 429, "TOOMANYREQUESTS"),
+        (RepositoryUnknown("repository unknown (404)"), 404, "NAME_UNKNOWN"),
+        (UpstreamError("the upstream registry answered 503"), 502, "UNKNOWN"),
+        (UpstreamError("upstream unreachable: refused"), 502, "UNKNOWN"),
+    ],
+)
+def test_upstream_answers_keep_their_meaning(
+    registry: Registry,
+    ask: Callable[[Registry, Exception], Connection],
+    reason: Exception,
+    status: int,
+    code: str,
+) -> None:
+    client = ask(registry, reason)
+    answered, headers, body = client.response()
+    assert answered == status
+    if ask in (fail_get_manifest, fail_get_blob):
+        assert error_code(client) == (status, code)
+        if isinstance(reason, UpstreamRefused):
+            assert json.loads(body)["errors"][0]["message"] == str(reason)
+    else:
+        assert body == b""
+    # Never the upstream's challenge: its realm is no business of a client.
+    assert "www-authenticate" not in headers
+    retry_after = getattr(reason, "retry_after", None)
+    assert headers.get("retry-after") == retry_after
+
+
+@define
+class Mirror:
+    """
+    The resource in front of a real RegistryUpstream whose HTTP requests the
+    test answers.
+    """
+
+    agent: ControlledAgent
+    clock: Clock
+    manifests: ManifestCache
+    resource: RegistryResource
+
+    def get(self, path: str = TAG_PATH, method: str = "GET") -> Connection:
+        connection = connect(self.resource)
+        connection.request(method, path)
+        return connection
+
+    def answer(self) -> None:
+        """
+        Answer the last upstream request with the manifest.
+        """
+        headers = Headers(
+            {
+                b"Content-Type": [MANIFEST_TYPE.encode()],
+                b"Docker-Content-Digest": [str(MANIFEST_DIGEST).encode()],
+            }
+        )
+        response = FakeResponse(headers=headers, length=len(MANIFEST))
+        method, _, _, d = self.agent.requests[-1]
+        d.callback(response)
+        if method == b"GET":
+            assert response.protocol is not None
+            response.protocol.dataReceived(MANIFEST)
+            response.protocol.connectionLost(Failure(ResponseDone()))
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Mirror:
+    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    clock = Clock()
+    agent = ControlledAgent()
+    upstream = RegistryUpstream("http://registry.test", HTTPClient(agent), clock)
+    manifests = ManifestCache(store, clock, ttl=60)
+    table = InFlightTable(partial(Download, store=store, clock=clock))
+    upstreams = Upstreams({"docker.io": upstream}, "docker.io")
+    resource = RegistryResource(store, table, manifests, upstreams, clock=clock)
+    return Mirror(agent, clock, manifests, resource)
+
+
+def known_then_stale(mirror: Mirror) -> None:
+    """
+    Resolve the tag once, then let its TTL pass.
+    """
+    client = mirror.get()
+    mirror.answer()
+    assert client.response()[2] == MANIFEST
+    mirror.clock.advance(61)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        TAG_PATH,
+        f"/v2/library/busybox/manifests/{Digest.of(b'x')}",
+        f"/v2/library/busybox/blobs/{DIGEST}",
+    ],
+)
+def test_client_leaving_a_head_is_no_upstream_failure(
+    mirror: Mirror, path: str
+) -> None:
+    known_then_stale(mirror)
+    tags = dict(mirror.manifests._tags)
+    with LoggedEvents() as logged:
+        client = mirror.get(path, "HEAD")
+        asked = mirror.agent.requests[-1][:2]
+        assert asked == (b"HEAD", f"http://registry.test{path}".encode())
+        client.disconnect()
+        # The upstream request is stopped; nothing is served stale or written
+        # to the gone client; the tag's record is untouched; nothing logged.
+        assert mirror.agent.cancelled == [asked[1]]
+        assert client.transport.value() == b""
+        assert mirror.manifests._tags == tags
+        assert logged.failures() == []
+        assert not [m for m in logged.messages() if "from the cache" in m]
+
+
+def test_client_leaving_a_shared_tag_revalidation_leaves_it_to_the_others(
+    mirror: Mirror,
+) -> None:
+    known_then_stale(mirror)
+    with LoggedEvents() as logged:
+        leaving, staying = mirror.get(), mirror.get()
+        # One upstream HEAD revalidates the tag for both.
+        assert [r[0] for r in mirror.agent.requests] == [b"GET", b"HEAD"]
+        leaving.disconnect()
+        assert mirror.agent.cancelled == []
+        mirror.answer()
+        status, _, body = staying.response()
+        assert (status, body) == (200, MANIFEST)
+        assert leaving.transport.value() == b""
+        assert logged.failures() == []
+
+
+class AnsweringOnCancel(FakeUpstream):
+    """
+    An upstream that, asked to stop, answers anyway.
+    """
+
+    def stat_manifest(
+        self, name: str, reference: str, accept: Sequence[str]
+    ) -> Deferred[ManifestInfo]:
+        info = ManifestInfo(MANIFEST_DIGEST, MANIFEST_TYPE, len(MANIFEST))
+        return Deferred(lambda d: d.callback(info))
+
+    def stat_blob(self, name: str, digest: Digest) -> Deferred[BlobInfo]:
+        return Deferred(lambda d: d.callback(BlobInfo(5)))
+
+
+@pytest.mark.parametrize(
+    "path", [f"/v2/x/manifests/{MANIFEST_DIGEST}", f"/v2/x/blobs/{DIGEST}"]
+)
+def test_nothing_is_written_to_a_request_whose_client_has_gone(
+    tmp_path: Path, path: str
+) -> None:
+    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    upstreams = Upstreams({"docker.io": AnsweringOnCancel()}, "docker.io")
+    manifests = ManifestCache(store, Clock(), ttl=60)
+    table = InFlightTable(partial(Download, store=store, clock=Clock()))
+    resource = RegistryResource(store, table, manifests, upstreams)
+    with LoggedEvents() as logged:
+        client = connect(resource)
+        client.request("HEAD", path)
+        client.disconnect()
+        assert client.transport.value() == b""
+        assert logged.failures() == []
+
+
+def test_request_answered_elsewhere_stops_waiting(registry: Registry) -> None:
+    pending: Deferred[BlobInfo] = Deferred()
+    registry.upstream.stat_answer = pending
+    client = registry.get(method="HEAD")
+    with LoggedEvents() as logged:
+        # Something else (a deadline, say) answers the request first: the
+        # upstream's answer is no longer waited for.
+        request = client.channel._channel.requests[0]
+        request.setResponseCode(503)
+        request.finish()
+        assert pending.called
+        assert logged.failures() == []
