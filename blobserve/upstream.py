@@ -45,25 +45,9 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 _MAX_SMALL_BODY = 64 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
 _RETRY_SECONDS = re.compile(r"[0-9]{1,9}")
-_IMF_FIXDATE = re.compile(
-    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), ([0-9]{2}) "
-    r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ([0-9]{4}) "
-    r"([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"
-)
-_MONTHS = (
-    "Jan",
-    "Feb",
-    "Mar",
-    "Apr",
-    "May",
-    "Jun",
-    "Jul",
-    "Aug",
-    "Sep",
-    "Oct",
-    "Nov",
-    "Dec",
-)
+#: An HTTP date as RFC 9110 says to send one (IMF-fixdate), for strptime,
+#: whose names of days and months are English in the C locale twistd runs in.
+_IMF_FIXDATE = "%a, %d %b %Y %H:%M:%S GMT"
 
 _T = TypeVar("_T")
 
@@ -304,19 +288,8 @@ def _retry_after(response: IResponse) -> str | None:
     value = (_header(response, b"retry-after") or "").strip()
     if _RETRY_SECONDS.fullmatch(value):
         return str(int(value))
-    match = _IMF_FIXDATE.fullmatch(value)
-    if match is None:
-        return None
-    day, month, year, hour, minute, second = match.groups()
     try:
-        datetime.datetime(
-            int(year),
-            _MONTHS.index(month) + 1,
-            int(day),
-            int(hour),
-            int(minute),
-            int(second),
-        )
+        datetime.datetime.strptime(value, _IMF_FIXDATE)
     except ValueError:
         return None
     return value
