@@ -1,19 +1,35 @@
 """
 The HTTP server factory: twisted.web's Site for the registry resource, on a
-plain-HTTP listener that fails TLS probes at once.
+plain-HTTP listener that fails TLS probes at once, with a bound on the request
+bodies any client can make it read.
 """
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import cast
 
 from twisted.internet.interfaces import ITCPTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
+
+from blobserve.resource import OCIError, write_error
 
 #: The first byte of a TLS record carrying a handshake (a ClientHello).
 _TLS_HANDSHAKE = 0x16
+
+#: The largest body a GET or HEAD may carry: read into memory and ignored.
+#: Anything larger, or of unknown length (chunked), is refused unread.
+MAX_IGNORED_BODY = 1024
+
+#: A Content-Length of more digits than this declares a body of 10 EB or
+#: more: refused without converting it (Twisted's int() of more than 4300
+#: digits raises, and the connection would drop with a traceback logged).
+_MAX_LENGTH_DIGITS = 19
+
+_READ_METHODS = (b"GET", b"HEAD")
 
 
 class _RefuseTLSProbe(ProtocolWrapper):
@@ -37,6 +53,97 @@ class _RefuseTLSProbe(ProtocolWrapper):
         super().dataReceived(data)
 
 
+def _refusal(method: bytes, length: int | None) -> OCIError | None:
+    """
+    Why a request whose headers say C{method} and a body of C{length} bytes
+    (L{None}: unknown) is refused before its body is read, if it is.
+    """
+    if method not in _READ_METHODS:
+        return OCIError(405, "UNSUPPORTED", "this registry mirror is read-only")
+    if length is None or length > MAX_IGNORED_BODY:
+        return OCIError(
+            413,
+            "UNSUPPORTED",
+            f"a {method.decode()} request may carry at most {MAX_IGNORED_BODY}"
+            " bytes of body, with a Content-Length",
+        )
+    return None
+
+
+class _RegistryRequest(Request):
+    """
+    A request that its channel may have refused once its headers were in:
+    then it is answered with that refusal, whatever it asks for.
+    """
+
+    refusal: OCIError | None = None
+
+    def process(self) -> None:
+        if self.refusal is None:
+            super().process()
+            return
+        self.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+        self.setHeader(b"Connection", b"close")
+        if self.refusal.status == 405:
+            self.setHeader(b"Allow", b"GET, HEAD")
+        # For a HEAD, write() sends the headers alone.
+        self.write(write_error(self, self.refusal))
+        self.finish()
+
+
+class _BoundedChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel that no client can make read a request body.
+
+    A request for any method but GET and HEAD, or with a body over
+    L{MAX_IGNORED_BODY} bytes or of unknown length, is answered with an OCI
+    error as soon as its headers are in, and the connection closes: not a
+    byte of its body is read, none is spooled (twisted.web's L{Request}
+    writes a body of over 100 KB to a temporary file before any resource
+    sees it), and no C{100 Continue} asks for it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # A request was refused: nothing more is read.
+        self._refused = False
+        # A Content-Length too long to convert: too large, whatever it says.
+        self._oversized_length = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().dataReceived(data)
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, _, value = line.partition(b":")
+        if (
+            name.lower() == b"content-length"
+            and len(value.strip(b" \t")) > _MAX_LENGTH_DIGITS
+        ):
+            self._oversized_length = True
+            return True
+        valid: bool = super().headerReceived(line)
+        return valid
+
+    def allHeadersReceived(self) -> None:
+        length = None if self._oversized_length else self.length
+        # Until the request is complete, only the channel knows its method.
+        refusal = _refusal(self._command, length)
+        if refusal is None:
+            super().allHeadersReceived()
+            return
+        # Go on as if the request had no body: no gotLength (which makes the
+        # body's file), no 100 Continue; answer it, then close.
+        request = self.requests[-1]
+        assert isinstance(request, _RegistryRequest)
+        request.refusal = refusal
+        request.content = BytesIO()
+        self.length = 0
+        self.persistent = False
+        self._refused = True
+
+
 def registry_site(resource: IResource, timeout: float = 60.0) -> WrappingFactory:
     """
     The factory serving C{resource}: a L{Site} without tracebacks in error
@@ -47,8 +154,11 @@ def registry_site(resource: IResource, timeout: float = 60.0) -> WrappingFactory
         have not all arrived, is kept open. (While a response is being sent,
         the resource's producers watch the client instead.)
     """
-    site = Site(resource, timeout=timeout)
+    site = Site(resource, requestFactory=_RegistryRequest, timeout=timeout)
     site.displayTracebacks = False
+    # A plain HTTP/1.1 channel, not Twisted's default proxy, which would swap
+    # in an HTTP/2 connection (outside these bounds) if TLS negotiated h2.
+    site.protocol = _BoundedChannel  # type: ignore[assignment]
     wrapper = WrappingFactory(site)
     wrapper.protocol = _RefuseTLSProbe
     return wrapper
