@@ -1,21 +1,28 @@
 """
 The HTTP server factory: twisted.web's Site for the registry resource, on a
-plain-HTTP listener that fails TLS probes at once, with a bound on the request
-bodies any client can make it read.
+plain-HTTP listener that fails TLS probes at once, with bounds on what any
+client can make it hold: request bodies, and the time a request may take to
+arrive.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from io import BytesIO
 from typing import cast
 
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from blobserve.resource import OCIError, write_error
+
+log = Logger()
 
 #: The first byte of a TLS record carrying a handshake (a ClientHello).
 _TLS_HANDSHAKE = 0x16
@@ -93,7 +100,8 @@ class _RegistryRequest(Request):
 
 class _BoundedChannel(HTTPChannel):
     """
-    An HTTP/1.1 channel that no client can make read a request body.
+    An HTTP/1.1 channel that no client can make read a request body, or wait
+    for a request, without bound.
 
     A request for any method but GET and HEAD, or with a body over
     L{MAX_IGNORED_BODY} bytes or of unknown length, is answered with an OCI
@@ -101,10 +109,20 @@ class _BoundedChannel(HTTPChannel):
     byte of its body is read, none is spooled (twisted.web's L{Request}
     writes a body of over 100 KB to a temporary file before any resource
     sees it), and no C{100 Continue} asks for it.
+
+    A request must be complete within C{deadline} seconds of its first byte,
+    however steadily its bytes come (the idle timeout restarts with each),
+    or the connection is aborted. A request that arrived while the one
+    before it was being answered starts its deadline when it is read.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
         super().__init__()
+        self._deadline_seconds = deadline
+        self._deadline: IDelayedCall | None = None
+        # Between a complete request and the end of its answer: bytes that
+        # arrive then wait, unread, for the answer to end.
+        self._answering = False
         # A request was refused: nothing more is read.
         self._refused = False
         # A Content-Length too long to convert: too large, whatever it says.
@@ -113,7 +131,16 @@ class _BoundedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        if data:
+            self._start_deadline()
         super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # A request that came in the same read as the one before it, which
+        # was answered at once, is read from the buffer: no dataReceived
+        # starts its deadline.
+        self._start_deadline()
+        super().lineReceived(line)
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")
@@ -143,22 +170,64 @@ class _BoundedChannel(HTTPChannel):
         self.persistent = False
         self._refused = True
 
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        self._answering = True
+        super().allContentReceived()
 
-def registry_site(resource: IResource, timeout: float = 60.0) -> WrappingFactory:
+    def requestDone(self, request: Request) -> None:
+        self._answering = False
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _start_deadline(self) -> None:
+        if self._deadline is None and not self._answering and not self._refused:
+            self._deadline = self.callLater(
+                self._deadline_seconds, self._deadline_passed
+            )
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        transport = cast(ITCPTransport, self.transport)
+        log.info(
+            "dropped {peer}: no complete request {seconds}s after its first byte",
+            peer=str(transport.getPeer()),
+            seconds=self._deadline_seconds,
+        )
+        transport.abortConnection()
+
+
+def registry_site(
+    resource: IResource,
+    timeout: float = 60.0,
+    reactor: IReactorTime | None = None,
+) -> WrappingFactory:
     """
     The factory serving C{resource}: a L{Site} without tracebacks in error
     pages, behind a TLS-probe refusal (harmless on a TLS listener, where the
     first decrypted byte starts an HTTP request).
 
-    @param timeout: seconds an idle connection, or one whose request headers
-        have not all arrived, is kept open. (While a response is being sent,
-        the resource's producers watch the client instead.)
+    @param timeout: seconds an idle connection is kept open, and the most a
+        request may take from its first byte to its end. (While a response is
+        being sent, the resource's producers watch the client instead.)
+    @param reactor: the clock for the timeouts; the global reactor by default.
     """
-    site = Site(resource, requestFactory=_RegistryRequest, timeout=timeout)
+    site = Site(
+        resource, requestFactory=_RegistryRequest, timeout=timeout, reactor=reactor
+    )
     site.displayTracebacks = False
     # A plain HTTP/1.1 channel, not Twisted's default proxy, which would swap
     # in an HTTP/2 connection (outside these bounds) if TLS negotiated h2.
-    site.protocol = _BoundedChannel  # type: ignore[assignment]
+    site.protocol = partial(_BoundedChannel, timeout)  # type: ignore[assignment]
     wrapper = WrappingFactory(site)
     wrapper.protocol = _RefuseTLSProbe
     return wrapper

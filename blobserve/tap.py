@@ -113,8 +113,10 @@ class Options(usage.Options):
             "client-timeout",
             None,
             60.0,
-            "Seconds a client may send nothing before its request, or take"
-            " nothing of its response, before it is dropped.",
+            "Seconds after which a client is dropped: when its request is not"
+            " complete that long after its first byte, when it sends nothing"
+            " that long before or between requests, or when it takes nothing"
+            " of a response that long.",
             _positive_float,
         ],
         [
@@ -293,7 +295,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         clock=reactor,
         client_timeout=options["client-timeout"],
     )
-    site = registry_site(resource, timeout=options["client-timeout"])
+    site = registry_site(resource, timeout=options["client-timeout"], reactor=reactor)
 
     service = MultiService()
     _ConnectionPoolService(pool).setServiceParent(service)

@@ -1,6 +1,7 @@
 """
 What no client can make blobserve hold, over real loopback sockets against
-blobserve under twistd: a request body it did not want.
+blobserve under twistd: a request body it did not want, a connection that
+dribbles its request.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ async def started(directory: Path, *extra: str) -> BlobserveProcess:
 
 @pytest_twisted.async_yield_fixture
 async def server(tmp_path: Path) -> AsyncIterator[BlobserveProcess]:
-    process = await started(tmp_path)
+    process = await started(tmp_path, "--client-timeout=1")
     yield process
     process.stop()
 
@@ -136,3 +137,35 @@ async def test_a_get_with_a_chunked_body_is_refused(server: BlobserveProcess) ->
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
         assert oci_error(read_to_end(s)) == (413, "UNSUPPORTED")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_dribbled_is_cut_off_a_client_timeout_after_its_first_byte(
+    server: BlobserveProcess,
+) -> None:
+    # One byte every 0.2 s: the idle timeout (1 s) never fires; the deadline
+    # for the whole request (1 s) does.
+    request = b"GET /v2/ HTTP/1.1\r\nX-Slow: " + b"a" * 100
+    with connect(server) as s:
+        began = time.monotonic()
+        received = b""
+        cut = False
+        for byte in request:
+            try:
+                s.sendall(bytes([byte]))
+                s.setblocking(False)
+                try:
+                    received += s.recv(65536) or b""
+                    cut = True  # a clean end, or an answer: either way, done
+                except BlockingIOError:
+                    pass
+                s.setblocking(True)
+            except OSError:
+                cut = True
+            if cut:
+                break
+            await deferLater(reactor, 0.2, lambda: None)
+        took = time.monotonic() - began
+    assert cut, "the dribbling client was never cut off"
+    assert received == b""
+    assert 0.9 < took < 3

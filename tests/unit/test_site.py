@@ -1,6 +1,7 @@
 """
-The site refuses TLS probes at once and serves HTTP as usual, and reads no
-request body beyond a few bytes.
+The site refuses TLS probes at once and serves HTTP as usual, within bounds:
+no request body is read beyond a few bytes, and a request must arrive within
+a deadline.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from typing import Any
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from blobserve.site import MAX_IGNORED_BODY, registry_site
 
@@ -28,6 +29,22 @@ class Hello(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         return b"hello"
+
+
+class Holding(Resource):
+    """
+    Answers nothing until told to: a response that takes long.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render_GET(self, request: Request) -> int:
+        self.requests.append(request)
+        return NOT_DONE_YET
 
 
 class Connection:
@@ -53,12 +70,20 @@ class Connection:
         self.protocol.connectionLost(Failure(ConnectionError("gone")))
 
 
-def site(resource: Resource | None = None) -> WrappingFactory:
-    return registry_site(resource if resource is not None else Hello(), timeout=TIMEOUT)
+def site(
+    resource: Resource | None = None, clock: MemoryReactorClock | None = None
+) -> WrappingFactory:
+    return registry_site(
+        resource if resource is not None else Hello(),
+        timeout=TIMEOUT,
+        reactor=clock if clock is not None else MemoryReactorClock(),
+    )
 
 
-def connect(resource: Resource | None = None) -> Connection:
-    return Connection(site(resource))
+def connect(
+    resource: Resource | None = None, clock: MemoryReactorClock | None = None
+) -> Connection:
+    return Connection(site(resource, clock))
 
 
 def oci_error(response: bytes) -> tuple[int, str, dict[bytes, bytes], bytes]:
@@ -187,3 +212,78 @@ def test_a_get_with_a_small_body_is_served_and_the_connection_kept() -> None:
     assert connection.received().startswith(b"HTTP/1.1 200 ")
     assert connection.received().endswith(b"hello")
     assert not connection.transport.disconnecting
+
+
+def dribble(connection: Connection, clock: MemoryReactorClock, data: bytes) -> float:
+    """
+    Send C{data} one byte a second, until it is sent or the connection is
+    aborted; return the seconds it took.
+    """
+    start = clock.seconds()
+    for byte in data:
+        if connection.transport.disconnected:
+            break
+        connection.send(bytes([byte]))
+        clock.advance(1)
+    return clock.seconds() - start
+
+
+def test_a_request_dribbled_a_byte_a_second_is_cut_off_at_the_deadline() -> None:
+    clock = MemoryReactorClock()
+    connection = connect(clock=clock)
+    seconds = dribble(connection, clock, b"GET / HTTP/1.1\r\nX-Slow: " + b"a" * 100)
+    assert connection.transport.disconnected
+    assert seconds == TIMEOUT
+    assert connection.received() == b""
+
+
+def test_a_request_sent_within_the_deadline_is_served() -> None:
+    clock = MemoryReactorClock()
+    connection = connect(clock=clock)
+    request = b"GET / HTTP/1.1\r\n\r\n"
+    assert len(request) < TIMEOUT
+    dribble(connection, clock, request)
+    assert connection.received().endswith(b"hello")
+    # Past the deadline the request would have had, short of the idle timeout.
+    clock.advance(TIMEOUT - 1)
+    assert not connection.transport.disconnected
+
+
+def test_the_next_requests_deadline_starts_at_its_first_byte() -> None:
+    clock = MemoryReactorClock()
+    connection = connect(clock=clock)
+    connection.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    # Idle between requests, for less than the idle timeout.
+    clock.advance(TIMEOUT - 1)
+    seconds = dribble(connection, clock, b"GET / HTTP/1.1\r\nX-Slow: " + b"a" * 100)
+    assert connection.transport.disconnected
+    assert seconds == TIMEOUT
+
+
+def test_a_pipelined_requests_deadline_starts_when_it_is_read() -> None:
+    clock = MemoryReactorClock()
+    connection = connect(clock=clock)
+    connection.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n")
+    assert connection.received().endswith(b"hello")
+    clock.advance(1)
+    seconds = dribble(connection, clock, b"X-Slow: " + b"a" * 100)
+    assert connection.transport.disconnected
+    assert seconds == TIMEOUT - 1
+
+
+def test_the_deadline_does_not_cut_a_response_that_takes_long() -> None:
+    holding = Holding()
+    clock = MemoryReactorClock()
+    connection = connect(holding, clock)
+    connection.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    # A second request arrives while the first is answered: its deadline
+    # starts once the first answer ends.
+    connection.send(b"GET / HTTP/1.1\r\n")
+    clock.advance(TIMEOUT * 3)
+    assert not connection.transport.disconnected
+    holding.requests[0].write(b"done")
+    holding.requests[0].finish()
+    clock.advance(TIMEOUT - 1)
+    assert not connection.transport.disconnected
+    clock.advance(1)
+    assert connection.transport.disconnected

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IServiceMaker
-from twisted.internet.testing import MemoryReactor
+from twisted.application.service import IServiceMaker, MultiService
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.usage import UsageError
@@ -33,6 +35,7 @@ def test_defaults() -> None:
     assert options["upstream-retries"] == 5
     assert options["upstream-concurrency"] == 16
     assert options["tag-ttl"] == 60.0
+    assert options["client-timeout"] == 60.0
 
 
 def test_flags() -> None:
@@ -47,12 +50,15 @@ def test_flags() -> None:
             "/srv/blobs",
             "--upstream-idle-timeout",
             "5",
+            "--client-timeout",
+            "7.5",
         ]
     )
     assert options["listen"] == "tcp:6000:interface=::1"
     assert options["upstreams"] == {"127.0.0.1:5100": "http://127.0.0.1:5100"}
     assert options["storage"] == "/srv/blobs"
     assert options["upstream-idle-timeout"] == 5.0
+    assert options["client-timeout"] == 7.5
 
 
 @pytest.mark.parametrize(
@@ -65,6 +71,7 @@ def test_flags() -> None:
         ["--upstream-idle-timeout", "soon"],
         ["--upstream-retries", "-1"],
         ["--upstream-concurrency", "0"],
+        ["--client-timeout", "0"],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
     ],
@@ -167,3 +174,43 @@ def test_start_puts_the_startup_heap_out_of_the_collectors_sight(
     finally:
         service.stopService()
         gc.unfreeze()
+
+
+def served_site(
+    tmp_path: Path, *flags: str
+) -> tuple[IProtocolFactory, MemoryReactorClock, MultiService]:
+    """
+    The started service's site, listening on a reactor that is also a clock.
+    """
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path), *flags])
+    reactor = MemoryReactorClock()
+    service = makeService(options, reactor)
+    service.startService()
+    factory: IProtocolFactory = reactor.tcpServers[0][1]
+    return factory, reactor, service
+
+
+def connect(factory: IProtocolFactory, transport: StringTransport) -> IProtocol:
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+    assert protocol is not None
+    protocol.makeConnection(transport)
+    return protocol
+
+
+def test_a_request_is_cut_off_at_the_client_timeout_on_the_reactors_clock(
+    tmp_path: Path,
+) -> None:
+    factory, reactor, service = served_site(tmp_path, "--client-timeout", "5")
+    try:
+        transport = StringTransport()
+        protocol = connect(factory, transport)
+        for byte in b"GET /v2/ HTTP/1.1\r\nX-Slow: aaaaaaaaaa":
+            if transport.disconnected:
+                break
+            protocol.dataReceived(bytes([byte]))
+            reactor.advance(1)
+        assert transport.disconnected
+        assert reactor.seconds() == 5
+    finally:
+        service.stopService()
