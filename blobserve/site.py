@@ -1,8 +1,8 @@
 """
 The HTTP server factory: twisted.web's Site for the registry resource, on a
 plain-HTTP listener that fails TLS probes at once, with bounds on what any
-client can make it hold: request bodies, and the time a request may take to
-arrive.
+client can make it hold: connections, request bodies, and the time a request
+may take to arrive.
 """
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ from functools import partial
 from io import BytesIO
 from typing import cast
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from blobserve.resource import OCIError, write_error
+from blobserve.resource import OCIError, error_body, write_error
 
 log = Logger()
 
@@ -206,19 +211,92 @@ class _BoundedChannel(HTTPChannel):
         transport.abortConnection()
 
 
+def _raw_response(error: OCIError) -> bytes:
+    """
+    C{error} as a whole HTTP/1.1 response that closes the connection.
+    """
+    body = error_body(error)
+    return (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Docker-Distribution-API-Version: registry/2.0\r\n"
+        b"Connection: close\r\n"
+        b"\r\n" % (error.status, RESPONSES[error.status], len(body))
+    ) + body
+
+
+_OVERLOADED = _raw_response(
+    OCIError(503, "UNAVAILABLE", "too many connections: try again later")
+)
+
+
+class _Overloaded(Protocol):
+    """
+    A connection beyond the limit: answered 503 the moment it opens, and
+    closed. Its request is never read (a client that has sent it already may
+    see its connection reset rather than the answer).
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_OVERLOADED)
+        self.transport.loseConnection()
+
+
+class _ConnectionLimit(WrappingFactory):
+    """
+    Wraps the site's connections, and counts them: a connection beyond
+    C{limit} is answered 503 and closed at once, and those already open go
+    on as before.
+    """
+
+    protocol = _RefuseTLSProbe
+
+    def __init__(self, site: Site, limit: int) -> None:
+        super().__init__(site)
+        self.limit = limit
+        self._refused = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:  # type: ignore[override]
+        # Not a wrapper: a refused connection never reaches the site.
+        if len(self.protocols) < self.limit:
+            return super().buildProtocol(addr)
+        if not self._refused:
+            log.warn(
+                "{limit} connections open: new ones are refused until some close",
+                limit=self.limit,
+            )
+        self._refused += 1
+        return _Overloaded()
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        if self._refused and len(self.protocols) < self.limit:
+            log.info(
+                "below {limit} connections again; {count} were refused",
+                limit=self.limit,
+                count=self._refused,
+            )
+            self._refused = 0
+
+
 def registry_site(
     resource: IResource,
     timeout: float = 60.0,
+    max_connections: int = 1024,
     reactor: IReactorTime | None = None,
 ) -> WrappingFactory:
     """
     The factory serving C{resource}: a L{Site} without tracebacks in error
     pages, behind a TLS-probe refusal (harmless on a TLS listener, where the
-    first decrypted byte starts an HTTP request).
+    first decrypted byte starts an HTTP request) and a connection limit.
 
     @param timeout: seconds an idle connection is kept open, and the most a
         request may take from its first byte to its end. (While a response is
         being sent, the resource's producers watch the client instead.)
+    @param max_connections: how many connections may be open at once; one
+        more is answered 503 and closed.
     @param reactor: the clock for the timeouts; the global reactor by default.
     """
     site = Site(
@@ -228,6 +306,4 @@ def registry_site(
     # A plain HTTP/1.1 channel, not Twisted's default proxy, which would swap
     # in an HTTP/2 connection (outside these bounds) if TLS negotiated h2.
     site.protocol = partial(_BoundedChannel, timeout)  # type: ignore[assignment]
-    wrapper = WrappingFactory(site)
-    wrapper.protocol = _RefuseTLSProbe
-    return wrapper
+    return _ConnectionLimit(site, max_connections)

@@ -120,6 +120,14 @@ class Options(usage.Options):
             _positive_float,
         ],
         [
+            "max-connections",
+            None,
+            1024,
+            "How many client connections may be open at once; one more is"
+            " answered 503 and closed at once, and those open go on.",
+            _positive_count,
+        ],
+        [
             "tag-ttl",
             None,
             60.0,
@@ -295,7 +303,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         clock=reactor,
         client_timeout=options["client-timeout"],
     )
-    site = registry_site(resource, timeout=options["client-timeout"], reactor=reactor)
+    site = registry_site(
+        resource,
+        timeout=options["client-timeout"],
+        max_connections=options["max-connections"],
+        reactor=reactor,
+    )
 
     service = MultiService()
     _ConnectionPoolService(pool).setServiceParent(service)

@@ -1,7 +1,7 @@
 """
 What no client can make blobserve hold, over real loopback sockets against
 blobserve under twistd: a request body it did not want, a connection that
-dribbles its request.
+dribbles its request, a connection beyond the limit.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ UPSTREAM = "http://127.0.0.1:9"
 #: How long a test waits for an answer that should come at once.
 PROMPTLY = 10.0
 
+MAX_CONNECTIONS = 4
+
 
 async def started(directory: Path, *extra: str) -> BlobserveProcess:
     server = BlobserveProcess(directory, UPSTREAM, directory / "storage", extra=extra)
@@ -33,7 +35,9 @@ async def started(directory: Path, *extra: str) -> BlobserveProcess:
 
 @pytest_twisted.async_yield_fixture
 async def server(tmp_path: Path) -> AsyncIterator[BlobserveProcess]:
-    process = await started(tmp_path, "--client-timeout=1")
+    process = await started(
+        tmp_path, "--client-timeout=1", f"--max-connections={MAX_CONNECTIONS}"
+    )
     yield process
     process.stop()
 
@@ -169,3 +173,32 @@ async def test_a_request_dribbled_is_cut_off_a_client_timeout_after_its_first_by
     assert cut, "the dribbling client was never cut off"
     assert received == b""
     assert 0.9 < took < 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_limit_are_answered_503_and_the_rest_go_on(
+    server: BlobserveProcess,
+) -> None:
+    held = [connect(server) for _ in range(MAX_CONNECTIONS)]
+    try:
+        # Each is accepted and served: the server counts them all.
+        for s in held:
+            assert get_base(s).startswith(b"HTTP/1.1 200 ")
+        with connect(server) as extra:
+            assert oci_error(read_to_end(extra)) == (503, "UNAVAILABLE")
+        for s in held:
+            assert get_base(s).startswith(b"HTTP/1.1 200 ")
+        # Once one goes, a new connection is served again.
+        held.pop().close()
+        deadline = time.monotonic() + PROMPTLY
+        while True:
+            with connect(server) as again:
+                again.sendall(b"GET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n")
+                response = read_to_end(again)
+            if response.startswith(b"HTTP/1.1 200 "):
+                break
+            assert time.monotonic() < deadline, response
+            await deferLater(reactor, 0.05, lambda: None)
+    finally:
+        for s in held:
+            s.close()

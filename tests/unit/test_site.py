@@ -1,7 +1,7 @@
 """
 The site refuses TLS probes at once and serves HTTP as usual, within bounds:
-no request body is read beyond a few bytes, and a request must arrive within
-a deadline.
+no request body is read beyond a few bytes, a request must arrive within a
+deadline, and connections beyond a limit are answered 503.
 """
 
 from __future__ import annotations
@@ -71,11 +71,14 @@ class Connection:
 
 
 def site(
-    resource: Resource | None = None, clock: MemoryReactorClock | None = None
+    resource: Resource | None = None,
+    clock: MemoryReactorClock | None = None,
+    max_connections: int = 1024,
 ) -> WrappingFactory:
     return registry_site(
         resource if resource is not None else Hello(),
         timeout=TIMEOUT,
+        max_connections=max_connections,
         reactor=clock if clock is not None else MemoryReactorClock(),
     )
 
@@ -287,3 +290,25 @@ def test_the_deadline_does_not_cut_a_response_that_takes_long() -> None:
     assert not connection.transport.disconnected
     clock.advance(1)
     assert connection.transport.disconnected
+
+
+def test_connections_beyond_the_limit_are_answered_503_and_closed() -> None:
+    factory = site(max_connections=2)
+    first, second = Connection(factory), Connection(factory)
+    third = Connection(factory)
+    status, code, headers, _ = oci_error(third.received())
+    assert (status, code) == (503, "UNAVAILABLE")
+    assert headers[b"connection"] == b"close"
+    assert third.transport.disconnecting
+    third.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert third.received().count(b"HTTP/1.1 ") == 1
+    third.close()
+    # The connections open before are served as ever.
+    for connection in (first, second):
+        connection.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.received().endswith(b"hello")
+    # Once one closes, a new one is served.
+    first.close()
+    fourth = Connection(factory)
+    fourth.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert fourth.received().endswith(b"hello")

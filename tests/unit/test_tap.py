@@ -36,6 +36,7 @@ def test_defaults() -> None:
     assert options["upstream-concurrency"] == 16
     assert options["tag-ttl"] == 60.0
     assert options["client-timeout"] == 60.0
+    assert options["max-connections"] == 1024
 
 
 def test_flags() -> None:
@@ -52,6 +53,8 @@ def test_flags() -> None:
             "5",
             "--client-timeout",
             "7.5",
+            "--max-connections",
+            "4",
         ]
     )
     assert options["listen"] == "tcp:6000:interface=::1"
@@ -59,6 +62,7 @@ def test_flags() -> None:
     assert options["storage"] == "/srv/blobs"
     assert options["upstream-idle-timeout"] == 5.0
     assert options["client-timeout"] == 7.5
+    assert options["max-connections"] == 4
 
 
 @pytest.mark.parametrize(
@@ -71,6 +75,7 @@ def test_flags() -> None:
         ["--upstream-idle-timeout", "soon"],
         ["--upstream-retries", "-1"],
         ["--upstream-concurrency", "0"],
+        ["--max-connections", "0"],
         ["--client-timeout", "0"],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
@@ -212,5 +217,16 @@ def test_a_request_is_cut_off_at_the_client_timeout_on_the_reactors_clock(
             reactor.advance(1)
         assert transport.disconnected
         assert reactor.seconds() == 5
+    finally:
+        service.stopService()
+
+
+def test_connections_beyond_max_connections_are_answered_503(tmp_path: Path) -> None:
+    factory, _, service = served_site(tmp_path, "--max-connections", "1")
+    try:
+        connect(factory, StringTransport())
+        second = StringTransport()
+        connect(factory, second)
+        assert second.value().startswith(b"HTTP/1.1 503 ")
     finally:
         service.stopService()
