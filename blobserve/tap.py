@@ -11,10 +11,9 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -312,7 +311,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     service = MultiService()
     _ConnectionPoolService(pool).setServiceParent(service)
-    endpoint = serverFromString(reactor, options["listen"])
-    StreamServerEndpointService(endpoint, site).setServiceParent(service)
+    # Unlike a bare StreamServerEndpointService, which only logs a failure
+    # to listen and runs on without a port, this one raises it at start, and
+    # twistd exits non-zero.
+    strports.service(options["listen"], site, reactor).setServiceParent(service)
     _FreezeStartupHeap().setServiceParent(service)
     return service

@@ -1,17 +1,20 @@
 """
 What no client can make blobserve hold, over real loopback sockets against
 blobserve under twistd: a request body it did not want, a connection that
-dribbles its request, a connection beyond the limit.
+dribbles its request, a connection beyond the limit. And the port is the
+service: blobserve that cannot listen exits at once.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -202,3 +205,37 @@ async def test_connections_beyond_the_limit_are_answered_503_and_the_rest_go_on(
     finally:
         for s in held:
             s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_in_use_makes_blobserve_exit_non_zero_at_once(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = BlobserveProcess(
+            tmp_path,
+            UPSTREAM,
+            tmp_path / "storage",
+            flags=[
+                f"--listen=tcp:{port}:interface=127.0.0.1",
+                f"--upstream={UPSTREAM}",
+                f"--storage={tmp_path / 'storage'}",
+            ],
+        )
+        began = time.monotonic()
+        try:
+            with pytest.raises(RuntimeError, match="blobserve exited"):
+                await server.start()
+        finally:
+            server.stop()
+    # As long as twistd takes to start, not until some timeout.
+    assert time.monotonic() - began < PROMPTLY
+    assert server.process is not None
+    assert server.process.returncode != 0
+    assert re.search(
+        rf"Couldn't listen on 127.0.0.1:{port}: .*Address already in use",
+        server.log.read_text(),
+    )

@@ -4,11 +4,13 @@ twistd wiring: the plugin is found, options parse, the service listens.
 
 import gc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
@@ -230,3 +232,17 @@ def test_connections_beyond_max_connections_are_answered_503(tmp_path: Path) -> 
         assert second.value().startswith(b"HTTP/1.1 503 ")
     finally:
         service.stopService()
+
+
+class UnlistenableReactor(MemoryReactor):
+    def listenTCP(self, port: int, *args: Any, **kwargs: Any) -> Any:
+        raise CannotListenError("127.0.0.1", port, OSError(98, "Address in use"))
+
+
+def test_a_port_that_cannot_be_listened_on_fails_the_start(tmp_path: Path) -> None:
+    # twistd exits non-zero when starting the service raises.
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path)])
+    service = makeService(options, UnlistenableReactor())
+    with pytest.raises(CannotListenError):
+        service.privilegedStartService()
