@@ -131,13 +131,20 @@ def error_for(reason: Failure) -> OCIError:
     return OCIError(500, "UNKNOWN", "internal error")
 
 
+def error_body(error: OCIError) -> bytes:
+    """
+    The distribution spec's JSON error body for C{error}.
+    """
+    return json.dumps(
+        {"errors": [{"code": error.code, "message": error.message, "detail": None}]}
+    ).encode()
+
+
 def write_error(request: Request, error: OCIError) -> bytes:
     """
     Set the status and headers of C{error} on C{request} and return its body.
     """
-    body = json.dumps(
-        {"errors": [{"code": error.code, "message": error.message, "detail": None}]}
-    ).encode()
+    body = error_body(error)
     request.setResponseCode(error.status)
     for name, value in error.headers.items():
         request.setHeader(name, value)

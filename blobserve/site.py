@@ -1,19 +1,47 @@
 """
 The HTTP server factory: twisted.web's Site for the registry resource, on a
-plain-HTTP listener that fails TLS probes at once.
+plain-HTTP listener that fails TLS probes at once, with bounds on what any
+client can make it hold: connections, request bodies, and the time a request
+may take to arrive.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from io import BytesIO
 from typing import cast
 
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
+
+from blobserve.resource import OCIError, error_body, write_error
+
+log = Logger()
 
 #: The first byte of a TLS record carrying a handshake (a ClientHello).
 _TLS_HANDSHAKE = 0x16
+
+#: The largest body a GET or HEAD may carry: read into memory and ignored.
+#: Anything larger, or of unknown length (chunked), is refused unread.
+MAX_IGNORED_BODY = 1024
+
+#: A Content-Length of more digits than this declares a body of 10 EB or
+#: more: refused without converting it (Twisted's int() of more than 4300
+#: digits raises, and the connection would drop with a traceback logged).
+_MAX_LENGTH_DIGITS = 19
+
+_READ_METHODS = (b"GET", b"HEAD")
 
 
 class _RefuseTLSProbe(ProtocolWrapper):
@@ -37,18 +65,245 @@ class _RefuseTLSProbe(ProtocolWrapper):
         super().dataReceived(data)
 
 
-def registry_site(resource: IResource, timeout: float = 60.0) -> WrappingFactory:
+def _refusal(method: bytes, length: int | None) -> OCIError | None:
+    """
+    Why a request whose headers say C{method} and a body of C{length} bytes
+    (L{None}: unknown) is refused before its body is read, if it is.
+    """
+    if method not in _READ_METHODS:
+        return OCIError(405, "UNSUPPORTED", "this registry mirror is read-only")
+    if length is None or length > MAX_IGNORED_BODY:
+        return OCIError(
+            413,
+            "UNSUPPORTED",
+            f"a {method.decode()} request may carry at most {MAX_IGNORED_BODY}"
+            " bytes of body, with a Content-Length",
+        )
+    return None
+
+
+class _RegistryRequest(Request):
+    """
+    A request that its channel may have refused once its headers were in:
+    then it is answered with that refusal, whatever it asks for.
+    """
+
+    refusal: OCIError | None = None
+
+    def process(self) -> None:
+        if self.refusal is None:
+            super().process()
+            return
+        self.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+        self.setHeader(b"Connection", b"close")
+        if self.refusal.status == 405:
+            self.setHeader(b"Allow", b"GET, HEAD")
+        # For a HEAD, write() sends the headers alone.
+        self.write(write_error(self, self.refusal))
+        self.finish()
+
+
+class _BoundedChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel that no client can make read a request body, or wait
+    for a request, without bound.
+
+    A request for any method but GET and HEAD, or with a body over
+    L{MAX_IGNORED_BODY} bytes or of unknown length, is answered with an OCI
+    error as soon as its headers are in, and the connection closes: not a
+    byte of its body is read, none is spooled (twisted.web's L{Request}
+    writes a body of over 100 KB to a temporary file before any resource
+    sees it), and no C{100 Continue} asks for it.
+
+    A request must be complete within C{deadline} seconds of its first byte,
+    however steadily its bytes come (the idle timeout restarts with each),
+    or the connection is aborted. A request that arrived while the one
+    before it was being answered starts its deadline when it is read.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self._deadline_seconds = deadline
+        self._deadline: IDelayedCall | None = None
+        # Between a complete request and the end of its answer: bytes that
+        # arrive then wait, unread, for the answer to end.
+        self._answering = False
+        # A request was refused: nothing more is read.
+        self._refused = False
+        # A Content-Length too long to convert: too large, whatever it says.
+        self._oversized_length = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if data:
+            self._start_deadline()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # A request that came in the same read as the one before it, which
+        # was answered at once, is read from the buffer: no dataReceived
+        # starts its deadline.
+        self._start_deadline()
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, _, value = line.partition(b":")
+        if (
+            name.lower() == b"content-length"
+            and len(value.strip(b" \t")) > _MAX_LENGTH_DIGITS
+        ):
+            self._oversized_length = True
+            return True
+        valid: bool = super().headerReceived(line)
+        return valid
+
+    def allHeadersReceived(self) -> None:
+        length = None if self._oversized_length else self.length
+        # Until the request is complete, only the channel knows its method.
+        refusal = _refusal(self._command, length)
+        if refusal is None:
+            super().allHeadersReceived()
+            return
+        # Go on as if the request had no body: no gotLength (which makes the
+        # body's file), no 100 Continue; answer it, then close.
+        request = self.requests[-1]
+        assert isinstance(request, _RegistryRequest)
+        request.refusal = refusal
+        request.content = BytesIO()
+        self.length = 0
+        self.persistent = False
+        self._refused = True
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        self._answering = True
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        self._answering = False
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _start_deadline(self) -> None:
+        if self._deadline is None and not self._answering and not self._refused:
+            self._deadline = self.callLater(
+                self._deadline_seconds, self._deadline_passed
+            )
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        transport = cast(ITCPTransport, self.transport)
+        log.info(
+            "dropped {peer}: no complete request {seconds}s after its first byte",
+            peer=str(transport.getPeer()),
+            seconds=self._deadline_seconds,
+        )
+        transport.abortConnection()
+
+
+def _raw_response(error: OCIError) -> bytes:
+    """
+    C{error} as a whole HTTP/1.1 response that closes the connection.
+    """
+    body = error_body(error)
+    return (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Docker-Distribution-API-Version: registry/2.0\r\n"
+        b"Connection: close\r\n"
+        b"\r\n" % (error.status, RESPONSES[error.status], len(body))
+    ) + body
+
+
+_OVERLOADED = _raw_response(
+    OCIError(503, "UNAVAILABLE", "too many connections: try again later")
+)
+
+
+class _Overloaded(Protocol):
+    """
+    A connection beyond the limit: answered 503 the moment it opens, and
+    closed. Its request is never read (a client that has sent it already may
+    see its connection reset rather than the answer).
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_OVERLOADED)
+        self.transport.loseConnection()
+
+
+class _ConnectionLimit(WrappingFactory):
+    """
+    Wraps the site's connections, and counts them: a connection beyond
+    C{limit} is answered 503 and closed at once, and those already open go
+    on as before.
+    """
+
+    protocol = _RefuseTLSProbe
+
+    def __init__(self, site: Site, limit: int) -> None:
+        super().__init__(site)
+        self.limit = limit
+        self._refused = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:  # type: ignore[override]
+        # Not a wrapper: a refused connection never reaches the site.
+        if len(self.protocols) < self.limit:
+            return super().buildProtocol(addr)
+        if not self._refused:
+            log.warn(
+                "{limit} connections open: new ones are refused until some close",
+                limit=self.limit,
+            )
+        self._refused += 1
+        return _Overloaded()
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        if self._refused and len(self.protocols) < self.limit:
+            log.info(
+                "below {limit} connections again; {count} were refused",
+                limit=self.limit,
+                count=self._refused,
+            )
+            self._refused = 0
+
+
+def registry_site(
+    resource: IResource,
+    timeout: float = 60.0,
+    max_connections: int = 1024,
+    reactor: IReactorTime | None = None,
+) -> WrappingFactory:
     """
     The factory serving C{resource}: a L{Site} without tracebacks in error
     pages, behind a TLS-probe refusal (harmless on a TLS listener, where the
-    first decrypted byte starts an HTTP request).
+    first decrypted byte starts an HTTP request) and a connection limit.
 
-    @param timeout: seconds an idle connection, or one whose request headers
-        have not all arrived, is kept open. (While a response is being sent,
-        the resource's producers watch the client instead.)
+    @param timeout: seconds an idle connection is kept open, and the most a
+        request may take from its first byte to its end. (While a response is
+        being sent, the resource's producers watch the client instead.)
+    @param max_connections: how many connections may be open at once; one
+        more is answered 503 and closed.
+    @param reactor: the clock for the timeouts; the global reactor by default.
     """
-    site = Site(resource, timeout=timeout)
+    site = Site(
+        resource, requestFactory=_RegistryRequest, timeout=timeout, reactor=reactor
+    )
     site.displayTracebacks = False
-    wrapper = WrappingFactory(site)
-    wrapper.protocol = _RefuseTLSProbe
-    return wrapper
+    # A plain HTTP/1.1 channel, not Twisted's default proxy, which would swap
+    # in an HTTP/2 connection (outside these bounds) if TLS negotiated h2.
+    site.protocol = partial(_BoundedChannel, timeout)  # type: ignore[assignment]
+    return _ConnectionLimit(site, max_connections)

@@ -11,10 +11,9 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -154,9 +153,19 @@ class Options(usage.Options):
             "client-timeout",
             None,
             60.0,
-            "Seconds a client may send nothing before its request, or take"
-            " nothing of its response, before it is dropped.",
+            "Seconds after which a client is dropped: when its request is not"
+            " complete that long after its first byte, when it sends nothing"
+            " that long before or between requests, or when it takes nothing"
+            " of a response that long.",
             _positive_float,
+        ],
+        [
+            "max-connections",
+            None,
+            1024,
+            "How many client connections may be open at once; one more is"
+            " answered 503 and closed at once, and those open go on.",
+            _positive_count,
         ],
         [
             "tag-ttl",
@@ -347,12 +356,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
     )
-    site = registry_site(resource, timeout=options["client-timeout"])
+    site = registry_site(
+        resource,
+        timeout=options["client-timeout"],
+        max_connections=options["max-connections"],
+        reactor=reactor,
+    )
 
     service = MultiService()
     _ConnectionPoolService(pool).setServiceParent(service)
-    endpoint = serverFromString(reactor, options["listen"])
-    StreamServerEndpointService(endpoint, site).setServiceParent(service)
+    # Unlike a bare StreamServerEndpointService, which only logs a failure
+    # to listen and runs on without a port, this one raises it at start, and
+    # twistd exits non-zero.
+    strports.service(options["listen"], site, reactor).setServiceParent(service)
     _FreezeStartupHeap().setServiceParent(service)
     # Started after the freeze, which would keep what the self-test makes.
     zero_copy.setServiceParent(service)

@@ -4,13 +4,17 @@ twistd wiring: the plugin is found, options parse, the service listens.
 
 import gc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IServiceMaker
-from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.application.service import IServiceMaker, MultiService
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.usage import UsageError
@@ -40,6 +44,8 @@ def test_defaults() -> None:
     assert options["upstream-queue"] == 256
     assert options["max-blob-size"] == 64 * 2**30
     assert options["tag-ttl"] == 60.0
+    assert options["client-timeout"] == 60.0
+    assert options["max-connections"] == 1024
 
 
 def test_flags() -> None:
@@ -58,6 +64,10 @@ def test_flags() -> None:
             "0",
             "--max-blob-size",
             "1500M",
+            "--client-timeout",
+            "7.5",
+            "--max-connections",
+            "4",
         ]
     )
     assert options["upstream-queue"] == 0
@@ -66,6 +76,8 @@ def test_flags() -> None:
     assert options["upstreams"] == {"127.0.0.1:5100": "http://127.0.0.1:5100"}
     assert options["storage"] == "/srv/blobs"
     assert options["upstream-idle-timeout"] == 5.0
+    assert options["client-timeout"] == 7.5
+    assert options["max-connections"] == 4
 
 
 @pytest.mark.parametrize(
@@ -82,6 +94,8 @@ def test_flags() -> None:
         ["--max-blob-size", "0"],
         ["--max-blob-size", "12X"],
         ["--max-blob-size", "1" * 5000],
+        ["--max-connections", "0"],
+        ["--client-timeout", "0"],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
     ],
@@ -234,3 +248,68 @@ def test_a_size_is_positive_or_refused(text: str) -> None:
     except ValueError:
         return
     assert size >= 1
+
+
+def served_site(
+    tmp_path: Path, *flags: str
+) -> tuple[IProtocolFactory, MemoryReactorClock, MultiService]:
+    """
+    The started service's site, listening on a reactor that is also a clock.
+    """
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path), *flags])
+    reactor = MemoryReactorClock()
+    service = makeService(options, reactor)
+    service.startService()
+    factory: IProtocolFactory = reactor.tcpServers[0][1]
+    return factory, reactor, service
+
+
+def connect(factory: IProtocolFactory, transport: StringTransport) -> IProtocol:
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+    assert protocol is not None
+    protocol.makeConnection(transport)
+    return protocol
+
+
+def test_a_request_is_cut_off_at_the_client_timeout_on_the_reactors_clock(
+    tmp_path: Path,
+) -> None:
+    factory, reactor, service = served_site(tmp_path, "--client-timeout", "5")
+    try:
+        transport = StringTransport()
+        protocol = connect(factory, transport)
+        for byte in b"GET /v2/ HTTP/1.1\r\nX-Slow: aaaaaaaaaa":
+            if transport.disconnected:
+                break
+            protocol.dataReceived(bytes([byte]))
+            reactor.advance(1)
+        assert transport.disconnected
+        assert reactor.seconds() == 5
+    finally:
+        service.stopService()
+
+
+def test_connections_beyond_max_connections_are_answered_503(tmp_path: Path) -> None:
+    factory, _, service = served_site(tmp_path, "--max-connections", "1")
+    try:
+        connect(factory, StringTransport())
+        second = StringTransport()
+        connect(factory, second)
+        assert second.value().startswith(b"HTTP/1.1 503 ")
+    finally:
+        service.stopService()
+
+
+class UnlistenableReactor(MemoryReactor):
+    def listenTCP(self, port: int, *args: Any, **kwargs: Any) -> Any:
+        raise CannotListenError("127.0.0.1", port, OSError(98, "Address in use"))
+
+
+def test_a_port_that_cannot_be_listened_on_fails_the_start(tmp_path: Path) -> None:
+    # twistd exits non-zero when starting the service raises.
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path)])
+    service = makeService(options, UnlistenableReactor())
+    with pytest.raises(CannotListenError):
+        service.privilegedStartService()
