@@ -15,7 +15,7 @@ from urllib.parse import SplitResult, urlencode, urljoin, urlsplit
 from attrs import frozen
 from treq import collect
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -265,9 +265,12 @@ class _BodyReader(Protocol):
             self.done.errback(UpstreamError(message))
 
 
-async def _read_body(response: IResponse, limit: int) -> bytes:
+async def _read_body(
+    response: IResponse, limit: int, clock: IReactorTime, timeout: float
+) -> bytes:
     """
-    The whole body of C{response}, which must not exceed C{limit} bytes.
+    The whole body of C{response}, which must not exceed C{limit} bytes nor
+    take more than C{timeout} seconds to arrive.
 
     @raise UpstreamError: if it does, or is cut short.
     @raise CancelledError: if the caller cancelled; the transfer is stopped.
@@ -276,7 +279,12 @@ async def _read_body(response: IResponse, limit: int) -> bytes:
         return b""
     reader = _BodyReader(limit)
     response.deliverBody(reader)
-    return await reader.done
+    try:
+        return await reader.done.addTimeout(timeout, clock)
+    except TimeoutError:
+        raise UpstreamError(
+            f"upstream body not complete within {timeout:g} s"
+        ) from None
 
 
 def _retry_after(response: IResponse) -> str | None:
@@ -309,6 +317,8 @@ def _names_unknown_repository(body: bytes) -> bool:
 async def _refusal(
     response: IResponse,
     unknown: type[UpstreamError] | None,
+    clock: IReactorTime,
+    timeout: float,
     whom: str = "upstream registry",
 ) -> UpstreamError:
     """
@@ -322,7 +332,7 @@ async def _refusal(
     code = response.code
     if code == 404 and unknown is not None:
         try:
-            body = await _read_body(response, _MAX_SMALL_BODY)
+            body = await _read_body(response, _MAX_SMALL_BODY, clock, timeout)
         except UpstreamError:
             body = b""
         if _names_unknown_repository(body):
@@ -414,6 +424,27 @@ class RegistryUpstream:
         # Token realms already warned about getting no credentials.
         self._withheld_from: set[str] = set()
 
+    def _read_body(self, response: IResponse, limit: int) -> Deferred[bytes]:
+        """
+        A small body of C{response}, within the upstream timeout.
+        """
+        return Deferred.fromCoroutine(
+            _read_body(response, limit, self._clock, self._timeout)
+        )
+
+    def _refusal(
+        self,
+        response: IResponse,
+        unknown: type[UpstreamError] | None,
+        whom: str = "upstream registry",
+    ) -> Deferred[UpstreamError]:
+        """
+        What C{response}, not the one hoped for, means (see L{_refusal}).
+        """
+        return Deferred.fromCoroutine(
+            _refusal(response, unknown, self._clock, self._timeout, whom)
+        )
+
     def fetch_blob(
         self, name: str, digest: Digest, offset: int = 0
     ) -> Deferred[IResponse]:
@@ -421,7 +452,7 @@ class RegistryUpstream:
             extra = {b"Range": b"bytes=%d-" % offset} if offset else {}
             response = await self._send("GET", name, f"blobs/{digest}", extra=extra)
             if response.code not in ((200, 206) if offset else (200,)):
-                raise await _refusal(response, BlobUnknown)
+                raise await self._refusal(response, BlobUnknown)
             return response
 
         return Deferred.fromCoroutine(fetch())
@@ -430,7 +461,7 @@ class RegistryUpstream:
         async def stat() -> BlobInfo:
             response = await self._send("HEAD", name, f"blobs/{digest}")
             if response.code != 200:
-                raise await _refusal(response, BlobUnknown)
+                raise await self._refusal(response, BlobUnknown)
             return BlobInfo(_declared_length(response))
 
         return Deferred.fromCoroutine(stat())
@@ -441,8 +472,8 @@ class RegistryUpstream:
         async def fetch() -> Manifest:
             response = await self._send("GET", name, f"manifests/{reference}", accept)
             if response.code != 200:
-                raise await _refusal(response, ManifestUnknown)
-            content = await _read_body(response, MAX_MANIFEST_SIZE)
+                raise await self._refusal(response, ManifestUnknown)
+            content = await self._read_body(response, MAX_MANIFEST_SIZE)
             expected = _expected_digest(reference) or _declared_digest(response)
             algorithm = expected.algorithm if expected else "sha256"
             digest = Digest.of(content, algorithm)
@@ -461,7 +492,7 @@ class RegistryUpstream:
         async def stat() -> ManifestInfo:
             response = await self._send("HEAD", name, f"manifests/{reference}", accept)
             if response.code != 200:
-                raise await _refusal(response, ManifestUnknown)
+                raise await self._refusal(response, ManifestUnknown)
             return ManifestInfo(
                 _declared_digest(response),
                 _header(response, b"content-type"),
@@ -604,8 +635,8 @@ class RegistryUpstream:
                 self._warn_withheld(parts)
         response = await self._request("GET", url, headers)
         if response.code != 200:
-            raise await _refusal(response, None, f"token server {_host(url)}")
-        body = await _read_body(response, _MAX_SMALL_BODY)
+            raise await self._refusal(response, None, f"token server {_host(url)}")
+        body = await self._read_body(response, _MAX_SMALL_BODY)
         try:
             return parse_token_response(body, self._clock.seconds())
         except AuthenticationFailed as e:

@@ -610,3 +610,22 @@ def test_cancelling_while_a_manifest_body_arrives_stops_it() -> None:
         # The end of the connection that follows changes nothing.
         response.protocol.connectionLost(Failure(ResponseDone()))
         assert logged.failures() == []
+
+
+def test_a_manifest_body_that_stalls_fails_within_the_timeout() -> None:
+    clock = Clock()
+    upstream, agent = controlled_upstream(clock)
+    d = upstream.fetch_manifest("busybox", "latest", [])
+    response = FakeResponse(code=200)
+    response.headers.setRawHeaders(b"content-type", [MANIFEST_TYPE.encode()])
+    agent.requests[0][3].callback(response)
+    assert response.protocol is not None
+    response.protocol.dataReceived(MANIFEST[:5])
+    clock.advance(29)
+    assert not d.called
+    clock.advance(1)
+    reason = failure_of(d)
+    reason.trap(UpstreamError)
+    assert "not complete within 30 s" in reason.getErrorMessage()
+    assert response.transport.producerState == "stopped"
+    assert clock.getDelayedCalls() == []
