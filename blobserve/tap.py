@@ -178,9 +178,10 @@ class Options(usage.Options):
             "upstream-timeout",
             None,
             30.0,
-            "Seconds to wait for a connection to the upstream, and for its"
-            " response headers (token servers included); also the longest a"
-            " download waits for its turn (--upstream-queue).",
+            "Seconds to wait for a connection to the upstream, for its"
+            " response headers, and for a whole manifest or token (token"
+            " servers included); also the longest a download waits for its"
+            " turn (--upstream-queue).",
             _positive_float,
         ],
         [
