@@ -32,6 +32,7 @@ from blobserve.upstream import (
     BlobInfo,
     BlobUnknown,
     IUpstream,
+    Manifest,
     ManifestUnknown,
     RegistryUpstream,
     RepositoryUnknown,
@@ -595,19 +596,30 @@ def test_an_answer_in_time_leaves_no_timer_behind() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_cancelling_while_a_manifest_body_arrives_stops_it() -> None:
-    upstream, agent = controlled_upstream()
+def manifest_body_begun(
+    upstream: RegistryUpstream, agent: ControlledAgent
+) -> tuple[Deferred[Manifest], FakeResponse]:
+    """
+    Ask for a manifest, and have the upstream send the first bytes of it.
+    """
     d = upstream.fetch_manifest("busybox", "latest", [])
     response = FakeResponse(code=200)
     response.headers.setRawHeaders(b"content-type", [MANIFEST_TYPE.encode()])
     agent.requests[0][3].callback(response)
     assert response.protocol is not None
     response.protocol.dataReceived(MANIFEST[:5])
+    return d, response
+
+
+def test_cancelling_while_a_manifest_body_arrives_stops_it() -> None:
+    upstream, agent = controlled_upstream()
+    d, response = manifest_body_begun(upstream, agent)
     with LoggedEvents() as logged:
         d.cancel()
         failure_of(d).trap(CancelledError)
         assert response.transport.producerState == "stopped"
         # The end of the connection that follows changes nothing.
+        assert response.protocol is not None
         response.protocol.connectionLost(Failure(ResponseDone()))
         assert logged.failures() == []
 
@@ -615,12 +627,7 @@ def test_cancelling_while_a_manifest_body_arrives_stops_it() -> None:
 def test_a_manifest_body_that_stalls_fails_within_the_timeout() -> None:
     clock = Clock()
     upstream, agent = controlled_upstream(clock)
-    d = upstream.fetch_manifest("busybox", "latest", [])
-    response = FakeResponse(code=200)
-    response.headers.setRawHeaders(b"content-type", [MANIFEST_TYPE.encode()])
-    agent.requests[0][3].callback(response)
-    assert response.protocol is not None
-    response.protocol.dataReceived(MANIFEST[:5])
+    d, response = manifest_body_begun(upstream, agent)
     clock.advance(29)
     assert not d.called
     clock.advance(1)
