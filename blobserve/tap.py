@@ -27,7 +27,7 @@ from blobserve.site import registry_site
 from blobserve.slots import UpstreamSlots
 from blobserve.storage import DirectoryBlobStore
 from blobserve.upstream import RegistryUpstream, Upstreams
-from blobserve.zerocopy import ZeroCopy, self_test
+from blobserve.zerocopy_check import ZeroCopy, self_test
 
 log = Logger()
 

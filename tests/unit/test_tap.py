@@ -23,7 +23,7 @@ from twisted.web.server import Site
 from blobserve.auth import Credentials
 from blobserve.resource import RegistryResource
 from blobserve.tap import PASSWORD_VARIABLE, Options, makeService, parse_size
-from blobserve.zerocopy import ZeroCopy
+from blobserve.zerocopy_check import ZeroCopy
 
 from fakes import has_fired, result_of
 

@@ -51,13 +51,8 @@ from blobserve.producer import CompleteBlob
 from blobserve.site import registry_site
 from blobserve.storage import BlobReader, DirectoryBlobStore
 from blobserve.writer import ChunkWriter
-from blobserve.zerocopy import (
-    ConnectionSink,
-    IZeroCopySink,
-    SocketSink,
-    ZeroCopy,
-    self_test,
-)
+from blobserve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
+from blobserve.zerocopy_check import ZeroCopy, self_test
 
 from fakes import ClientTransport, Connection, connect, run_now
 from test_producer import CountingReader, FollowingResource
@@ -587,7 +582,7 @@ def warnings_in(events: Any) -> list[str]:
         event["log_format"].format(**event)
         for event in events
         if event.get("log_level") == LogLevel.warn
-        and event.get("log_namespace") == "blobserve.zerocopy"
+        and event.get("log_namespace") == "blobserve.zerocopy_check"
     ]
 
 

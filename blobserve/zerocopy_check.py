@@ -1,0 +1,336 @@
+"""
+L{ZeroCopy}: lets responses go out with C{sendfile} only once a start-up
+self-test has shown, with the running reactor and Twisted, that what
+L{blobserve.zerocopy} relies on holds: a file sent through a connection's
+sink between two writes through its transport arrives between them. Until
+the test has passed, and for good if it failed, every response is read and
+written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorTCP,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from blobserve.oneshot import OneShotEvent
+from blobserve.storage import BlobReader
+from blobserve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
+
+log = Logger()
+
+#: Seconds the start-up self-test may take before sendfile stays off.
+SELF_TEST_TIMEOUT = 5.0
+
+
+class ZeroCopy(Service):
+    """
+    Whether this process sends response bodies with C{sendfile}: only once
+    a self-test has passed with the running Twisted, never before, and
+    never if it failed.
+
+    The self-test runs when the service starts, without holding the start
+    up: responses that begin before it has passed are read and written.
+    """
+
+    def __init__(self, check: Callable[[], Deferred[None]]) -> None:
+        """
+        @param check: the self-test, such as L{self_test}: its Deferred fires
+            if C{sendfile} is safe here, and fails with the reason if not.
+            Cancelling it closes whatever it opened.
+        """
+        self._check = check
+        self._testing: Deferred[None] | None = None
+        self._on = False
+        self._checked: OneShotEvent[bool] = OneShotEvent()
+
+    def sink_for(self, request: Request) -> IZeroCopySink | None:
+        """
+        Where C{request}'s body may go with C{sendfile} (see
+        L{SocketSink.under}) once the self-test has passed; L{None} until
+        then, and for good if it failed.
+        """
+        if not self._on:
+            return None
+        return SocketSink.under(request)
+
+    def checked(self) -> Deferred[bool]:
+        """
+        Fire once the self-test has ended, with whether C{sendfile} is on
+        (L{False} if the service stopped first).
+        """
+        return self._checked.observe()
+
+    def startService(self) -> None:
+        super().startService()
+        if self._testing is None and not self._checked.happened:
+            testing = maybeDeferred(self._check)
+            self._testing = testing
+            testing.addBoth(self._tested)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop a self-test still running, and fire once it has closed whatever
+        it opened.
+        """
+        super().stopService()
+        if self._testing is None:
+            return succeed(None)
+        stopped = self._checked.observe().addCallback(lambda _: None)
+        self._testing.cancel()
+        return stopped
+
+    def _tested(self, result: object) -> None:
+        self._testing = None
+        if isinstance(result, Failure):
+            if self.running:
+                log.warn(
+                    "sendfile is off, every response is read and written:"
+                    " its self-test failed ({why})",
+                    why=_why(result),
+                )
+            self._checked.succeed_with(False)
+            return
+        self._on = True
+        log.info("sendfile is on: its self-test passed")
+        self._checked.succeed_with(True)
+
+
+class SelfTestFailed(Exception):
+    """
+    Bytes sent with a sink between two writes through a transport did not
+    arrive between them, or the transport had no sink.
+    """
+
+
+#: What the self-test writes through the transport before and after the
+#: file: a response's headers, and the next response on the connection.
+_FILE_SIZE = 64 * 1024
+_PREFIX = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % _FILE_SIZE
+_SUFFIX = b"HTTP/1.1 304 Not Modified\r\n\r\n"
+
+#: Seconds between the self-test's tries while the transport holds bytes.
+_RETRY_DELAY = 0.005
+
+#: Seconds the self-test waits for its connection and port to close.
+_CLOSE_TIMEOUT = 1.0
+
+
+def self_test(
+    reactor: IReactorTCP,
+    clock: IReactorTime,
+    sink_under: Callable[[object], IZeroCopySink | None] = ConnectionSink.under,
+    timeout: float = SELF_TEST_TIMEOUT,
+) -> Deferred[None]:
+    """
+    Check, over a real loopback connection with the running reactor and
+    Twisted, what the socket sink relies on: bytes written through the
+    transport (as a response's headers), then a file sent with the sink of
+    C{sink_under} once the transport holds nothing, then bytes written
+    through the transport again, arrive in that order and nothing else does.
+
+    @return: fires once they did, and the connection and listening port are
+        closed. Fails with L{SelfTestFailed} if the bytes came otherwise or
+        the transport had no sink, L{TimeoutError} after C{timeout} seconds,
+        or whatever else went wrong. Cancelling it closes what it opened.
+    """
+    started: Deferred[None] = Deferred()
+    testing = started.addCallback(
+        lambda _: Deferred.fromCoroutine(_self_test(reactor, clock, sink_under))
+    )
+    # The deadline first: a clock that cannot keep it fails before anything
+    # is opened.
+    testing.addTimeout(timeout, clock)
+    started.callback(None)
+    return testing
+
+
+async def _self_test(
+    reactor: IReactorTCP,
+    clock: IReactorTime,
+    sink_under: Callable[[object], IZeroCopySink | None],
+) -> None:
+    content = os.urandom(_FILE_SIZE)
+    with tempfile.TemporaryFile() as file:
+        file.write(content)
+        file.flush()
+        reader = BlobReader(os.dup(file.fileno()))
+    server = _FirstConnection()
+    client = _Peer()
+    port: IListeningPort | None = None
+    try:
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port = await endpoint.listen(server)
+        address = cast(IPv4Address, port.getHost())
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", address.port).connect(
+            _Quiet(client)
+        )
+        await server.peer.made
+        transport = server.peer.transport
+        assert transport is not None
+        sink = sink_under(transport)
+        if sink is None:
+            raise SelfTestFailed(
+                f"no sink for a loopback connection, {_layers(transport)}"
+            )
+        transport.write(_PREFIX)
+        sent = 0
+        while sent < len(content):
+            taken = sink.send(reader, sent, len(content) - sent)
+            sent += taken
+            if not taken:
+                await deferLater(clock, _RETRY_DELAY)
+        transport.write(_SUFFIX)
+        transport.loseConnection()
+        received = await client.lost
+        expected = _PREFIX + content + _SUFFIX
+        if received != expected:
+            raise SelfTestFailed(_difference(expected, received))
+    finally:
+        reader.close()
+        await _close(clock, port, (server.peer, client))
+
+
+class _Peer(Protocol):
+    """
+    One end of the self-test's connection: keeps what arrives, and tells
+    when it is connected and, with everything that arrived, when it is gone.
+    """
+
+    def __init__(self) -> None:
+        self._received: list[bytes] = []
+        self.made: Deferred[None] = Deferred()
+        self.lost: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(b"".join(self._received))
+
+
+class _Refused(Protocol):
+    """
+    Closes at once a connection that is not the self-test's own.
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+class _Quiet(Factory):
+    """
+    Builds the one protocol it is given, and logs nothing: the self-test
+    should not fill the start-up log.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self._protocol
+
+
+class _FirstConnection(WrappingFactory):
+    """
+    Serves the first connection with one L{_Peer}, through a wrapper as the
+    registry's site does, and closes any other.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.peer = _Peer()
+        super().__init__(_Quiet(self.peer))
+        self._taken = False
+
+    def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper:
+        if self._taken:
+            return self.protocol(self, _Refused())
+        self._taken = True
+        return self.protocol(self, self.peer)
+
+
+async def _close(
+    clock: IReactorTime, port: IListeningPort | None, peers: Iterable[_Peer]
+) -> None:
+    """
+    Close the self-test's connection and port, and wait until they are
+    closed, for at most L{_CLOSE_TIMEOUT} seconds.
+    """
+    closing: list[Deferred[Any]] = []
+    for peer in peers:
+        if peer.made.called and not peer.lost.called:
+            cast(ITCPTransport, peer.transport).abortConnection()
+            closing.append(peer.lost)
+    if port is not None:
+        closing.append(maybeDeferred(port.stopListening))
+    await DeferredList(closing, consumeErrors=True).addTimeout(_CLOSE_TIMEOUT, clock)
+
+
+def _layers(transport: object) -> str:
+    """
+    Name the transports from C{transport} down, to say which one was not
+    recognised.
+    """
+    names: list[str] = []
+    while transport is not None and len(names) < 8:
+        names.append(type(transport).__qualname__)
+        transport = getattr(transport, "transport", None)
+    return " over ".join(names)
+
+
+def _difference(expected: bytes, received: bytes) -> str:
+    """
+    Say how C{received} differs from C{expected}.
+    """
+    same = next(
+        (i for i, (a, b) in enumerate(zip(expected, received, strict=False)) if a != b),
+        min(len(expected), len(received)),
+    )
+    return (
+        f"{len(received)} bytes arrived for {len(expected)},"
+        f" only the first {same} as they were sent"
+    )
+
+
+def _why(reason: Failure) -> str:
+    """
+    Why the self-test failed, in a few words.
+    """
+    if reason.check(SelfTestFailed):
+        return reason.getErrorMessage()
+    if reason.check(TimeoutError):
+        return "it took too long"
+    return f"{type(reason.value).__name__}: {reason.getErrorMessage()}"
