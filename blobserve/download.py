@@ -20,7 +20,7 @@ from twisted.web.iweb import IResponse
 from blobserve.digest import Digest
 from blobserve.oneshot import OneShotEvent
 from blobserve.slots import UpstreamSlots
-from blobserve.storage import BlobReader, IBlobStore, TemporaryBlob
+from blobserve.store.files import BlobReader, IBlobStore, TemporaryBlob
 from blobserve.upstream import BlobUnknown, IUpstream, UpstreamError, response_length
 from blobserve.writer import BlobTooLarge, ChunkWriter
 

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from blobserve.digest import Digest, InvalidDigest
 from blobserve.oneshot import OneShotEvent
-from blobserve.storage import IBlobStore
+from blobserve.store.files import IBlobStore
 from blobserve.upstream import (
     MAX_MANIFEST_SIZE,
     IUpstream,

@@ -22,7 +22,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from blobserve.oneshot import OneShotEvent
-from blobserve.storage import BlobReader
+from blobserve.store.files import BlobReader
 from blobserve.writer import IBlobProgress
 from blobserve.zerocopy import IZeroCopySink, SocketSink
 

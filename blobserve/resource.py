@@ -24,7 +24,7 @@ from blobserve.names import InvalidName, InvalidTag, parse_name, parse_tag
 from blobserve.producer import CompleteBlob, FollowingProducer
 from blobserve.ranges import UnsatisfiableRange, parse_range
 from blobserve.slots import QueueFull
-from blobserve.storage import BlobReader, IBlobStore
+from blobserve.store.files import BlobReader, IBlobStore
 from blobserve.upstream import (
     BlobInfo,
     BlobUnknown,

@@ -25,7 +25,7 @@ from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.site import registry_site
 from blobserve.slots import UpstreamSlots
-from blobserve.storage import DirectoryBlobStore
+from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream import RegistryUpstream, Upstreams
 from blobserve.zerocopy_check import ZeroCopy, self_test
 

@@ -15,7 +15,7 @@ from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
 from blobserve.oneshot import OneShotEvent
-from blobserve.storage import TemporaryBlob
+from blobserve.store.files import TemporaryBlob
 
 
 class VerificationFailed(Exception):

@@ -33,7 +33,7 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import Request
 from zope.interface import Interface, implementer
 
-from blobserve.storage import BlobReader
+from blobserve.store.files import BlobReader
 
 log = Logger()
 

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from blobserve.oneshot import OneShotEvent
-from blobserve.storage import BlobReader
+from blobserve.store.files import BlobReader
 from blobserve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
 
 log = Logger()

@@ -27,7 +27,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from blobserve.digest import Digest
-from blobserve.storage import DirectoryBlobStore
+from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream import BlobInfo, IUpstream, Manifest, ManifestInfo
 
 _T = TypeVar("_T")

@@ -20,7 +20,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from blobserve.digest import Digest
 from blobserve.download import Download, Landing, RetryPolicy
 from blobserve.slots import UpstreamSlots
-from blobserve.storage import DirectoryBlobStore
+from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream import BlobUnknown, UpstreamError
 from blobserve.writer import VerificationFailed
 

@@ -8,7 +8,7 @@ import pytest
 
 from blobserve.digest import Digest
 from blobserve.fsck import main
-from blobserve.storage import DirectoryBlobStore
+from blobserve.store.files import DirectoryBlobStore
 
 from fakes import commit_blob, run_now
 

@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from blobserve.digest import Digest
 from blobserve.download import Download
 from blobserve.inflight import IInFlightTable, InFlightTable
-from blobserve.storage import DirectoryBlobStore
+from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream import BlobUnknown
 
 from fakes import FakeUpstream, failure_of, run_now

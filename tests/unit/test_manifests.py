@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from blobserve.digest import Digest
 from blobserve.manifests import ManifestCache, accept_key
-from blobserve.storage import DirectoryBlobStore
+from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream import (
     Manifest,
     ManifestInfo,

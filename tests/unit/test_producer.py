@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from blobserve.digest import Digest
 from blobserve.producer import CompleteBlob, FollowingProducer
-from blobserve.storage import BlobReader, DirectoryBlobStore, TemporaryBlob
+from blobserve.store.files import BlobReader, DirectoryBlobStore, TemporaryBlob
 from blobserve.writer import ChunkWriter, IBlobProgress
 from blobserve.zerocopy import IZeroCopySink, SocketSink
 

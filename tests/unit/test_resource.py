@@ -28,7 +28,7 @@ from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.slots import UpstreamSlots
-from blobserve.storage import DirectoryBlobStore
+from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream import (
     BlobInfo,
     BlobUnknown,

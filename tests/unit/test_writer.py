@@ -18,7 +18,7 @@ from twisted.web.client import ResponseDone
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
-from blobserve.storage import DirectoryBlobStore, TemporaryBlob
+from blobserve.store.files import DirectoryBlobStore, TemporaryBlob
 from blobserve.writer import (
     BodyReceiver,
     ChunkWriter,

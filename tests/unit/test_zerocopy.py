@@ -49,7 +49,7 @@ from zope.interface.verify import verifyObject
 from blobserve.digest import Digest
 from blobserve.producer import CompleteBlob
 from blobserve.site import registry_site
-from blobserve.storage import BlobReader, DirectoryBlobStore
+from blobserve.store.files import BlobReader, DirectoryBlobStore
 from blobserve.writer import ChunkWriter
 from blobserve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
 from blobserve.zerocopy_check import ZeroCopy, self_test

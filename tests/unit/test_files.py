@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, fail
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
-from blobserve.storage import DirectoryBlobStore, IBlobStore
+from blobserve.store.files import DirectoryBlobStore, IBlobStore
 
 from fakes import commit_blob, failure_of, result_of, run_now
 
