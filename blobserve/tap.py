@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -25,7 +25,10 @@ from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.site import registry_site
 from blobserve.slots import UpstreamSlots
+from blobserve.store.database import ThreadedDatabase
 from blobserve.store.files import DirectoryBlobStore
+from blobserve.store.index import StoreIndex
+from blobserve.store.layout import index_path
 from blobserve.upstream import RegistryUpstream, Upstreams
 from blobserve.zerocopy_check import ZeroCopy, self_test
 
@@ -281,6 +284,33 @@ class _ConnectionPoolService(Service):
         return closed
 
 
+class _StoreIndexService(Service):
+    """
+    Loads the store's index when the service starts (the store serves from
+    its files while it loads), and writes what is pending and closes it when
+    the service stops.
+    """
+
+    def __init__(self, database: ThreadedDatabase, index: StoreIndex) -> None:
+        self._database = database
+        self._index = index
+        self._loaded: Deferred[object] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._database.start()
+        self._loaded = self._index.load().addErrback(
+            lambda reason: log.failure(
+                "the store index did not load: serving from the files", reason
+            )
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        loaded = self._loaded or succeed(None)
+        return loaded.addBoth(lambda _: self._index.close())
+
+
 class _FreezeStartupHeap(Service):
     """
     Puts everything alive once the service starts (modules, classes, the
@@ -304,7 +334,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
 
-    store = DirectoryBlobStore(options["storage"])
+    root = options["storage"]
+    os.makedirs(root, exist_ok=True)
+    database = ThreadedDatabase(index_path(root), reactor)
+    index = StoreIndex(root, database, reactor)
+    store = DirectoryBlobStore(root, index)
     stale = store.remove_stale_temporaries()
     if stale:
         log.info("removed {count} unfinished downloads of an earlier run", count=stale)
@@ -365,6 +399,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
 
     service = MultiService()
+    # First in, so last out: the index is written when everything else stopped.
+    _StoreIndexService(database, index).setServiceParent(service)
     _ConnectionPoolService(pool).setServiceParent(service)
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and

@@ -1,17 +1,13 @@
 """
-The content-addressed blob store on a local file system.
-
-Committed blobs live at C{ROOT/blobs/<algorithm>/<first two hex>/<hex>}, with
-a record of their size (and media type, for manifests) at the same place
-under C{ROOT/records/};
-downloads in progress are written to C{ROOT/tmp/}, on the same file system, so
-that a commit is a rename.
+The content-addressed blob store on a local file system: blob files, their
+temporaries, and commits (fsync, rename, directory fsync), told to the
+store's index.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import json
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +19,8 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
+from blobserve.store.index import StoreIndex
+from blobserve.store.layout import blob_path, blobs_directory, temporary_directory
 
 log = Logger()
 
@@ -193,86 +191,80 @@ def _fsync_directory(path: str) -> None:
 @define
 class DirectoryBlobStore:
     """
-    An L{IBlobStore} in a directory of the local file system.
+    An L{IBlobStore} in a directory of the local file system (see
+    L{blobserve.store.layout}), with an L{StoreIndex} of what it holds.
 
     @ivar root: the store's directory.
+    @ivar index: what the store holds; until it is ready, the files say.
     @ivar run_blocking: runs the slow parts of a commit (the fsync calls) away
         from the reactor thread.
     """
 
     root: str
+    index: StoreIndex
     run_blocking: RunBlocking = deferToThread
 
     def __attrs_post_init__(self) -> None:
-        os.makedirs(self._blobs, exist_ok=True)
-        os.makedirs(self._tmp, exist_ok=True)
-
-    @property
-    def _blobs(self) -> str:
-        return os.path.join(self.root, "blobs")
-
-    @property
-    def _tmp(self) -> str:
-        return os.path.join(self.root, "tmp")
+        os.makedirs(blobs_directory(self.root), exist_ok=True)
+        os.makedirs(temporary_directory(self.root), exist_ok=True)
 
     def path_for(self, digest: Digest) -> str:
         """
         Where the committed blob C{digest} lives.
         """
-        return os.path.join(self._blobs, digest.algorithm, digest.hex[:2], digest.hex)
+        return blob_path(self.root, digest)
 
     def remove_stale_temporaries(self) -> int:
         """
         Remove the temporary files a previous run left behind, and say how many.
         """
         removed = 0
-        for entry in os.scandir(self._tmp):
+        for entry in os.scandir(temporary_directory(self.root)):
             if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
                 removed += 1
         return removed
 
     def open(self, digest: Digest) -> BlobReader | None:
+        entry = self.index.get(digest)
+        if entry is None and self.index.ready:
+            return None
         try:
             fd = os.open(self.path_for(digest), os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
+            if entry is not None:
+                log.warn(
+                    "{digest} is gone from disk: forgetting it", digest=str(digest)
+                )
+                self._remove(digest)
             return None
         reader = BlobReader(fd)
         try:
-            damage = self._damage(digest, reader.size())
+            size = reader.size()
         except BaseException:
             reader.close()
             raise
-        if damage is not None:
-            # Never serve it; the next request fetches it again.
+        if entry is not None and entry.size != size:
+            # Damaged since it was committed: never serve it; fetch it again.
             log.warn(
-                "{digest} {damage}: removing it", digest=str(digest), damage=damage
+                "{digest} has {actual} bytes on disk, not the {size} committed:"
+                " removing it",
+                digest=str(digest),
+                actual=size,
+                size=entry.size,
             )
             reader.close()
             self._remove(digest)
             return None
+        self.index.touch(digest)
         return reader
-
-    def _damage(self, digest: Digest, size: int) -> str | None:
-        """
-        What is wrong with the committed blob C{digest} of C{size} bytes on
-        disk, judged by its record, or L{None} if nothing is.
-        """
-        try:
-            record = self._record(digest)
-        except OSError as e:
-            return f"has an unreadable record ({e.strerror})"
-        if record is None:
-            return None
-        if record.get("size") != size:
-            return f"has {size} bytes on disk, not the {record.get('size')} committed"
-        return None
 
     def create_temporary(self, digest: Digest) -> TemporaryBlob:
         fd = -1
         for attempt in range(100):
             path = os.path.join(
-                self._tmp, f"{digest.algorithm}-{digest.hex}.{os.urandom(4).hex()}"
+                temporary_directory(self.root),
+                f"{digest.algorithm}-{digest.hex}.{os.urandom(4).hex()}",
             )
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -283,95 +275,66 @@ class DirectoryBlobStore:
             break
         return TemporaryBlob(digest, path, fd)
 
-    def _record_path(self, digest: Digest) -> str:
-        return os.path.join(
-            self.root, "records", digest.algorithm, digest.hex[:2], digest.hex
-        )
-
-    def _record(self, digest: Digest) -> dict[str, Any] | None:
-        """
-        What was recorded of the blob C{digest} when it was committed: its
-        C{size}, and its C{media_type} if it has one; L{None} if nothing was.
-
-        @raise OSError: if the record is there but cannot be read, or is not a
-            record.
-        """
-        try:
-            with open(self._record_path(digest), encoding="utf-8") as f:
-                record = json.load(f)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except ValueError:
-            raise OSError(errno.EINVAL, "not JSON") from None
-        if not isinstance(record, dict) or type(record.get("size")) is not int:
-            raise OSError(errno.EINVAL, "not a record of a size")
-        return record
-
     def media_type(self, digest: Digest) -> str | None:
-        try:
-            record = self._record(digest)
-        except OSError:
-            return None  # open() finds the damage and repairs it
-        media_type = None if record is None else record.get("media_type")
-        return media_type if isinstance(media_type, str) else None
+        entry = self.index.get(digest)
+        return None if entry is None else entry.media_type
 
-    def _write_record(self, digest: Digest, record: dict[str, Any]) -> None:
-        # Blocking: fsync and rename, so a crash leaves the old record or the
-        # new, never a torn one.
-        path = self._record_path(digest)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.urandom(4).hex()}"
-        with open(partial, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(partial, path)
-        _fsync_directory(os.path.dirname(path))
+    def _remove(self, digest: Digest) -> Deferred[None]:
+        """
+        Remove the blob C{digest}: out of the index at once, its file next,
+        its row last.
+        """
+        d = self.index.begin_removal([digest])
 
-    def _remove(self, digest: Digest) -> None:
-        for path in (self.path_for(digest), self._record_path(digest)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                log.failure("could not remove {path}", path=path)
+        def unlink(_: object) -> Deferred[None]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path_for(digest))
+            return self.index.end_removal([digest])
+
+        d.addCallback(unlink)
+        d.addErrback(
+            lambda reason: log.failure(
+                "could not remove {digest}", reason, digest=str(digest)
+            )
+        )
+        return d
 
     def commit(
         self, temporary: TemporaryBlob, media_type: str | None = None
     ) -> Deferred[None]:
-        final = self.path_for(temporary.digest)
+        digest = temporary.digest
+        final = self.path_for(digest)
         directory = os.path.dirname(final)
 
-        def rename(_: object) -> Deferred[None]:
+        def prepare() -> int:
+            temporary.fsync()
+            return temporary.size()
+
+        async def run() -> None:
+            size = await self.run_blocking(prepare)
+            await self.index.begin_commit(digest, size, media_type)
             # In the reactor thread, so that whoever looks the digest up next
             # finds either the in-flight download or the committed file.
             created = not os.path.isdir(directory)
             os.makedirs(directory, exist_ok=True)
             os.rename(temporary.path, final)
             temporary.moved = True
-            synced = self.run_blocking(self._sync_directories, directory, created)
-            return synced.addErrback(withdraw)
+            self.index.add(digest, size, media_type)
+            try:
+                await self.run_blocking(self._sync_directories, directory, created)
+                await self.index.end_commit(digest)
+            except BaseException:
+                # The rename may not last: take the blob out again, so that
+                # what is visible is what is reported committed.
+                await self._remove(digest)
+                raise
 
-        def withdraw(reason: Any) -> Any:
-            # The rename may not last: take the blob out again, so that what
-            # is visible is what is reported committed.
-            self._remove(temporary.digest)
-            return reason
+        d = Deferred.fromCoroutine(run())
 
         def failed(reason: Any) -> Any:
             self.discard(temporary)
             return reason
 
-        def prepare() -> None:
-            temporary.fsync()
-            record: dict[str, Any] = {"size": temporary.size()}
-            if media_type is not None:
-                record["media_type"] = media_type
-            self._write_record(temporary.digest, record)
-
-        d: Deferred[None] = self.run_blocking(prepare)
-        d.addCallback(rename)
         d.addErrback(failed)
         return d
 

@@ -16,6 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IProtocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -27,7 +28,10 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from blobserve.digest import Digest
+from blobserve.store.database import ImmediateDatabase
 from blobserve.store.files import DirectoryBlobStore
+from blobserve.store.index import StoreIndex
+from blobserve.store.layout import index_path
 from blobserve.upstream import BlobInfo, IUpstream, Manifest, ManifestInfo
 
 _T = TypeVar("_T")
@@ -76,6 +80,32 @@ def commit_blob(
     result_of(store.commit(temporary, media_type))
     temporary.close()
     return Path(store.path_for(digest))
+
+
+def open_descriptors() -> int:
+    """
+    How many file descriptors this process has open, once whatever is
+    garbage has closed its own.
+    """
+    gc.collect()
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+def store_at(
+    root: Path | str,
+    run_blocking: Callable[..., Deferred[Any]] | None = None,
+    clock: Clock | None = None,
+) -> DirectoryBlobStore:
+    """
+    A store in C{root} whose blocking work, and its index's, runs at once in
+    this thread, with its index loaded.
+    """
+    index = StoreIndex(
+        str(root), ImmediateDatabase(index_path(str(root))), clock or Clock()
+    )
+    store = DirectoryBlobStore(str(root), index, run_blocking or run_now)
+    result_of(index.load())
+    return store
 
 
 def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:

@@ -20,11 +20,17 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from blobserve.digest import Digest
 from blobserve.download import Download, Landing, RetryPolicy
 from blobserve.slots import UpstreamSlots
-from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream import BlobUnknown, UpstreamError
 from blobserve.writer import VerificationFailed
 
-from fakes import FakeResponse, FakeUpstream, failure_of, has_fired, result_of, run_now
+from fakes import (
+    FakeResponse,
+    FakeUpstream,
+    failure_of,
+    has_fired,
+    result_of,
+    store_at,
+)
 
 DATA = bytes(range(256)) * 64
 DIGEST = Digest.of(DATA)
@@ -62,7 +68,7 @@ class Subject:
 def subject_for(tmp_path: Path, retries: int = 3) -> Subject:
     upstream = FakeUpstream()
     clock = Clock()
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     download = Download(
         upstream,
         "library/x",
@@ -186,7 +192,7 @@ def test_corrupt_blob_is_not_retried(subject: Subject) -> None:
 
 def test_downloads_wait_for_a_free_slot_in_order(tmp_path: Path) -> None:
     upstream = FakeUpstream()
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     slots = UpstreamSlots(1, queue_limit=10, wait=60, clock=Clock())
     blobs = [bytes([n]) * 10 for n in range(3)]
     downloads = [

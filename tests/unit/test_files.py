@@ -4,18 +4,30 @@ The directory store: temporaries, atomic commits, lookups.
 
 import errno
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
+from blobserve.store.database import ImmediateDatabase
 from blobserve.store.files import DirectoryBlobStore, IBlobStore
+from blobserve.store.index import StoreIndex
+from blobserve.store.layout import index_path
 
-from fakes import commit_blob, failure_of, result_of, run_now
+from fakes import (
+    commit_blob,
+    failure_of,
+    open_descriptors,
+    result_of,
+    run_now,
+    store_at,
+)
 
 DATA = b"a layer" * 1000
 DIGEST = Digest.of(DATA)
@@ -23,7 +35,7 @@ DIGEST = Digest.of(DATA)
 
 @pytest.fixture
 def store(tmp_path: Path) -> DirectoryBlobStore:
-    return DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    return store_at(str(tmp_path))
 
 
 def test_provides_interface(store: DirectoryBlobStore) -> None:
@@ -121,36 +133,40 @@ def test_blob_of_the_wrong_size_is_removed_as_damaged(
     reader.close()
 
 
-def open_descriptors() -> int:
-    return len(list(Path("/proc/self/fd").iterdir()))
-
-
-@pytest.mark.parametrize(
-    "record",
-    [b"[1, 2]", b'{"size": "7000"}', b"{}", b"\xff\xfe not json", b"null", None],
-)
-def test_unreadable_record_is_a_miss_that_is_repaired_and_leaks_nothing(
-    store: DirectoryBlobStore, tmp_path: Path, record: bytes | None
+def test_blob_gone_from_disk_is_a_miss_and_forgotten(
+    store: DirectoryBlobStore,
 ) -> None:
     path = commit_blob(store, DATA)
-    record_path = tmp_path / "records" / "sha256" / DIGEST.hex[:2] / DIGEST.hex
-    record_path.unlink()
-    if record is None:
-        record_path.mkdir()  # a record that cannot even be opened as a file
-    else:
-        record_path.write_bytes(record)
+    path.unlink()
     before = open_descriptors()
     assert store.open(DIGEST) is None
-    assert store.media_type(DIGEST) is None
     assert open_descriptors() == before
-    assert not path.exists()
-    # Fetched again, it is a hit.
-    if record is None:
-        record_path.rmdir()
-    commit_blob(store, DATA)
-    reader = store.open(DIGEST)
+    assert store.index.get(DIGEST) is None
+    assert index_rows(store) == []
+
+
+def test_index_that_is_not_loaded_yet_serves_from_the_files(
+    tmp_path: Path,
+) -> None:
+    commit_blob(store_at(tmp_path), DATA)
+    index = StoreIndex(
+        str(tmp_path), ImmediateDatabase(index_path(str(tmp_path))), Clock()
+    )
+    loading = DirectoryBlobStore(str(tmp_path), index, run_now)
+    assert not index.ready
+    reader = loading.open(DIGEST)
     assert reader is not None
+    assert reader.read(0, len(DATA)) == DATA
     reader.close()
+    assert loading.open(Digest.of(b"other")) is None
+
+
+def index_rows(store: DirectoryBlobStore) -> list[tuple[str, str]]:
+    connection = sqlite3.connect(index_path(store.root))
+    try:
+        return connection.execute("SELECT digest, state FROM blobs").fetchall()
+    finally:
+        connection.close()
 
 
 def test_failed_directory_sync_after_the_rename_leaves_nothing_visible(
@@ -161,7 +177,7 @@ def test_failed_directory_sync_after_the_rename_leaves_nothing_visible(
             return fail(OSError(errno.EIO, "I/O error"))
         return run_now(f, *args)
 
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_blocking)
+    store = store_at(tmp_path, run_blocking)
     temporary = store.create_temporary(DIGEST)
     temporary.write(DATA)
     failure_of(store.commit(temporary)).trap(OSError)
@@ -169,7 +185,8 @@ def test_failed_directory_sync_after_the_rename_leaves_nothing_visible(
     assert store.open(DIGEST) is None
     assert not Path(store.path_for(DIGEST)).exists()
     assert list((tmp_path / "tmp").iterdir()) == []
-    assert list((tmp_path / "records").rglob("*" + DIGEST.hex)) == []
+    assert store.index.get(DIGEST) is None
+    assert index_rows(store) == []
 
 
 def test_a_temporary_is_unlinked_once_whoever_discards_it(

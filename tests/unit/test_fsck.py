@@ -8,13 +8,12 @@ import pytest
 
 from blobserve.digest import Digest
 from blobserve.fsck import main
-from blobserve.store.files import DirectoryBlobStore
 
-from fakes import commit_blob, run_now
+from fakes import commit_blob, store_at
 
 
 def test_clean_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     commit_blob(store, b"one")
     commit_blob(store, b"two", "application/vnd.oci.image.manifest.v1+json")
     assert main([str(tmp_path)]) == 0
@@ -24,7 +23,7 @@ def test_clean_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 def test_damaged_blobs_are_removed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     good = commit_blob(store, b"good")
     truncated = commit_blob(store, b"truncated", "application/json")
     truncated.write_bytes(b"trunc")

@@ -12,10 +12,9 @@ from zope.interface.verify import verifyObject
 from blobserve.digest import Digest
 from blobserve.download import Download
 from blobserve.inflight import IInFlightTable, InFlightTable
-from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream import BlobUnknown
 
-from fakes import FakeUpstream, failure_of, run_now
+from fakes import FakeUpstream, failure_of, store_at
 
 DIGEST = Digest.of(b"one")
 OTHER = Digest.of(b"other")
@@ -23,7 +22,7 @@ OTHER = Digest.of(b"other")
 
 def table_for(tmp_path: Path) -> tuple[InFlightTable, FakeUpstream]:
     upstream = FakeUpstream()
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     create = partial(Download, store=store, clock=Clock())
     return InFlightTable(create), upstream
 

@@ -26,7 +26,7 @@ from blobserve.upstream import (
     UpstreamRefused,
 )
 
-from fakes import FakeUpstream, failure_of, has_fired, result_of, run_now
+from fakes import FakeUpstream, failure_of, has_fired, result_of, store_at
 
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 ACCEPT = [INDEX_TYPE, "application/vnd.oci.image.manifest.v1+json"]
@@ -60,7 +60,7 @@ class Cache:
 
 @pytest.fixture
 def subject(tmp_path: Path) -> Cache:
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     clock = Clock()
     return Cache(ManifestCache(store, clock, ttl=60), FakeUpstream(), clock, store)
 

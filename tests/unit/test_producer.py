@@ -13,11 +13,11 @@ from zope.interface import implementer
 
 from blobserve.digest import Digest
 from blobserve.producer import CompleteBlob, FollowingProducer
-from blobserve.store.files import BlobReader, DirectoryBlobStore, TemporaryBlob
+from blobserve.store.files import BlobReader, TemporaryBlob
 from blobserve.writer import ChunkWriter, IBlobProgress
 from blobserve.zerocopy import IZeroCopySink, SocketSink
 
-from fakes import Connection, connect, run_now
+from fakes import Connection, connect, store_at
 
 CHUNK = 1000
 DATA = bytes(range(256)) * 50  # 12800 bytes: 13 chunks
@@ -82,7 +82,7 @@ class FollowingResource(Resource):
 
 @pytest.fixture
 def temporary(tmp_path: Path) -> TemporaryBlob:
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     return store.create_temporary(DIGEST)
 
 

@@ -48,7 +48,8 @@ from fakes import (
     LoggedEvents,
     commit_blob,
     connect,
-    run_now,
+    open_descriptors,
+    store_at,
 )
 
 DATA = bytes(range(256)) * 400
@@ -94,7 +95,7 @@ def registry_for(tmp_path: Path, clock: Clock, **download: Any) -> Registry:
     """
     A registry whose downloads get the options in C{download}.
     """
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     upstream = FakeUpstream()
     other = FakeUpstream()
     table = InFlightTable(partial(Download, store=store, clock=clock, **download))
@@ -445,10 +446,6 @@ def test_status_counts_what_runs_and_ends_at_zero(registry: Registry) -> None:
     assert status(registry) == {"downloads": 0, "observers": 0, "responses": 0}
 
 
-def open_descriptors() -> int:
-    return len(list(Path("/proc/self/fd").iterdir()))
-
-
 HUGE = "9" * 5000
 
 
@@ -714,7 +711,7 @@ class Mirror:
 
 @pytest.fixture
 def mirror(tmp_path: Path) -> Mirror:
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     clock = Clock()
     agent = ControlledAgent()
     upstream = RegistryUpstream("http://registry.test", HTTPClient(agent), clock)
@@ -800,7 +797,7 @@ class AnsweringOnCancel(FakeUpstream):
 def test_nothing_is_written_to_a_request_whose_client_has_gone(
     tmp_path: Path, path: str
 ) -> None:
-    store = DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    store = store_at(str(tmp_path))
     upstreams = Upstreams({"docker.io": AnsweringOnCancel()}, "docker.io")
     manifests = ManifestCache(store, Clock(), ttl=60)
     table = InFlightTable(partial(Download, store=store, clock=Clock()))

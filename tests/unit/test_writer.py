@@ -18,7 +18,7 @@ from twisted.web.client import ResponseDone
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
-from blobserve.store.files import DirectoryBlobStore, TemporaryBlob
+from blobserve.store.files import TemporaryBlob
 from blobserve.writer import (
     BodyReceiver,
     ChunkWriter,
@@ -27,7 +27,7 @@ from blobserve.writer import (
     VerificationFailed,
 )
 
-from fakes import failure_of, has_fired, result_of, run_now
+from fakes import failure_of, has_fired, result_of, store_at
 
 DATA = bytes(range(256)) * 40
 DIGEST = Digest.of(DATA)
@@ -35,9 +35,7 @@ DIGEST = Digest.of(DATA)
 
 @pytest.fixture
 def temporary(tmp_path: Path) -> TemporaryBlob:
-    return DirectoryBlobStore(str(tmp_path), run_blocking=run_now).create_temporary(
-        DIGEST
-    )
+    return store_at(str(tmp_path)).create_temporary(DIGEST)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ from blobserve.writer import ChunkWriter
 from blobserve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
 from blobserve.zerocopy_check import ZeroCopy, self_test
 
-from fakes import ClientTransport, Connection, connect, run_now
+from fakes import ClientTransport, Connection, connect, store_at
 from test_producer import CountingReader, FollowingResource
 
 DATA = os.urandom(12800)
@@ -108,7 +108,7 @@ class SinkResource(FollowingResource):
 
 @pytest.fixture
 def store(tmp_path: Path) -> DirectoryBlobStore:
-    return DirectoryBlobStore(str(tmp_path), run_blocking=run_now)
+    return store_at(str(tmp_path))
 
 
 def serve(
@@ -141,7 +141,7 @@ def test_every_byte_arrives_in_order_whatever_the_sink_takes(
     cuts: list[int],
     limit: int,
 ) -> None:
-    store = DirectoryBlobStore(str(tmp_path_factory.mktemp("s")), run_blocking=run_now)
+    store = store_at(tmp_path_factory.mktemp("s"))
     writer, resource, connection = serve(store, amounts, limit)
     for piece in pieces(DATA, cuts):
         writer.append(piece)

@@ -1,0 +1,476 @@
+"""
+L{StoreIndex}: what the store holds, kept in an SQLite database beside the
+blobs (the one source of truth) and mirrored in memory, so that a hit never
+waits for the database.
+
+The database changes in transactions on its own thread (L{IDatabase}); the
+memory changes at once, in the reactor thread. Accesses are remembered in
+memory and written in batches. A blob's row goes through states that a crash
+cannot leave wrong: C{committing} before its file is renamed into place and
+C{present} after the rename is durable; C{evicting} before its file is
+removed, and no row after. At start, rows left C{committing} are checked
+against their files and rows left C{evicting} finished, so an intact index
+never needs a walk of the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from attrs import define, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from blobserve.digest import Digest, InvalidDigest
+from blobserve.store.database import IDatabase
+from blobserve.store.layout import blob_path, blobs_directory, records_directory
+
+log = Logger()
+
+#: The schema this code reads and writes (SQLite's C{user_version}).
+SCHEMA_VERSION = 1
+
+#: The statements that bring a database of version N to version N + 1.
+MIGRATIONS: dict[int, list[str]] = {
+    0: [
+        """
+        CREATE TABLE blobs (
+            digest TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            media_type TEXT,
+            committed_at REAL NOT NULL,
+            last_access REAL NOT NULL,
+            access_count INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX blobs_by_last_access ON blobs (last_access)",
+        """
+        CREATE TABLE repositories (
+            registry TEXT NOT NULL,
+            repository TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            PRIMARY KEY (registry, repository, digest)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )
+        """,
+    ],
+}
+
+#: Seconds between two writes of the accesses remembered in memory.
+FLUSH_INTERVAL = 5.0
+
+_COMMITTING, _PRESENT, _EVICTING = "committing", "present", "evicting"
+
+
+class IndexDamaged(Exception):
+    """
+    The index cannot be read: it is not a database, fails its integrity
+    check, or was written by a newer blobserve.
+    """
+
+
+@define
+class BlobEntry:
+    """
+    What the index knows of one committed blob.
+    """
+
+    size: int
+    media_type: str | None
+    committed_at: float
+    last_access: float
+    access_count: int = 0
+
+
+@frozen
+class LoadReport:
+    """
+    How the index came up: read as it was, or rebuilt from the files (and
+    why), with how many blobs it holds and how long it took.
+    """
+
+    blobs: int
+    seconds: float
+    rebuilt_because: str | None = None
+    migrated_records: bool = False
+
+
+def _schema_version(connection: sqlite3.Connection) -> int:
+    version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def migrate(connection: sqlite3.Connection) -> None:
+    """
+    Bring the database to L{SCHEMA_VERSION}, one step at a time.
+
+    @raise IndexDamaged: if it was written by a newer blobserve.
+    """
+    version = _schema_version(connection)
+    if version > SCHEMA_VERSION:
+        raise IndexDamaged(f"schema version {version} is newer than this blobserve")
+    while version < SCHEMA_VERSION:
+        for statement in MIGRATIONS[version]:
+            connection.execute(statement)
+        version += 1
+        # PRAGMA takes no parameters; version is an int of ours.
+        connection.execute(f"PRAGMA user_version = {version:d}")
+
+
+def _check(connection: sqlite3.Connection) -> None:
+    try:
+        result = connection.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise IndexDamaged(str(e)) from None
+    if result != "ok":
+        raise IndexDamaged(f"integrity check: {result}")
+
+
+def _blob_files(root: str) -> Iterator[tuple[Digest, os.stat_result]]:
+    """
+    The committed blob files under C{root/blobs}, by digest.
+    """
+    blobs = blobs_directory(root)
+    for algorithm in sorted(os.listdir(blobs)):
+        for prefix in sorted(os.listdir(os.path.join(blobs, algorithm))):
+            directory = os.path.join(blobs, algorithm, prefix)
+            if not os.path.isdir(directory):
+                continue
+            for entry in os.scandir(directory):
+                try:
+                    digest = Digest.parse(f"{algorithm}:{entry.name}")
+                except InvalidDigest:
+                    continue
+                if entry.name[:2] == prefix and entry.is_file(follow_symlinks=False):
+                    yield digest, entry.stat(follow_symlinks=False)
+
+
+def _old_record(root: str, digest: Digest) -> dict[str, Any]:
+    """
+    What the store's earlier layout recorded of a blob in C{records/}.
+    """
+    path = os.path.join(
+        records_directory(root), digest.algorithm, digest.hex[:2], digest.hex
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def rebuild(connection: sqlite3.Connection, root: str) -> int:
+    """
+    Fill an empty index from the blob files under C{root}: sizes from the
+    files, media types from the earlier layout's records where there are
+    some. A file whose record says another size is removed.
+
+    @return: how many blobs the index holds now.
+    """
+    count = 0
+    for digest, stat in _blob_files(root):
+        record = _old_record(root, digest)
+        if "size" in record and record["size"] != stat.st_size:
+            os.unlink(blob_path(root, digest))
+            continue
+        media_type = record.get("media_type")
+        connection.execute(
+            "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?, 0, ?)",
+            (
+                str(digest),
+                stat.st_size,
+                media_type if isinstance(media_type, str) else None,
+                stat.st_mtime,
+                stat.st_mtime,
+                _PRESENT,
+            ),
+        )
+        count += 1
+    return count
+
+
+def _settle(connection: sqlite3.Connection, root: str) -> None:
+    """
+    Finish what a crash interrupted: commits whose file is in place are
+    present, others are forgotten; evictions are carried out.
+    """
+    for digest, size, state in connection.execute(
+        "SELECT digest, size, state FROM blobs WHERE state != ?", (_PRESENT,)
+    ).fetchall():
+        try:
+            path = blob_path(root, Digest.parse(digest))
+        except InvalidDigest:
+            raise IndexDamaged(f"a row names no digest: {digest!r}") from None
+        try:
+            on_disk = os.stat(path).st_size
+        except FileNotFoundError:
+            on_disk = None
+        if state == _COMMITTING and on_disk == size:
+            connection.execute(
+                "UPDATE blobs SET state = ? WHERE digest = ?", (_PRESENT, digest)
+            )
+            continue
+        if on_disk is not None:
+            os.unlink(path)
+        connection.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+
+
+class StoreIndex:
+    """
+    The committed blobs of one store: in memory for the reactor, in an
+    SQLite database for good.
+
+    Until L{load} has fired, the index is not L{ready}: it knows nothing, and
+    the store looks at its files instead.
+    """
+
+    def __init__(self, root: str, database: IDatabase, clock: IReactorTime) -> None:
+        self._root = root
+        self._database = database
+        self._clock = clock
+        # Least recently used first.
+        self._entries: OrderedDict[Digest, BlobEntry] = OrderedDict()
+        self._touched: set[Digest] = set()
+        self._seen: set[tuple[str, str, str]] = set()
+        self._flushing = LoopingCall(self.flush)
+        self._flushing.clock = clock
+        self.ready = False
+        #: The total size of the blobs the index holds.
+        self.size = 0
+
+    # Start and stop.
+
+    def load(self) -> Deferred[LoadReport]:
+        """
+        Read the index, or rebuild it from the files if it is missing or
+        damaged (an index of the earlier layout's C{records/} is built from
+        them, and they are removed), and bring it into memory.
+
+        @return: fires with how it went; the index is L{ready} then.
+        """
+        started = time.monotonic()
+
+        def read(
+            connection: sqlite3.Connection,
+        ) -> tuple[list[tuple[Digest, BlobEntry]], str | None]:
+            fresh = _schema_version(connection) == 0
+            _check(connection)
+            migrate(connection)
+            if fresh:
+                return [], "there was none"
+            _settle(connection, self._root)
+            return self._rows(connection), None
+
+        def rebuilt(connection: sqlite3.Connection) -> list[tuple[Digest, BlobEntry]]:
+            migrate(connection)
+            rebuild(connection, self._root)
+            return self._rows(connection)
+
+        async def run() -> LoadReport:
+            try:
+                rows, because = await self._database.run(read)
+            except (IndexDamaged, sqlite3.DatabaseError) as e:
+                rows, because = [], f"it was damaged ({e})"
+                await self._database.reset()
+            records = records_directory(self._root)
+            migrating = os.path.isdir(records)
+            if because is not None:
+                log.warn(
+                    "rebuilding the store's index from its files: {why}", why=because
+                )
+                rows = await self._database.run(rebuilt)
+            self._fill(rows)
+            if migrating:
+                shutil.rmtree(records, ignore_errors=True)
+            report = LoadReport(
+                len(self._entries),
+                time.monotonic() - started,
+                because,
+                migrating,
+            )
+            log.info(
+                "store index: {blobs} blobs, {size} bytes, ready in {seconds:.2f}s",
+                blobs=report.blobs,
+                size=self.size,
+                seconds=report.seconds,
+            )
+            self._flushing.start(FLUSH_INTERVAL, now=False)
+            return report
+
+        return Deferred.fromCoroutine(run())
+
+    def close(self) -> Deferred[None]:
+        """
+        Write what is remembered in memory, and close the database.
+        """
+        if self._flushing.running:
+            self._flushing.stop()
+        d = self.flush()
+        d.addBoth(lambda _: self._database.close())
+        return d
+
+    @staticmethod
+    def _rows(connection: sqlite3.Connection) -> list[tuple[Digest, BlobEntry]]:
+        rows = []
+        for digest, *entry in connection.execute(
+            "SELECT digest, size, media_type, committed_at, last_access,"
+            " access_count FROM blobs ORDER BY last_access"
+        ):
+            try:
+                rows.append((Digest.parse(digest), BlobEntry(*entry)))
+            except InvalidDigest:
+                raise IndexDamaged(f"a row names no digest: {digest!r}") from None
+        return rows
+
+    def _fill(self, rows: list[tuple[Digest, BlobEntry]]) -> None:
+        for digest, entry in rows:
+            self._entries[digest] = entry
+            self.size += entry.size
+        self.ready = True
+
+    # What the reactor asks, at once.
+
+    def get(self, digest: Digest) -> BlobEntry | None:
+        """
+        What the index knows of the committed blob C{digest}, if anything.
+        """
+        return self._entries.get(digest)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def least_recently_used(self) -> Iterator[Digest]:
+        """
+        The blobs, least recently used first.
+        """
+        return iter(list(self._entries))
+
+    def touch(self, digest: Digest) -> None:
+        """
+        Remember that C{digest} was read now; it is written with the next
+        batch.
+        """
+        entry = self._entries.get(digest)
+        if entry is None:
+            return
+        entry.last_access = self._clock.seconds()
+        entry.access_count += 1
+        self._entries.move_to_end(digest)
+        self._touched.add(digest)
+
+    def saw(self, registry: str, repository: str, digest: Digest) -> None:
+        """
+        Remember that repository C{repository} of C{registry} holds C{digest};
+        it is written with the next batch.
+        """
+        self._seen.add((registry, repository, str(digest)))
+
+    # Changes, durable when their Deferred fires.
+
+    def begin_commit(
+        self, digest: Digest, size: int, media_type: str | None
+    ) -> Deferred[None]:
+        """
+        Say that C{digest} is about to be renamed into the store.
+        """
+        now = self._clock.seconds()
+
+        def insert(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?, 0, ?)",
+                (str(digest), size, media_type, now, now, _COMMITTING),
+            )
+
+        return self._database.run(insert)
+
+    def add(self, digest: Digest, size: int, media_type: str | None) -> None:
+        """
+        Make the blob C{digest}, just renamed into the store, known.
+        """
+        now = self._clock.seconds()
+        old = self._entries.pop(digest, None)
+        if old is not None:
+            self.size -= old.size
+        self._entries[digest] = BlobEntry(size, media_type, now, now)
+        self.size += size
+
+    def end_commit(self, digest: Digest) -> Deferred[None]:
+        """
+        Say that the rename of C{digest} into the store is durable.
+        """
+        return self._set_state([digest], _PRESENT)
+
+    def begin_removal(self, digests: list[Digest]) -> Deferred[None]:
+        """
+        Forget C{digests} now, and say durably that their files are to go: if
+        the process ends before L{end_removal}, the next start removes them.
+        """
+        for digest in digests:
+            entry = self._entries.pop(digest, None)
+            if entry is not None:
+                self.size -= entry.size
+            self._touched.discard(digest)
+        return self._set_state(digests, _EVICTING)
+
+    def end_removal(self, digests: list[Digest]) -> Deferred[None]:
+        """
+        Say that the files of C{digests} are gone.
+        """
+
+        def delete(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "DELETE FROM blobs WHERE digest = ?", [(str(d),) for d in digests]
+            )
+
+        return self._database.run(delete)
+
+    def _set_state(self, digests: list[Digest], state: str) -> Deferred[None]:
+        def update(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE blobs SET state = ? WHERE digest = ?",
+                [(state, str(d)) for d in digests],
+            )
+
+        return self._database.run(update)
+
+    def flush(self) -> Deferred[None]:
+        """
+        Write the accesses and repositories remembered since the last batch.
+        """
+        touched = [
+            (entry.last_access, entry.access_count, str(digest))
+            for digest in self._touched
+            if (entry := self._entries.get(digest)) is not None
+        ]
+        seen = list(self._seen)
+        self._touched.clear()
+        self._seen.clear()
+
+        def write(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE blobs SET last_access = ?, access_count = ? WHERE digest = ?",
+                touched,
+            )
+            connection.executemany(
+                "INSERT OR IGNORE INTO repositories VALUES (?, ?, ?)", seen
+            )
+
+        d = self._database.run(write)
+        d.addErrback(lambda reason: log.failure("could not write accesses", reason))
+        return d
