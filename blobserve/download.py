@@ -21,14 +21,20 @@ from blobserve.digest import Digest
 from blobserve.oneshot import OneShotEvent
 from blobserve.slots import UpstreamSlots
 from blobserve.store.files import BlobReader, IBlobStore, TemporaryBlob
-from blobserve.upstream import BlobUnknown, IUpstream, UpstreamError, response_length
-from blobserve.writer import BlobTooLarge, ChunkWriter
+from blobserve.upstream import (
+    BlobUnknown,
+    IUpstream,
+    RangeNotSatisfiable,
+    UpstreamError,
+    response_length,
+)
+from blobserve.writer import BlobTooLarge, ChunkWriter, VerificationFailed
 
 log = Logger()
 
 _T = TypeVar("_T")
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 
 #: The longest pause between two attempts to resume a transfer.
 MAX_RETRY_DELAY = 30.0
@@ -56,7 +62,10 @@ class Landing:
         """
         if self.progress.failed:
             raise DownloadFailed("the upstream transfer of this blob failed")
-        return self._temporary.open_reader()
+        try:
+            return self._temporary.open_reader()
+        except ValueError:
+            raise DownloadFailed("the download of this blob has ended") from None
 
 
 class DownloadFailed(UpstreamError):
@@ -209,6 +218,9 @@ class Download:
         try:
             await self._fetch()
         finally:
+            # Out of the table before the slot goes to the next download:
+            # whatever that sets off finds no download that has ended.
+            self._end()
             if self._slots is not None:
                 self._slots.release()
 
@@ -252,6 +264,7 @@ class Download:
             if writer.complete:
                 await self._commit(temporary, writer.written)
         finally:
+            self._end()
             temporary.close()
 
     def _give_up(self, reason: Failure) -> None:
@@ -292,7 +305,18 @@ class Download:
                         self._log_failure(writer)
                     return
             attempt += 1
-            if attempt > self._retry.retries or reason.check(BlobUnknown):
+            if reason.check(RangeNotSatisfiable):
+                # The upstream has nothing past the bytes on disk, and they
+                # did not verify when its body ended.
+                reason = Failure(
+                    VerificationFailed(
+                        f"body of {writer.written} bytes, all the upstream has,"
+                        " does not verify"
+                    )
+                )
+            if attempt > self._retry.retries or reason.check(
+                BlobUnknown, VerificationFailed
+            ):
                 writer.fail(reason)
                 self._log_failure(writer)
                 return

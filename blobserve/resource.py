@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from typing import TypeVar, cast
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -495,7 +495,7 @@ def _finish_with_error(request: Request, reason: Failure) -> None:
     Answer a request with an OCI error, or, if its headers are sent already,
     cut its connection: a body that has begun must not end cleanly.
     """
-    if reason.check(CancelledError) or _over(request):
+    if _over(request):
         return  # the client has gone, or has its answer
     if request.startedWriting:
         log.warn("cutting off a response: {reason}", reason=reason.getErrorMessage())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 from functools import partial
+from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit, setrlimit
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -326,6 +327,43 @@ class _FreezeStartupHeap(Service):
         gc.freeze()
 
 
+def descriptors_needed(max_connections: int, upstream_concurrency: int) -> int:
+    """
+    How many file descriptors blobserve may hold at once: a socket and a
+    reader per client, a socket, a temporary and a reader per download, and
+    some to spare (the listener, the logs, the store's index).
+    """
+    return 2 * max_connections + 3 * upstream_concurrency + 64
+
+
+def raise_descriptor_limit(needed: int) -> int:
+    """
+    Raise this process's soft limit of open files to its hard limit, and say
+    so in the log if that is still fewer than C{needed}: past the limit new
+    connections are closed unanswered, and blobs cannot be opened.
+
+    @return: the soft limit now.
+    """
+    soft, hard = getrlimit(RLIMIT_NOFILE)
+    if hard == RLIM_INFINITY or hard > soft:
+        target = needed if hard == RLIM_INFINITY else hard
+        if target > soft:
+            try:
+                setrlimit(RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (OSError, ValueError):
+                log.failure("could not raise the limit of open files")
+    if soft < needed:
+        log.warn(
+            "only {limit} open files are allowed, and --max-connections and"
+            " --upstream-concurrency may need {needed}: raise the limit"
+            " (ulimit -n, LimitNOFILE=) or lower --max-connections",
+            limit=soft,
+            needed=needed,
+        )
+    return soft
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Wire the store, the upstream client, the in-flight table and the web site
@@ -390,6 +428,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         clock=reactor,
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
+    )
+    raise_descriptor_limit(
+        descriptors_needed(options["max-connections"], options["upstream-concurrency"])
     )
     site = registry_site(
         resource,

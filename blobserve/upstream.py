@@ -13,7 +13,6 @@ from typing import TypeVar
 from urllib.parse import SplitResult, urlencode, urljoin, urlsplit
 
 from attrs import frozen
-from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -87,6 +86,13 @@ class BlobUnknown(UpstreamError):
 class ManifestUnknown(UpstreamError):
     """
     The upstream answered 404: it does not have the manifest or tag.
+    """
+
+
+class RangeNotSatisfiable(UpstreamError):
+    """
+    The upstream answered 416 to a request for a blob from an offset: it has
+    nothing past it.
     """
 
 
@@ -212,11 +218,14 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc
 
 
-def _discard(response: IResponse) -> None:
+def _discard(response: IResponse, clock: IReactorTime, timeout: float) -> None:
     """
-    Read and drop a body nobody wants, so the connection can be reused.
+    Read and drop a body nobody wants, so the connection can be reused; one
+    larger than a small body, or slower than C{timeout}, is cut off instead.
     """
-    collect(response, lambda data: None).addErrback(lambda reason: None)
+    Deferred.fromCoroutine(
+        _read_body(response, _MAX_SMALL_BODY, clock, timeout)
+    ).addErrback(lambda _: None)
 
 
 class _BodyReader(Protocol):
@@ -338,7 +347,7 @@ async def _refusal(
         if _names_unknown_repository(body):
             return RepositoryUnknown(f"repository unknown to the {whom} (404)")
         return unknown(f"unknown to the {whom} ({code})")
-    _discard(response)
+    _discard(response, clock, timeout)
     if code == 401:
         return UpstreamRefused(401, f"the {whom} refused access ({code})")
     if code == 403:
@@ -451,6 +460,9 @@ class RegistryUpstream:
         async def fetch() -> IResponse:
             extra = {b"Range": b"bytes=%d-" % offset} if offset else {}
             response = await self._send("GET", name, f"blobs/{digest}", extra=extra)
+            if offset and response.code == 416:
+                _discard(response, self._clock, self._timeout)
+                raise RangeNotSatisfiable(f"upstream has no bytes past {offset}")
             if response.code not in ((200, 206) if offset else (200,)):
                 raise await self._refusal(response, BlobUnknown)
             return response
@@ -521,7 +533,8 @@ class RegistryUpstream:
         origin = _origin(url)
         scope = f"repository:{name}:pull"
         challenged = False
-        for _ in range(MAX_REDIRECTS + 2):
+        redirects = 0
+        while True:
             headers = Headers({b"Accept-Encoding": [b"identity"]})
             for key, value in (extra or {}).items():
                 headers.setRawHeaders(key, [value])
@@ -534,16 +547,20 @@ class RegistryUpstream:
             response = await self._request(method, url, headers)
             if response.code == 401 and at_registry and not challenged:
                 challenged = True
-                _discard(response)
+                _discard(response, self._clock, self._timeout)
                 await self._answer_challenge(response, scope)
                 continue
             location = _header(response, b"location")
             if response.code in _REDIRECTS and location:
-                _discard(response)
+                _discard(response, self._clock, self._timeout)
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise UpstreamError(
+                        f"more than {MAX_REDIRECTS} redirects from upstream"
+                    )
                 url = _redirect_target(url, location)
                 continue
             return response
-        raise UpstreamError(f"more than {MAX_REDIRECTS} redirects from upstream")
 
     async def _request(self, method: str, url: str, headers: Headers) -> IResponse:
         """

@@ -174,6 +174,15 @@ class ChunkWriter:
             return
         self._notify()
 
+    def verifies(self) -> bool:
+        """
+        Whether the bytes so far are the whole blob: its length, if known, and
+        its digest. Nothing changes: L{finish} still has to say so.
+        """
+        if self.expected_length not in (None, self.written):
+            return False
+        return self._hasher.copy().hexdigest() == self._temporary.digest.hex
+
     def finish(self) -> None:
         """
         The upstream says the body is whole: verify its length and digest, and
@@ -272,10 +281,13 @@ class BodyReceiver(Protocol):
             return
         if self._stall is not None:
             self.ended.errback(self._stall)
+        elif reason.check(PotentialDataLoss) and not self._writer.verifies():
+            # How a body without Content-Length or chunking ends: by closing,
+            # whether it ended or broke. Whole if its digest says so; if not,
+            # a break, to resume (an upstream with nothing past it answers the
+            # resume with 416).
+            self.ended.errback(reason)
         elif not reason.check(ResponseDone, PotentialDataLoss):
-            # PotentialDataLoss is how a body without Content-Length or
-            # chunking ends: by closing. That is a normal end; whether the
-            # blob is whole is for its length and digest to say.
             self.ended.errback(reason)
         elif self._skip:
             self.ended.errback(

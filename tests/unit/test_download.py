@@ -20,7 +20,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from blobserve.digest import Digest
 from blobserve.download import Download, Landing, RetryPolicy
 from blobserve.slots import UpstreamSlots
-from blobserve.upstream import BlobUnknown, UpstreamError
+from blobserve.upstream import BlobUnknown, RangeNotSatisfiable, UpstreamError
 from blobserve.writer import VerificationFailed
 
 from fakes import (
@@ -237,17 +237,54 @@ def test_body_without_length_ending_with_a_close_is_complete(
     assert len(subject.upstream.fetches) == 1
 
 
-def test_body_without_length_ending_short_with_a_close_fails_verification(
+def test_body_without_length_that_breaks_is_resumed(subject: Subject) -> None:
+    response = FakeResponse(length=UNKNOWN_LENGTH)
+    subject.upstream.fetches[-1][2].callback(response)
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA[:5000])
+    # A reset looks the same as the end: the digest tells them apart.
+    response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    assert not landing(subject).progress.failed
+    subject.clock.advance(1)
+    assert subject.upstream.offsets == [0, 5000]
+    rest = subject.answer(206, f"bytes 5000-{len(DATA) - 1}/{len(DATA)}")
+    assert rest.protocol is not None
+    rest.protocol.dataReceived(DATA[5000:])
+    rest.protocol.connectionLost(Failure(ResponseDone()))
+    assert subject.committed()
+
+
+def test_body_without_length_that_is_all_there_is_and_wrong_fails_at_once(
     subject: Subject,
 ) -> None:
     response = FakeResponse(length=UNKNOWN_LENGTH)
     subject.upstream.fetches[-1][2].callback(response)
     assert response.protocol is not None
-    response.protocol.dataReceived(DATA[:-1])
+    response.protocol.dataReceived(DATA[:-1] + b"!")
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    subject.clock.advance(1)
+    subject.upstream.fetches[-1][2].errback(RangeNotSatisfiable("nothing past"))
+    # No more retries: the upstream has nothing else to give.
     failure_of(landing(subject).progress.when_finished()).trap(VerificationFailed)
+    subject.clock.advance(100)
+    assert len(subject.upstream.fetches) == 2
     assert not subject.committed()
     assert subject.temporaries() == []
+
+
+def test_unbounded_numbers_in_content_range_drop_the_response(
+    subject: Subject,
+) -> None:
+    first = subject.answer()
+    assert first.protocol is not None
+    first.protocol.dataReceived(DATA[:5000])
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    subject.clock.advance(1)
+    huge = "9" * 5000
+    wrong = subject.answer(206, f"bytes {huge}-{huge}/{len(DATA)}")
+    assert wrong.transport.producerState == "stopped"
+    subject.clock.advance(2)
+    assert subject.upstream.offsets == [0, 5000, 5000]
 
 
 def test_failed_download_ends_before_its_file_is_removed(subject: Subject) -> None:

@@ -795,19 +795,62 @@ class AnsweringOnCancel(FakeUpstream):
     "path", [f"/v2/x/manifests/{MANIFEST_DIGEST}", f"/v2/x/blobs/{DIGEST}"]
 )
 def test_nothing_is_written_to_a_request_whose_client_has_gone(
-    tmp_path: Path, path: str
+    tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = store_at(str(tmp_path))
     upstreams = Upstreams({"docker.io": AnsweringOnCancel()}, "docker.io")
     manifests = ManifestCache(store, Clock(), ttl=60)
     table = InFlightTable(partial(Download, store=store, clock=Clock()))
     resource = RegistryResource(store, table, manifests, upstreams)
+    errors: list[Failure] = []
+    monkeypatch.setattr(
+        resource_module, "_finish_with_error", lambda _, reason: errors.append(reason)
+    )
     with LoggedEvents() as logged:
         client = connect(resource)
         client.request("HEAD", path)
         client.disconnect()
         assert client.transport.value() == b""
         assert logged.failures() == []
+    # The answer came and was dropped: it did not try to write, and fail.
+    assert errors == []
+
+
+def test_a_joiner_in_the_turn_a_download_ends_starts_afresh(tmp_path: Path) -> None:
+    clock = Clock()
+    store = store_at(tmp_path, lambda f, *a: fail(OSError(errno.EIO, "EIO")))
+    upstream = FakeUpstream()
+    slots = UpstreamSlots(1, queue_limit=4, wait=30, clock=clock)
+    table = InFlightTable(partial(Download, store=store, clock=clock, slots=slots))
+    upstreams = Upstreams({"docker.io": upstream}, "docker.io")
+    resource = RegistryResource(
+        store, table, ManifestCache(store, clock, 60), upstreams
+    )
+    connect(resource).request("GET", BLOB)
+    # A client pipelines a queued blob, then the blob being downloaded: the
+    # second request is read when the first is answered, which happens when
+    # the download ends and hands its slot on.
+    pipelined = connect(resource)
+    queued = f"/v2/library/busybox/blobs/{Digest.of(b'b')}"
+    pipelined.send(
+        f"GET {queued} HTTP/1.1\r\nHost: x\r\n\r\n"
+        f"GET {BLOB} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    response = FakeResponse(length=len(DATA))
+    upstream.fetches[0][2].callback(response)
+    upstream.refusal = UpstreamError("upstream down")
+    assert response.protocol is not None
+    with LoggedEvents() as logged:
+        response.protocol.dataReceived(DATA)
+        # The commit fails; the slot goes to the queued blob, which fails.
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        # The failed commit is logged, and nothing else.
+        assert [str(f.value) for f in logged.failures()] == ["[Errno 5] EIO"]
+    # The second request found no download of its blob, and started one.
+    assert [fetch[1] for fetch in upstream.fetches] == [DIGEST, Digest.of(b"b"), DIGEST]
+    answers = pipelined.transport.value()
+    assert answers.count(b"HTTP/1.1 502 ") == 2
+    assert b" 500 " not in answers
 
 
 def test_request_answered_elsewhere_stops_waiting(registry: Registry) -> None:

@@ -4,6 +4,7 @@ twistd wiring: the plugin is found, options parse, the service listens.
 
 import gc
 from pathlib import Path
+from resource import RLIM_INFINITY
 from typing import Any
 
 import pytest
@@ -22,10 +23,17 @@ from twisted.web.server import Site
 
 from blobserve.auth import Credentials
 from blobserve.resource import RegistryResource
-from blobserve.tap import PASSWORD_VARIABLE, Options, makeService, parse_size
+from blobserve.tap import (
+    PASSWORD_VARIABLE,
+    Options,
+    descriptors_needed,
+    makeService,
+    parse_size,
+    raise_descriptor_limit,
+)
 from blobserve.zerocopy_check import ZeroCopy
 
-from fakes import has_fired, result_of
+from fakes import LoggedEvents, has_fired, result_of
 
 
 def test_plugin_is_found() -> None:
@@ -313,3 +321,35 @@ def test_a_port_that_cannot_be_listened_on_fails_the_start(tmp_path: Path) -> No
     service = makeService(options, UnlistenableReactor())
     with pytest.raises(CannotListenError):
         service.privilegedStartService()
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "raised_to", "warned"),
+    [
+        (1024, 524288, 524288, False),
+        (1024, 1024, 1024, True),
+        (4096, RLIM_INFINITY, 5000, False),
+        (100_000, 200_000, 200_000, False),
+    ],
+)
+def test_the_limit_of_open_files_is_raised_and_a_low_one_is_said(
+    monkeypatch: pytest.MonkeyPatch,
+    soft: int,
+    hard: int,
+    raised_to: int,
+    warned: bool,
+) -> None:
+    limits = [(soft, hard)]
+    monkeypatch.setattr("blobserve.tap.getrlimit", lambda _: limits[-1])
+    monkeypatch.setattr(
+        "blobserve.tap.setrlimit", lambda _, value: limits.append(value)
+    )
+    with LoggedEvents() as logged:
+        assert raise_descriptor_limit(5000) == raised_to
+    assert limits[-1] == (raised_to, hard)
+    assert any("open files are allowed" in m for m in logged.messages()) == warned
+
+
+def test_descriptors_needed_grow_with_the_limits() -> None:
+    assert descriptors_needed(1024, 16) > 2 * 1024
+    assert descriptors_needed(2048, 16) > descriptors_needed(1024, 16)

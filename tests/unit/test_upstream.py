@@ -29,11 +29,13 @@ from zope.interface.verify import verifyObject
 from blobserve.auth import Credentials
 from blobserve.digest import Digest
 from blobserve.upstream import (
+    MAX_REDIRECTS,
     BlobInfo,
     BlobUnknown,
     IUpstream,
     Manifest,
     ManifestUnknown,
+    RangeNotSatisfiable,
     RegistryUpstream,
     RepositoryUnknown,
     UpstreamError,
@@ -636,3 +638,49 @@ def test_a_manifest_body_that_stalls_fails_within_the_timeout() -> None:
     assert "not complete within 30 s" in reason.getErrorMessage()
     assert response.transport.producerState == "stopped"
     assert clock.getDelayedCalls() == []
+
+
+def redirect_to(n: int) -> FakeResponse:
+    location = b"http://storage.test/%d" % n
+    return FakeResponse(code=307, length=0, headers=Headers({b"location": [location]}))
+
+
+def test_at_most_max_redirects_are_followed() -> None:
+    upstream, agent = controlled_upstream()
+    d = upstream.fetch_blob("busybox", DIGEST)
+    for n in range(MAX_REDIRECTS):
+        agent.requests[-1][3].callback(redirect_to(n))
+    assert len(agent.requests) == MAX_REDIRECTS + 1
+    agent.requests[-1][3].callback(redirect_to(MAX_REDIRECTS))
+    reason = failure_of(d)
+    reason.trap(UpstreamError)
+    assert f"more than {MAX_REDIRECTS} redirects" in reason.getErrorMessage()
+    assert len(agent.requests) == MAX_REDIRECTS + 1
+
+
+def test_a_refusal_body_that_never_ends_is_cut_off() -> None:
+    clock = Clock()
+    upstream, agent = controlled_upstream(clock)
+    d = upstream.fetch_blob("busybox", DIGEST)
+    slow, endless = FakeResponse(code=403), FakeResponse(code=403)
+    agent.requests[0][3].callback(slow)
+    assert refusal_of(d).status == 403
+    assert slow.protocol is not None
+    slow.protocol.dataReceived(b"x")
+    clock.advance(30)
+    assert slow.transport.producerState == "stopped"
+
+    d = upstream.fetch_blob("busybox", DIGEST)
+    agent.requests[1][3].callback(endless)
+    assert endless.protocol is not None
+    for _ in range(65):
+        endless.protocol.dataReceived(b"x" * 1024)
+    assert endless.transport.producerState == "stopped"
+    assert refusal_of(d).status == 403
+
+
+def test_416_to_a_resume_says_the_upstream_has_nothing_past_it() -> None:
+    upstream, agent = controlled_upstream()
+    d = upstream.fetch_blob("busybox", DIGEST, 100)
+    agent.requests[0][3].callback(FakeResponse(code=416, length=0))
+    failure_of(d).trap(RangeNotSatisfiable)
