@@ -5,13 +5,14 @@ docker-registry upstream.
 
 from __future__ import annotations
 
-import json
+import sqlite3
 from pathlib import Path
 
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from checks import until
 from images import (
     INDEX,
     dir_digests,
@@ -75,9 +76,20 @@ async def test_multi_platform_index_round_trips(
     assert layout_digests(tmp_path / "out") == (
         image.blob_digests | image.manifest_digests
     )
-    records = blobserve.storage / "records" / "sha256"
-    record = records / image.manifest_digest[7:9] / image.manifest_digest[7:]
-    assert json.loads(record.read_text())["media_type"] == INDEX
+
+    def indexed() -> tuple[str, str] | None:
+        connection = sqlite3.connect(blobserve.storage / "index.sqlite")
+        try:
+            row: tuple[str, str] | None = connection.execute(
+                "SELECT media_type, state FROM blobs WHERE digest = ?",
+                (image.manifest_digest,),
+            ).fetchone()
+        finally:
+            connection.close()
+        return row
+
+    # The store's index keeps its media type.
+    await until(lambda: indexed() == (INDEX, "present"), "the index row")
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,236 @@
+"""
+The store's SQLite index: what survives a restart, what a crash leaves
+behind, and how a missing, damaged or old-layout index is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from blobserve.digest import Digest
+from blobserve.store import index as index_module
+from blobserve.store.database import ImmediateDatabase, ThreadedDatabase
+from blobserve.store.index import SCHEMA_VERSION, StoreIndex
+from blobserve.store.layout import blob_path, index_path
+
+from fakes import commit_blob, result_of, store_at
+
+DATA = b"a layer" * 1000
+DIGEST = Digest.of(DATA)
+MANIFEST = b'{"schemaVersion": 2}'
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+def reopened(root: Path, clock: Clock | None = None) -> StoreIndex:
+    """
+    The index of the store at C{root} as a new process would load it.
+    """
+    index = StoreIndex(
+        str(root), ImmediateDatabase(index_path(str(root))), clock or Clock()
+    )
+    result_of(index.load())
+    return index
+
+
+def rows(root: Path, query: str = "SELECT digest, state FROM blobs") -> list[Any]:
+    connection = sqlite3.connect(index_path(str(root)))
+    try:
+        return connection.execute(query).fetchall()
+    finally:
+        connection.close()
+
+
+def test_a_new_store_has_an_empty_index_of_the_current_version(
+    tmp_path: Path,
+) -> None:
+    store = store_at(tmp_path)
+    assert store.index.ready
+    assert len(store.index) == 0
+    assert rows(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert rows(tmp_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_committed_blobs_are_known_after_a_restart_without_a_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_at(tmp_path)
+    commit_blob(store, DATA)
+    commit_blob(store, MANIFEST, MANIFEST_TYPE)
+
+    def no_walk(root: str) -> Any:
+        raise AssertionError("an intact index walked the store")
+
+    monkeypatch.setattr(index_module, "_blob_files", no_walk)
+    index = reopened(tmp_path)
+    entry = index.get(DIGEST)
+    assert entry is not None
+    assert entry.size == len(DATA)
+    manifest = index.get(Digest.of(MANIFEST))
+    assert manifest is not None
+    assert manifest.media_type == MANIFEST_TYPE
+    assert index.size == len(DATA) + len(MANIFEST)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: path.write_bytes(path.read_bytes()[:100]),
+        lambda path: path.write_bytes(b"not a database at all" * 100),
+        lambda path: path.unlink(),
+    ],
+    ids=["truncated", "garbage", "missing"],
+)
+def test_a_damaged_or_missing_index_is_rebuilt_from_the_files(
+    tmp_path: Path, damage: Any
+) -> None:
+    store = store_at(tmp_path)
+    commit_blob(store, DATA)
+    commit_blob(store, MANIFEST, MANIFEST_TYPE)
+    result_of(store.index.close())
+    for suffix in ("-wal", "-shm"):
+        Path(index_path(str(tmp_path)) + suffix).unlink(missing_ok=True)
+    damage(Path(index_path(str(tmp_path))))
+    index = StoreIndex(
+        str(tmp_path), ImmediateDatabase(index_path(str(tmp_path))), Clock()
+    )
+    report = result_of(index.load())
+    assert report.rebuilt_because is not None
+    assert report.blobs == 2
+    entry = index.get(DIGEST)
+    assert entry is not None
+    assert entry.size == len(DATA)
+    assert sorted(rows(tmp_path)) == sorted(
+        [(str(DIGEST), "present"), (str(Digest.of(MANIFEST)), "present")]
+    )
+
+
+def test_an_index_of_a_newer_blobserve_is_rebuilt(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    commit_blob(store, DATA)
+    result_of(store.index.close())
+    connection = sqlite3.connect(index_path(str(tmp_path)))
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+    index = StoreIndex(
+        str(tmp_path), ImmediateDatabase(index_path(str(tmp_path))), Clock()
+    )
+    report = result_of(index.load())
+    assert report.rebuilt_because is not None
+    assert "newer" in report.rebuilt_because
+    assert index.get(DIGEST) is not None
+
+
+def test_a_store_of_the_earlier_layout_is_migrated_once(tmp_path: Path) -> None:
+    # The layout before the index: blobs, and a JSON record beside each.
+    for data, media_type in ((DATA, None), (MANIFEST, MANIFEST_TYPE)):
+        digest = Digest.of(data)
+        path = Path(blob_path(str(tmp_path), digest))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        record = tmp_path / "records" / "sha256" / digest.hex[:2] / digest.hex
+        record.parent.mkdir(parents=True, exist_ok=True)
+        content: dict[str, Any] = {"size": len(data)}
+        if media_type:
+            content["media_type"] = media_type
+        record.write_text(json.dumps(content))
+    # One whose record says another size is damaged: it is not taken over.
+    damaged = Digest.of(b"damaged")
+    path = Path(blob_path(str(tmp_path), damaged))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"damage")
+    record = tmp_path / "records" / "sha256" / damaged.hex[:2] / damaged.hex
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"size": 7}))
+
+    store = store_at(tmp_path)
+    manifest = store.index.get(Digest.of(MANIFEST))
+    assert manifest is not None
+    assert manifest.media_type == MANIFEST_TYPE
+    assert store.media_type(Digest.of(MANIFEST)) == MANIFEST_TYPE
+    assert store.index.get(DIGEST) is not None
+    assert store.index.get(damaged) is None
+    assert not path.exists()
+    assert not (tmp_path / "records").exists()
+
+
+def test_a_crash_between_the_row_and_the_rename_leaves_no_blob(
+    tmp_path: Path,
+) -> None:
+    store = store_at(tmp_path)
+    # The row says committing, and the rename never happened.
+    result_of(store.index.begin_commit(DIGEST, len(DATA), None))
+    index = reopened(tmp_path)
+    assert index.get(DIGEST) is None
+    assert rows(tmp_path) == []
+
+
+def test_a_crash_after_the_rename_keeps_the_blob(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    result_of(store.index.begin_commit(DIGEST, len(DATA), None))
+    path = Path(store.path_for(DIGEST))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(DATA)
+    index = reopened(tmp_path)
+    assert index.get(DIGEST) is not None
+    assert rows(tmp_path) == [(str(DIGEST), "present")]
+
+
+def test_a_crash_during_a_removal_finishes_it(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    path = commit_blob(store, DATA)
+    # The row says the file is to go, and the process ended there.
+    result_of(store.index.begin_removal([DIGEST]))
+    assert path.exists()
+    index = reopened(tmp_path)
+    assert index.get(DIGEST) is None
+    assert not path.exists()
+    assert rows(tmp_path) == []
+
+
+def test_accesses_are_written_in_batches_and_kept_in_lru_order(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    store = store_at(tmp_path, clock=clock)
+    other = Digest.of(MANIFEST)
+    commit_blob(store, DATA)
+    commit_blob(store, MANIFEST, MANIFEST_TYPE)
+    assert list(store.index.least_recently_used()) == [DIGEST, other]
+    clock.advance(100)
+    reader = store.open(DIGEST)
+    assert reader is not None
+    reader.close()
+    assert list(store.index.least_recently_used()) == [other, DIGEST]
+    # Not written yet: a hit does not wait for the database.
+    query = "SELECT last_access, access_count FROM blobs WHERE digest = ?"
+    query = query.replace("?", f"'{DIGEST}'")
+    assert rows(tmp_path, query) == [(0.0, 0)]
+    store.index.saw("docker.io", "library/busybox", DIGEST)
+    clock.advance(index_module.FLUSH_INTERVAL)
+    assert rows(tmp_path, query) == [(100.0, 1)]
+    assert rows(tmp_path, "SELECT * FROM repositories") == [
+        ("docker.io", "library/busybox", str(DIGEST))
+    ]
+    # And the order survives a restart.
+    assert list(reopened(tmp_path).least_recently_used()) == [other, DIGEST]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_database_works_on_a_thread_of_its_own(tmp_path: Path) -> None:
+    database = ThreadedDatabase(str(tmp_path / "x.sqlite"), reactor)  # type: ignore[arg-type]
+    database.start()
+    try:
+        name = await database.run(lambda _: threading.current_thread().name)
+        assert name != threading.current_thread().name
+        assert "blobserve-index" in name
+    finally:
+        await database.close()
