@@ -234,6 +234,7 @@ class RegistryResource(Resource):
     def _get_blob(self, request: Request, name: str, digest: Digest) -> int:
         reader = self._store.open(digest)
         if reader is not None:
+            self._saw(request, name, digest)
             self._stream(request, digest, reader)
             return NOT_DONE_YET
 
@@ -241,6 +242,7 @@ class RegistryResource(Resource):
         ready = self._downloads.join(name, digest, upstream).when_ready()
 
         def follow(landing: Landing) -> None:
+            self._saw(request, name, digest)
             self._stream(request, digest, landing.open_reader(), landing)
 
         # A client that leaves before the upstream answers stops waiting (and
@@ -272,6 +274,7 @@ class RegistryResource(Resource):
         def send(manifest: Manifest) -> None:
             if _over(request):
                 return
+            self._saw(request, name, manifest.digest)
             _manifest_headers(
                 request, manifest.digest, manifest.media_type, len(manifest.content)
             )
@@ -293,6 +296,17 @@ class RegistryResource(Resource):
 
         _answer_with(request, d, send)
         return NOT_DONE_YET
+
+    def _saw(self, request: Request, name: str, digest: Digest) -> None:
+        """
+        Remember that repository C{name} of the registry C{request} is for
+        holds C{digest}.
+        """
+        try:
+            registry, _ = self._upstream_for(request)
+        except OCIError:
+            return
+        self._store.saw(registry, name, digest)
 
     def _upstream_for(self, request: Request) -> tuple[str, IUpstream]:
         """

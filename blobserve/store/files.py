@@ -172,6 +172,12 @@ class IBlobStore(Interface):
             the blob is left visible.
         """
 
+    def saw(registry: str, repository: str, digest: Digest) -> None:
+        """
+        Remember that repository C{repository} of C{registry} holds the blob
+        or manifest C{digest}.
+        """
+
     def discard(temporary: TemporaryBlob) -> None:
         """
         Remove a temporary blob that will not be committed, and close it.
@@ -274,6 +280,9 @@ class DirectoryBlobStore:
                 continue
             break
         return TemporaryBlob(digest, path, fd)
+
+    def saw(self, registry: str, repository: str, digest: Digest) -> None:
+        self.index.saw(registry, repository, digest)
 
     def media_type(self, digest: Digest) -> str | None:
         entry = self.index.get(digest)

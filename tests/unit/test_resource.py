@@ -5,6 +5,7 @@ store, an upstream double and in-memory connections.
 
 import errno
 import json
+import sqlite3
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.slots import UpstreamSlots
 from blobserve.store.files import DirectoryBlobStore
+from blobserve.store.layout import index_path
 from blobserve.upstream import (
     BlobInfo,
     BlobUnknown,
@@ -49,6 +51,7 @@ from fakes import (
     commit_blob,
     connect,
     open_descriptors,
+    result_of,
     store_at,
 )
 
@@ -865,3 +868,26 @@ def test_request_answered_elsewhere_stops_waiting(registry: Registry) -> None:
         request.finish()
         assert pending.called
         assert logged.failures() == []
+
+
+def test_blobs_and_manifests_served_are_recorded_per_repository(
+    registry: Registry,
+) -> None:
+    commit_blob(registry.store, DATA)
+    registry.get()
+    other = Digest.of(b"other")
+    client = registry.get(f"/v2/ghcr/thing/blobs/{other}?ns=ghcr.io")
+    response = FakeResponse(length=5)
+    registry.other.fetches[0][2].callback(response)
+    assert client.response()[0] == 200
+    registry.get(f"/v2/x/blobs/{other}?ns=nowhere.example")
+    result_of(registry.store.index.flush())
+    connection = sqlite3.connect(index_path(registry.store.root))
+    try:
+        recorded = connection.execute("SELECT * FROM repositories").fetchall()
+    finally:
+        connection.close()
+    assert sorted(recorded) == [
+        ("docker.io", "library/busybox", str(DIGEST)),
+        ("ghcr.io", "ghcr/thing", str(other)),
+    ]
