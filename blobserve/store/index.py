@@ -248,6 +248,7 @@ class StoreIndex:
         self._entries: OrderedDict[Digest, BlobEntry] = OrderedDict()
         self._touched: set[Digest] = set()
         self._seen: set[tuple[str, str, str]] = set()
+        self._removed_while_loading: set[Digest] = set()
         self._flushing = LoopingCall(self.flush)
         self._flushing.clock = clock
         self.ready = False
@@ -339,9 +340,16 @@ class StoreIndex:
         return rows
 
     def _fill(self, rows: list[tuple[Digest, BlobEntry]]) -> None:
+        # Commits and removals while the index loaded are newer than what it
+        # read: they stand.
+        added = dict(self._entries)
+        self._entries.clear()
         for digest, entry in rows:
-            self._entries[digest] = entry
-            self.size += entry.size
+            if digest not in added and digest not in self._removed_while_loading:
+                self._entries[digest] = entry
+        self._entries.update(added)
+        self._removed_while_loading.clear()
+        self.size = sum(entry.size for entry in self._entries.values())
         self.ready = True
 
     # What the reactor asks, at once.
@@ -426,6 +434,8 @@ class StoreIndex:
             if entry is not None:
                 self.size -= entry.size
             self._touched.discard(digest)
+            if not self.ready:
+                self._removed_while_loading.add(digest)
         return self._set_state(digests, _EVICTING)
 
     def end_removal(self, digests: list[Digest]) -> Deferred[None]:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from blobserve.digest import Digest
@@ -234,3 +235,43 @@ async def test_the_database_works_on_a_thread_of_its_own(tmp_path: Path) -> None
         assert "blobserve-index" in name
     finally:
         await database.close()
+
+
+class HeldDatabase(ImmediateDatabase):
+    """
+    A database whose work waits until the test lets it run.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.held: list[tuple[Any, Deferred[Any]]] = []
+
+    def run(self, work: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.held.append((work, d))
+        return d
+
+    def release(self) -> None:
+        while self.held:
+            work, d = self.held.pop(0)
+            super().run(work).chainDeferred(d)
+
+
+def test_commits_and_removals_while_the_index_loads_stand(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    commit_blob(store, DATA)
+    commit_blob(store, MANIFEST)
+    result_of(store.index.close())
+    database = HeldDatabase(index_path(str(tmp_path)))
+    index = StoreIndex(str(tmp_path), database, Clock())
+    loading = index.load()
+    assert not index.ready
+    fresh = Digest.of(b"fresh")
+    index.add(fresh, 5, None)
+    index.begin_removal([Digest.of(MANIFEST)])
+    database.release()
+    assert result_of(loading).blobs == 2
+    assert index.get(fresh) is not None
+    assert index.get(Digest.of(MANIFEST)) is None
+    assert index.get(DIGEST) is not None
+    assert index.size == len(DATA) + 5
