@@ -7,6 +7,7 @@ StringTransport, and the log events a test causes.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,13 +83,20 @@ def commit_blob(
     return Path(store.path_for(digest))
 
 
-def open_descriptors() -> int:
+def open_descriptors(under: Path | str) -> list[str]:
     """
-    How many file descriptors this process has open, once whatever is
-    garbage has closed its own.
+    The files under C{under}, other than a store's index, that this process
+    has open: a leaked reader or temporary shows here.
     """
-    gc.collect()
-    return len(list(Path("/proc/self/fd").iterdir()))
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(under)) and "index.sqlite" not in target:
+            targets.append(target)
+    return sorted(targets)
 
 
 def store_at(

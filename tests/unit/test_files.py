@@ -138,9 +138,9 @@ def test_blob_gone_from_disk_is_a_miss_and_forgotten(
 ) -> None:
     path = commit_blob(store, DATA)
     path.unlink()
-    before = open_descriptors()
+    before = open_descriptors(store.root)
     assert store.open(DIGEST) is None
-    assert open_descriptors() == before
+    assert open_descriptors(store.root) == before
     assert store.index.get(DIGEST) is None
     assert index_rows(store) == []
 

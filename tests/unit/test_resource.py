@@ -460,20 +460,20 @@ def test_range_of_thousands_of_digits_on_a_hit_is_answered(
     registry: Registry, header: str, status: int
 ) -> None:
     commit_blob(registry.store, DATA)
-    before = open_descriptors()
+    before = open_descriptors(registry.root)
     client = registry.get(headers={"Range": header})
     answer, _headers, body = client.response()
     assert answer == status
     if status == 206:
         assert body == DATA
     assert not client.transport.aborted
-    assert open_descriptors() == before
+    assert open_descriptors(registry.root) == before
 
 
 def test_range_of_thousands_of_digits_on_a_miss_is_answered_and_leaks_nothing(
     registry: Registry,
 ) -> None:
-    before = open_descriptors()
+    before = open_descriptors(registry.root)
     client = registry.get(headers={"Range": f"bytes={HUGE}-"})
     response = registry.answer()
     assert response.protocol is not None
@@ -481,7 +481,7 @@ def test_range_of_thousands_of_digits_on_a_miss_is_answered_and_leaks_nothing(
     response.protocol.dataReceived(DATA)
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert registry.committed()
-    assert open_descriptors() == before
+    assert open_descriptors(registry.root) == before
 
 
 def test_reader_is_closed_when_a_response_fails_before_it_starts(
@@ -493,10 +493,10 @@ def test_reader_is_closed_when_a_response_fails_before_it_starts(
         raise RuntimeError("a new way to fail")
 
     monkeypatch.setattr(resource_module, "_blob_headers", broken)
-    before = open_descriptors()
+    before = open_descriptors(registry.root)
     client = registry.get()
     assert error_code(client) == (500, "UNKNOWN")
-    assert open_descriptors() == before
+    assert open_descriptors(registry.root) == before
 
 
 def test_error_while_following_a_download_reaches_the_client(
