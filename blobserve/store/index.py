@@ -75,6 +75,7 @@ MIGRATIONS: dict[int, list[str]] = {
 FLUSH_INTERVAL = 5.0
 
 _COMMITTING, _PRESENT, _EVICTING = "committing", "present", "evicting"
+_NO_INDEX = "there was none"
 
 
 class IndexDamaged(Exception):
@@ -274,7 +275,7 @@ class StoreIndex:
             _check(connection)
             migrate(connection)
             if fresh:
-                return [], "there was none"
+                return [], _NO_INDEX
             _settle(connection, self._root)
             return self._rows(connection), None
 
@@ -292,10 +293,18 @@ class StoreIndex:
             records = records_directory(self._root)
             migrating = os.path.isdir(records)
             if because is not None:
-                log.warn(
-                    "rebuilding the store's index from its files: {why}", why=because
-                )
+                rebuilding = time.monotonic()
                 rows = await self._database.run(rebuilt)
+                # A new store has no index yet, and nothing to rebuild it
+                # from: no reason for a warning.
+                emit = log.info if because == _NO_INDEX and not rows else log.warn
+                emit(
+                    "built the store index from its files ({why}): {blobs} blobs"
+                    " in {seconds:.2f}s",
+                    why=because,
+                    blobs=len(rows),
+                    seconds=time.monotonic() - rebuilding,
+                )
             self._fill(rows)
             if migrating:
                 shutil.rmtree(records, ignore_errors=True)
