@@ -3,7 +3,8 @@ Where things lie in a store's directory.
 
 Committed blobs at C{ROOT/blobs/<algorithm>/<first two hex>/<hex>};
 downloads in progress in C{ROOT/tmp/}, on the same file system, so that a
-commit is a rename; the index at C{ROOT/index.sqlite}.
+commit is a rename; the index at C{ROOT/index.sqlite}; the lock that keeps
+blobserve and C{blobserve-fsck} apart at C{ROOT/lock}.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def index_path(root: str) -> str:
     is rebuilt from the files at the next start).
     """
     return os.path.join(root, "index.sqlite")
+
+
+def lock_path(root: str) -> str:
+    """
+    The file whose lock the process working on the store holds (see
+    L{blobserve.store.lock}). It stays, held or not.
+    """
+    return os.path.join(root, "lock")
 
 
 def records_directory(root: str) -> str:
