@@ -3,8 +3,9 @@ Where things lie in a store's directory.
 
 Committed blobs at C{ROOT/blobs/<algorithm>/<first two hex>/<hex>};
 downloads in progress in C{ROOT/tmp/}, on the same file system, so that a
-commit is a rename; the index at C{ROOT/index.sqlite}; the lock that keeps
-blobserve and C{blobserve-fsck} apart at C{ROOT/lock}.
+commit is a rename; the index at C{ROOT/index.sqlite}; the name of the
+process that holds the store's lock (see L{blobserve.store.lock}) in
+C{ROOT/lock}.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def index_path(root: str) -> str:
 
 def lock_path(root: str) -> str:
     """
-    The file whose lock the process working on the store holds (see
-    L{blobserve.store.lock}). It stays, held or not.
+    Where the holder of the store's lock writes its name, for whoever the
+    lock refuses. The lock itself is on C{root}.
     """
     return os.path.join(root, "lock")
 

@@ -2,11 +2,14 @@
 L{StoreLock}: one process at a time works on a store, a running blobserve or
 C{blobserve-fsck}, so that neither changes files or rows the other relies on.
 
-The lock is an exclusive C{flock} on C{ROOT/lock}, a file that stays. The
-kernel releases it when its holder closes it or ends, however it ends
-(C{kill -9} included), so a lock is never left stale. It belongs to the open
-file, not to the process: a daemon that forks after taking it keeps it, and a
-second L{StoreLock.acquire} in the same process is refused like any other.
+The lock is an exclusive C{flock} on the store's directory itself: taking it
+needs no file to be created, so a store on a file system without a free
+inode can still be locked. The kernel releases it when its holder closes it
+or ends, however it ends (C{kill -9} included), so a lock is never left
+stale. It belongs to the open directory, not to the process: a daemon that
+forks after taking it keeps it, and a second L{StoreLock.acquire} in the
+same process is refused like any other. Its holder writes its name in
+C{ROOT/lock} for whoever is refused, where it can.
 """
 
 from __future__ import annotations
@@ -44,35 +47,29 @@ class StoreLock:
     @classmethod
     def acquire(cls, root: str, holder: str) -> StoreLock:
         """
-        Take the lock of the store at C{root}, without waiting, and record
-        C{holder} (a program's name) in it for whoever is refused.
+        Take the lock of the store at C{root}, without waiting, and say that
+        C{holder} (a program's name) has it.
 
         @raise StoreLocked: if another holder has it.
-        @raise OSError: if the lock file cannot be opened.
+        @raise OSError: if the directory cannot be opened.
         """
-        path = lock_path(root)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            writable = True
-        except PermissionError:
-            # Created by another user (an fsck run as root): locking needs
-            # only a read handle; the holder's name goes unrecorded.
-            fd = os.open(path, os.O_RDONLY)
-            writable = False
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = _holder(fd)
             os.close(fd)
-            raise StoreLocked(root, other) from None
+            raise StoreLocked(root, _holder(root)) from None
         except BaseException:
             os.close(fd)
             raise
-        if writable:
-            # Who holds it is a courtesy for the refused: never worth failing.
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, holder.encode("utf-8") + b"\n", 0)
+        # Who holds it is a courtesy for the refused: never worth failing
+        # for (a full file system, a file another user made).
+        with contextlib.suppress(OSError):
+            label = os.open(lock_path(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.write(label, holder.encode("utf-8") + b"\n")
+            finally:
+                os.close(label)
         return cls(fd)
 
     @property
@@ -91,12 +88,13 @@ class StoreLock:
             os.close(fd)
 
 
-def _holder(fd: int) -> str | None:
+def _holder(root: str) -> str | None:
     """
-    The name the holder of the lock on C{fd} recorded, if it can be read.
+    The name the holder of the store's lock wrote, if it can be read.
     """
     try:
-        recorded = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+        with open(lock_path(root), encoding="utf-8", errors="replace") as f:
+            recorded = f.read(256).strip()
     except OSError:
         return None
     return recorded if recorded and recorded.isprintable() else None
