@@ -42,7 +42,7 @@ exit status:
   0  every blob verified and the index agreed with the files: nothing changed
   1  something was repaired: each change is listed on stdout
   2  the store cannot be read (not a store, an I/O error, an index of a newer
-     blobserve): nothing more was changed
+     blobserve): what was changed before is listed, nothing more is changed
   3  the store is in use by blobserve (or another blobserve-fsck): nothing
      was checked or changed; stop it, then run blobserve-fsck again
 """
@@ -105,6 +105,9 @@ class Report:
         return self.of(Action.REMOVED)
 
     def summary(self) -> str:
+        """
+        One line: how many blobs verified, files removed, changes to the index.
+        """
         index = sum(1 for c in self.changes if c.action is not Action.REMOVED)
         return (
             f"{self.verified} blobs verified, {len(self.removed)} removed,"
