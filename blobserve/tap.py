@@ -30,6 +30,7 @@ from blobserve.store.database import ThreadedDatabase
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
+from blobserve.store.lock import StoreLock
 from blobserve.upstream import RegistryUpstream, Upstreams
 from blobserve.zerocopy_check import ZeroCopy, self_test
 
@@ -289,12 +290,15 @@ class _StoreIndexService(Service):
     """
     Loads the store's index when the service starts (the store serves from
     its files while it loads), and writes what is pending and closes it when
-    the service stops.
+    the service stops; only then does it let the store's lock go.
     """
 
-    def __init__(self, database: ThreadedDatabase, index: StoreIndex) -> None:
+    def __init__(
+        self, database: ThreadedDatabase, index: StoreIndex, lock: StoreLock
+    ) -> None:
         self._database = database
         self._index = index
+        self._lock = lock
         self._loaded: Deferred[object] | None = None
 
     def startService(self) -> None:
@@ -309,7 +313,13 @@ class _StoreIndexService(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         loaded = self._loaded or succeed(None)
-        return loaded.addBoth(lambda _: self._index.close())
+        closed = loaded.addBoth(lambda _: self._index.close())
+
+        def release(result: None) -> None:
+            self._lock.release()
+            return result
+
+        return closed.addBoth(release)
 
 
 class _FreezeStartupHeap(Service):
@@ -374,6 +384,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     root = options["storage"]
     os.makedirs(root, exist_ok=True)
+    # Before anything touches the store: a second blobserve, or one started
+    # while blobserve-fsck repairs the store, must change nothing there. It
+    # raises StoreLocked, and twistd exits non-zero with the reason. Held
+    # until the index is closed at stop, or the process ends.
+    lock = StoreLock.acquire(root, "blobserve")
     database = ThreadedDatabase(index_path(root), reactor)
     index = StoreIndex(root, database, reactor)
     store = DirectoryBlobStore(root, index)
@@ -441,7 +456,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     service = MultiService()
     # First in, so last out: the index is written when everything else stopped.
-    _StoreIndexService(database, index).setServiceParent(service)
+    _StoreIndexService(database, index, lock).setServiceParent(service)
     _ConnectionPoolService(pool).setServiceParent(service)
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and

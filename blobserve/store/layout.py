@@ -3,7 +3,9 @@ Where things lie in a store's directory.
 
 Committed blobs at C{ROOT/blobs/<algorithm>/<first two hex>/<hex>};
 downloads in progress in C{ROOT/tmp/}, on the same file system, so that a
-commit is a rename; the index at C{ROOT/index.sqlite}.
+commit is a rename; the index at C{ROOT/index.sqlite}; the name of the
+process that holds the store's lock (see L{blobserve.store.lock}) in
+C{ROOT/lock}.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def index_path(root: str) -> str:
     is rebuilt from the files at the next start).
     """
     return os.path.join(root, "index.sqlite")
+
+
+def lock_path(root: str) -> str:
+    """
+    Where the holder of the store's lock writes its name, for whoever the
+    lock refuses. The lock itself is on C{root}.
+    """
+    return os.path.join(root, "lock")
 
 
 def records_directory(root: str) -> str:

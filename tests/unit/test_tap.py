@@ -8,10 +8,12 @@ from resource import RLIM_INFINITY
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker, MultiService
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory
@@ -23,9 +25,14 @@ from twisted.web.server import Site
 
 from blobserve.auth import Credentials
 from blobserve.resource import RegistryResource
+from blobserve.store.database import ThreadedDatabase
+from blobserve.store.index import StoreIndex
+from blobserve.store.layout import index_path
+from blobserve.store.lock import StoreLock, StoreLocked
 from blobserve.tap import (
     PASSWORD_VARIABLE,
     Options,
+    _StoreIndexService,
     descriptors_needed,
     makeService,
     parse_size,
@@ -191,6 +198,44 @@ def test_start_removes_unfinished_downloads(tmp_path: Path) -> None:
     options.parseOptions(["--storage", str(tmp_path)])
     makeService(options, MemoryReactor())
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_store_in_use_is_refused_before_anything_in_it_changes(
+    tmp_path: Path,
+) -> None:
+    # twistd exits non-zero when makeService raises. The store's other user
+    # (blobserve-fsck, or a running blobserve) keeps its temporaries.
+    (tmp_path / "tmp").mkdir()
+    in_progress = tmp_path / "tmp" / "sha256-abc.1234"
+    in_progress.write_bytes(b"a download of the blobserve that runs")
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path)])
+    fsck = StoreLock.acquire(str(tmp_path), "blobserve-fsck")
+    try:
+        with pytest.raises(StoreLocked, match="in use by blobserve-fsck"):
+            makeService(options, MemoryReactor())
+    finally:
+        fsck.release()
+    assert in_progress.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_store_stays_locked_until_its_index_is_closed(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "blobs").mkdir()
+    database = ThreadedDatabase(index_path(str(tmp_path)), reactor)  # type: ignore[arg-type]
+    index = StoreIndex(str(tmp_path), database, reactor)
+    service = _StoreIndexService(
+        database, index, StoreLock.acquire(str(tmp_path), "blobserve")
+    )
+    service.startService()
+    stopping = service.stopService()
+    # The index is still being written and closed on its thread.
+    with pytest.raises(StoreLocked):
+        StoreLock.acquire(str(tmp_path), "blobserve-fsck")
+    await stopping
+    StoreLock.acquire(str(tmp_path), "blobserve-fsck").release()
 
 
 def test_start_puts_the_startup_heap_out_of_the_collectors_sight(
