@@ -421,27 +421,30 @@ class DirectoryBlobStore:
             os.makedirs(directory, exist_ok=True)
             os.rename(temporary.path, final)
             temporary.moved = True
-            # Never evicted half committed.
-            release = self.pins.hold(digest)
+            self.index.add(digest, size, media_type)
             try:
-                self.index.add(digest, size, media_type)
+                await self.run_blocking(self._sync_directories, directory, created)
+                await self.index.end_commit(digest)
+            except BaseException:
+                # The rename may not last: take the blob out again, so that
+                # what is visible is what is reported committed.
+                await self._remove(digest)
+                raise
+            if self.on_commit is not None:
                 try:
-                    await self.run_blocking(self._sync_directories, directory, created)
-                    await self.index.end_commit(digest)
-                except BaseException:
-                    # The rename may not last: take the blob out again, so
-                    # that what is visible is what is reported committed.
-                    await self._remove(digest)
-                    raise
-                if self.on_commit is not None:
-                    try:
-                        self.on_commit(digest)
-                    except Exception:
-                        log.failure("after the commit of {digest}", digest=str(digest))
-            finally:
-                release()
+                    self.on_commit(digest)
+                except Exception:
+                    log.failure("after the commit of {digest}", digest=str(digest))
+
+        # Never evicted half committed.
+        release = self.pins.hold(digest)
+
+        def unpin(result: object) -> object:
+            release()
+            return result
 
         d = Deferred.fromCoroutine(run())
+        d.addBoth(unpin)
 
         def failed(reason: Any) -> Any:
             self.discard(temporary)
