@@ -15,11 +15,14 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -68,10 +71,13 @@ class Bench:
         return self.blobs[size]
 
     @contextmanager
-    def system(self, name: str) -> Iterator[tuple[servers.Server, str, Path]]:
+    def system(
+        self, name: str, flags: Sequence[str] = ()
+    ) -> Iterator[tuple[servers.Server, str, Path]]:
         """
         A fresh throttle, and a fresh instance of C{name} with an empty cache
-        behind it: the server to measure, its URL, and the throttle's folder.
+        behind it (blobserve with C{flags}): the server to measure, its URL,
+        and the throttle's folder.
         """
         self._scenario += 1
         here = self.workdir / f"scenario-{self._scenario}-{name}"
@@ -83,7 +89,10 @@ class Bench:
             if name == "direct":
                 server, url = throttle, throttle_url
             else:
-                server, url = CACHES[name](here / name, throttle_url)
+                if flags:
+                    server, url = servers.blobserve(here / name, throttle_url, *flags)
+                else:
+                    server, url = CACHES[name](here / name, throttle_url)
                 started.append(server)
             yield server, url, here / "throttle"
         finally:
@@ -283,6 +292,96 @@ class Bench:
             }
         )
 
+    def eviction(
+        self, seconds: int, size: int, pool: int, limit: int, writers: int
+    ) -> None:
+        """
+        Hits of a cached 4 KiB blob (ApacheBench, 16 connections) while
+        C{writers} clients fetch blobs of C{size} bytes that are all misses,
+        one after the other, from a fresh blobserve: without a limit, and
+        with C{--max-size} C{limit}, where once full the store evicts every
+        few commits.
+        Beside them, with nothing written, the same hits alone.
+        """
+        hot = os.urandom(4096)
+        hot_path = "/v2/bench/hot/blobs/" + servers.push_blob(
+            self.upstream_url, "bench/hot", hot
+        )
+        cold = [
+            servers.push_blob(self.upstream_url, "bench/cold", os.urandom(size))
+            for _ in range(pool)
+        ]
+        flags: tuple[str, ...]
+        for writing, flags in [
+            (False, ()),
+            (True, ()),
+            (True, (f"--max-size={limit}",)),
+        ]:
+            with self.system("blobserve", flags) as (_, url, _):
+                if load.fetch(url + hot_path).status != 200:
+                    self.failures.append("eviction: blobserve could not fill its cache")
+                    return
+                stop = threading.Event()
+                urls = [f"{url}/v2/bench/cold/blobs/{digest}" for digest in cold]
+                with ThreadPoolExecutor(max_workers=writers) as executor:
+                    futures = [
+                        executor.submit(load.fetch_each_until, urls[n::writers], stop)
+                        for n in range(writers if writing else 0)
+                    ]
+                    began = time.monotonic()
+                    try:
+                        hits = load.ab(url + hot_path, seconds, 16)
+                    finally:
+                        elapsed = time.monotonic() - began
+                        stop.set()
+                    written = sum(f.result() for f in futures)
+                if writing and written >= pool:
+                    self.failures.append(
+                        f"eviction: the writers ran out of blobs ({pool}) before"
+                        " the end: raise the pool"
+                    )
+                with urllib.request.urlopen(f"{url}/_blobserve/status") as response:
+                    store = json.load(response)["store"]
+                self.record(
+                    {
+                        "scenario": "eviction",
+                        "system": "blobserve",
+                        "writes": f"{writers} x {size // 1024} KiB" if writing else "",
+                        "max_size_mib": limit // MiB if flags else "",
+                        "hits_per_s": round(hits.requests_per_second),
+                        "hit_p99_ms": hits.p99_ms,
+                        "commits_per_s": round(written / elapsed, 1),
+                        "evictions_per_s": round(store["evictions"] / elapsed, 1),
+                    }
+                )
+
+    def commits(self, blobs: int, size: int, limit_blobs: int) -> None:
+        """
+        The time a commit takes, without a limit and with C{--max-size} of
+        C{limit_blobs} blobs (see L{bench.commits}).
+        """
+        for limit in (0, limit_blobs):
+            directory = self.workdir / f"commits-{limit}"
+            directory.mkdir()
+            try:
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.commits",
+                        str(directory),
+                        f"--blobs={blobs}",
+                        f"--size={size}",
+                        f"--limit-blobs={limit}",
+                    ],
+                    capture_output=True,
+                    check=True,
+                    timeout=600,
+                ).stdout
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+            self.record({"scenario": "commit", **json.loads(out)})
+
     def close(self) -> None:
         self.upstream.stop()
 
@@ -352,6 +451,22 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
             yield partial(Bench.warm_nginx, size=warm_size, clients=n, seconds=seconds)
     if "small" in scenarios:
         yield partial(Bench.small, seconds=seconds // 2 or 1)
+    if "eviction" in scenarios:
+        if arguments.smoke:
+            yield partial(Bench.commits, blobs=20, size=64 * 1024, limit_blobs=4)
+            yield partial(
+                Bench.eviction, seconds=1, size=64 * 1024, pool=60, limit=MiB, writers=1
+            )
+        else:
+            yield partial(Bench.commits, blobs=400, size=MiB, limit_blobs=32)
+            yield partial(
+                Bench.eviction,
+                seconds=10,
+                size=256 * 1024,
+                pool=1000,
+                limit=8 * MiB,
+                writers=2,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--systems", default=",".join(CACHES), help="the caches to compare"
     )
     parser.add_argument(
-        "--scenarios", default="cold,stalled,warm,small", help="the scenarios to run"
+        "--scenarios",
+        default="cold,stalled,warm,small,eviction",
+        help="the scenarios to run",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     arguments = parser.parse_args(argv)

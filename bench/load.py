@@ -15,7 +15,9 @@ import hashlib
 import re
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -127,6 +129,20 @@ def fetch_for(url: str, clients: int, seconds: float) -> tuple[int, float]:
     with ThreadPoolExecutor(max_workers=clients) as pool:
         moved = sum(pool.map(lambda _: client(), range(clients)))
     return moved, time.monotonic() - began
+
+
+def fetch_each_until(urls: Sequence[str], stop: threading.Event) -> int:
+    """
+    Fetch C{urls} one after the other, without hashing, until C{stop} is set:
+    how many came with a 200 and their whole body.
+    """
+    whole = 0
+    for url in urls:
+        if stop.is_set():
+            break
+        got = fetch(url, hash_body=False)
+        whole += got.status == 200 and got.size > 0
+    return whole
 
 
 def stalled_clients(url: str, count: int) -> list[socket.socket]:

@@ -263,9 +263,10 @@ def upstream_traffic(nginx_directory: Path, digest: str) -> tuple[int, int]:
     return gets, sent
 
 
-def blobserve(directory: Path, upstream: str) -> tuple[Server, str]:
+def blobserve(directory: Path, upstream: str, *flags: str) -> tuple[Server, str]:
     """
-    blobserve under twistd, as a user runs it, with an empty store.
+    blobserve under twistd, as a user runs it, with an empty store and more
+    C{flags}.
     """
     directory.mkdir(parents=True, exist_ok=True)
     twistd = Path(sys.executable).with_name("twistd")
@@ -280,6 +281,7 @@ def blobserve(directory: Path, upstream: str) -> tuple[Server, str]:
             "--listen=tcp:0:interface=127.0.0.1",
             f"--upstream={upstream}",
             f"--storage={directory / 'storage'}",
+            *flags,
         ],
         directory,
     )

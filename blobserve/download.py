@@ -20,6 +20,7 @@ from twisted.web.iweb import IResponse
 from blobserve.digest import Digest
 from blobserve.oneshot import OneShotEvent
 from blobserve.slots import UpstreamSlots
+from blobserve.store.eviction import Evictor, Reservation
 from blobserve.store.files import BlobReader, IBlobStore, TemporaryBlob
 from blobserve.upstream import (
     BlobUnknown,
@@ -121,6 +122,7 @@ class Download:
         retry: RetryPolicy = RetryPolicy(),
         slots: UpstreamSlots | None = None,
         max_size: int | None = None,
+        evictor: Evictor | None = None,
     ) -> None:
         """
         @param slots: bounds how many downloads talk to upstreams at once; a
@@ -128,6 +130,10 @@ class Download:
         @param max_size: the largest blob fetched, in bytes: one declared
             larger is refused before anything is written, one without a
             declared length fails once it grows past it.
+        @param evictor: makes room in the store for a blob of declared length
+            before anything is written, and holds it until the download
+            ends; a blob that cannot fit fails the download with
+            L{blobserve.store.eviction.StoreFull}.
         """
         self.name = name
         self.digest = digest
@@ -138,6 +144,7 @@ class Download:
         self._retry = retry
         self._slots = slots
         self._max_size = max_size
+        self._evictor = evictor
         self._ready: OneShotEvent[Landing] = OneShotEvent()
         self._done: OneShotEvent[None] = OneShotEvent()
         self._started_at = 0.0
@@ -237,6 +244,7 @@ class Download:
                     f"the upstream declares {length} bytes, over the limit of"
                     f" {self._max_size}"
                 )
+            reservation = await self._reserve(response, length)
         except Exception:
             self._give_up(Failure())
             return
@@ -245,9 +253,13 @@ class Download:
         except OSError:
             _drop(response)
             self._give_up(Failure())
+            if reservation is not None:
+                reservation.release()
             return
         try:
             writer = self.progress = ChunkWriter(temporary, length, self._max_size)
+            if reservation is not None:
+                reservation.follow(lambda: writer.written)
 
             def failed(_: Failure) -> None:
                 # Out of the table first, so that nobody joins a blob that
@@ -265,7 +277,24 @@ class Download:
                 await self._commit(temporary, writer.written)
         finally:
             self._end()
+            if reservation is not None:
+                reservation.release()
             temporary.close()
+
+    async def _reserve(
+        self, response: IResponse, length: int | None
+    ) -> Reservation | None:
+        """
+        Make room in the store for a blob of declared C{length}, or drop
+        C{response} and fail if there is none.
+        """
+        if self._evictor is None or length is None:
+            return None
+        try:
+            return await self._evictor.reserve(self.digest, length)
+        except Exception:
+            _drop(response)
+            raise
 
     def _give_up(self, reason: Failure) -> None:
         if reason.check(Abandoned):

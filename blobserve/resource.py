@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar, cast
 
 from twisted.internet.defer import Deferred
@@ -24,6 +24,7 @@ from blobserve.names import InvalidName, InvalidTag, parse_name, parse_tag
 from blobserve.producer import CompleteBlob, FollowingProducer
 from blobserve.ranges import UnsatisfiableRange, parse_range
 from blobserve.slots import QueueFull
+from blobserve.store.eviction import StoreFull
 from blobserve.store.files import BlobReader, IBlobStore
 from blobserve.upstream import (
     BlobInfo,
@@ -87,7 +88,10 @@ def error_for(reason: Failure) -> OCIError:
     C{BLOB_UNKNOWN} or C{MANIFEST_UNKNOWN} when it has no such thing, 401
     C{UNAUTHORIZED}, 403 C{DENIED}, 429 C{TOOMANYREQUESTS} (with its
     C{Retry-After}, when sane) when it refuses; 502 only when it is
-    unreachable or fails.
+    unreachable or fails. A blob the store has no room for, even after
+    evicting every blob nobody reads, is 507 C{UNAVAILABLE}: the cache,
+    not the registry, lacks something, and the client should pull it from
+    elsewhere.
 
     A 401 carries no C{WWW-Authenticate}: the upstream's challenge names its
     realm, which is none of a mirror client's business, and blobserve has no
@@ -114,6 +118,8 @@ def error_for(reason: Failure) -> OCIError:
         )
     if reason.check(BlobTooLarge):
         return OCIError(403, "DENIED", reason.getErrorMessage())
+    if reason.check(StoreFull):
+        return OCIError(507, "UNAVAILABLE", reason.getErrorMessage())
     if reason.check(UpstreamRefused):
         refused: UpstreamRefused = reason.value  # type: ignore[assignment]
         headers = {}
@@ -180,18 +186,21 @@ class RegistryResource(Resource):
         clock: IReactorTime | None = None,
         client_timeout: float | None = None,
         sink_for: Callable[[Request], IZeroCopySink | None] = SocketSink.under,
+        store_status: Callable[[], Mapping[str, int | None]] | None = None,
     ) -> None:
         """
         @param client_timeout: seconds a client may take no bytes of a blob
             before it is dropped (needs C{clock}).
         @param sink_for: finds where a blob response's body may go with
             C{sendfile} (see L{FollowingProducer}).
+        @param store_status: the store's figures, for the status page.
         """
         super().__init__()
         self._responses: set[FollowingProducer] = set()
         self._clock = clock
         self._client_timeout = client_timeout
         self._sink_for = sink_for
+        self._store_status = store_status
         self._store = store
         self._downloads = downloads
         self._manifests = manifests
@@ -252,16 +261,19 @@ class RegistryResource(Resource):
 
     def _status(self, request: Request) -> bytes:
         """
-        What is running now: downloads, their observers, blob responses.
+        What is running now: downloads, their observers, blob responses; and
+        the store's figures under C{"store"}.
         """
         downloads = list(self._downloads)
-        status = {
+        status: dict[str, object] = {
             "downloads": len(downloads),
             "observers": sum(
                 d.progress.observers for d in downloads if d.progress is not None
             ),
             "responses": len(self._responses),
         }
+        if self._store_status is not None:
+            status["store"] = dict(self._store_status())
         body = json.dumps(status).encode()
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Content-Length", b"%d" % len(body))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from functools import partial
 from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit, setrlimit
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from blobserve.resource import RegistryResource
 from blobserve.site import registry_site
 from blobserve.slots import UpstreamSlots
 from blobserve.store.database import ThreadedDatabase
+from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
@@ -152,6 +154,27 @@ class Options(usage.Options):
             "The largest blob fetched (bytes, or with K, M, G or T): an"
             " upstream declaring more is refused with 403 DENIED, a body"
             " without a length is cut off past it.",
+            parse_size,
+        ],
+        [
+            "max-size",
+            None,
+            None,
+            "The most bytes of blobs the store may hold (bytes, or with K, M,"
+            " G or T). Over it after a commit, the least recently used blobs"
+            " that no response is reading are evicted until the store holds"
+            " 95 % of it; a download that would not fit even then is refused"
+            " with 507 UNAVAILABLE before anything is written. Default: no"
+            " limit.",
+            parse_size,
+        ],
+        [
+            "min-free",
+            None,
+            None,
+            "The fewest bytes to keep free on the store's file system (bytes,"
+            " or with K, M, G or T): under it, blobs are evicted as for"
+            " --max-size until 5 % of it more is free. Default: none.",
             parse_size,
         ],
         [
@@ -289,25 +312,35 @@ class _ConnectionPoolService(Service):
 class _StoreIndexService(Service):
     """
     Loads the store's index when the service starts (the store serves from
-    its files while it loads), and writes what is pending and closes it when
-    the service stops; only then does it let the store's lock go.
+    its files while it loads), then calls C{after_load}; writes what is
+    pending and closes it when the service stops; only then does it let the
+    store's lock go.
     """
 
     def __init__(
-        self, database: ThreadedDatabase, index: StoreIndex, lock: StoreLock
+        self,
+        database: ThreadedDatabase,
+        index: StoreIndex,
+        lock: StoreLock,
+        after_load: Callable[[], object] = lambda: None,
     ) -> None:
         self._database = database
         self._index = index
         self._lock = lock
+        self._after_load = after_load
         self._loaded: Deferred[object] | None = None
 
     def startService(self) -> None:
         super().startService()
         self._database.start()
-        self._loaded = self._index.load().addErrback(
-            lambda reason: log.failure(
-                "the store index did not load: serving from the files", reason
+        self._loaded = (
+            self._index.load()
+            .addErrback(
+                lambda reason: log.failure(
+                    "the store index did not load: serving from the files", reason
+                )
             )
+            .addCallback(lambda _: self._after_load())
         )
 
     def stopService(self) -> Deferred[None]:
@@ -374,6 +407,10 @@ def raise_descriptor_limit(needed: int) -> int:
     return soft
 
 
+def _bytes_or(size: int | None, otherwise: str) -> str:
+    return otherwise if size is None else f"{size} bytes"
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Wire the store, the upstream client, the in-flight table and the web site
@@ -395,6 +432,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     stale = store.remove_stale_temporaries()
     if stale:
         log.info("removed {count} unfinished downloads of an earlier run", count=stale)
+    evictor = Evictor(store, options["max-size"], options["min-free"])
+    log.info(
+        "store limits: --max-size {max_size}, --min-free {min_free}",
+        max_size=_bytes_or(options["max-size"], "none (no limit)"),
+        min_free=_bytes_or(options["min-free"], "none"),
+    )
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
@@ -431,6 +474,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 reactor,
             ),
             max_size=options["max-blob-size"],
+            evictor=evictor,
         )
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])
@@ -443,6 +487,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         clock=reactor,
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
+        store_status=evictor.status,
     )
     raise_descriptor_limit(
         descriptors_needed(options["max-connections"], options["upstream-concurrency"])
@@ -456,7 +501,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     service = MultiService()
     # First in, so last out: the index is written when everything else stopped.
-    _StoreIndexService(database, index, lock).setServiceParent(service)
+    # Once the index is loaded, a store over a limit lowered since the last
+    # run is evicted down at once, not at the next commit.
+    _StoreIndexService(database, index, lock, evictor.make_room).setServiceParent(
+        service
+    )
     _ConnectionPoolService(pool).setServiceParent(service)
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
+from blobserve.oneshot import OneShotEvent
 from blobserve.store.index import StoreIndex
 from blobserve.store.layout import blob_path, blobs_directory, temporary_directory
 
@@ -37,9 +39,12 @@ class BlobReader:
 
     Reads are positional, so several readers never disturb each other or a
     writer appending to the same file.
+
+    @ivar on_close: called once, when the reader is closed.
     """
 
     _fd: int
+    on_close: Callable[[], object] | None = None
     _closed: bool = field(default=False, init=False)
 
     def read(self, offset: int, size: int) -> bytes:
@@ -67,7 +72,49 @@ class BlobReader:
         """
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
+            try:
+                os.close(self._fd)
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
+
+
+class Pins:
+    """
+    How many readers each blob has open, so that eviction passes over the
+    blobs being read: removing one would free no space until its last reader
+    closes.
+    """
+
+    def __init__(self) -> None:
+        self._readers: Counter[Digest] = Counter()
+
+    def hold(self, digest: Digest) -> Callable[[], None]:
+        """
+        Pin C{digest} until the returned function is called (calling it again
+        does nothing).
+        """
+        self._readers[digest] += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._readers[digest] -= 1
+                if not self._readers[digest]:
+                    del self._readers[digest]
+
+        return release
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._readers
+
+    def __len__(self) -> int:
+        """
+        How many blobs are pinned.
+        """
+        return len(self._readers)
 
 
 @define
@@ -83,6 +130,8 @@ class TemporaryBlob:
     digest: Digest
     path: str
     _fd: int
+    #: Pins the blob for each reader opened on this file, until it closes.
+    _pins: Pins | None = None
     _closed: bool = field(default=False, init=False)
     #: Whether the file is no longer at L{path}: renamed into the store, or
     #: removed. Nothing is unlinked at C{path} after that.
@@ -110,7 +159,11 @@ class TemporaryBlob:
             raise ValueError(f"{self.path} is closed")
         # A duplicate of the read-write descriptor: it needs no path, so the
         # rename in commit cannot race with a reader opening the file.
-        return BlobReader(os.dup(self._fd))
+        fd = os.dup(self._fd)
+        if self._pins is None:
+            return BlobReader(fd)
+        # Pinned: once committed, the file is a blob like any other.
+        return BlobReader(fd, self._pins.hold(self.digest))
 
     def fsync(self) -> None:
         """
@@ -185,6 +238,12 @@ class IBlobStore(Interface):
         """
 
 
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def _fsync_directory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -202,13 +261,22 @@ class DirectoryBlobStore:
 
     @ivar root: the store's directory.
     @ivar index: what the store holds; until it is ready, the files say.
-    @ivar run_blocking: runs the slow parts of a commit (the fsync calls) away
-        from the reactor thread.
+    @ivar run_blocking: runs the slow parts of a commit (the fsync calls) and
+        of a removal (the unlink calls) away from the reactor thread.
+    @ivar on_commit: called with a blob's digest once its commit is durable,
+        before the commit's Deferred fires; the blob is pinned while it runs.
+    @ivar pins: the blobs that readers have open, and the blob being
+        committed.
     """
 
     root: str
     index: StoreIndex
     run_blocking: RunBlocking = deferToThread
+    on_commit: Callable[[Digest], object] | None = None
+    pins: Pins = field(factory=Pins, init=False)
+    # The removals under way, by digest: a commit of the same digest waits
+    # for its removal, so that an unlink never takes the new file.
+    _removals: dict[Digest, OneShotEvent[None]] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         os.makedirs(blobs_directory(self.root), exist_ok=True)
@@ -244,7 +312,7 @@ class DirectoryBlobStore:
                 )
                 self._remove(digest)
             return None
-        reader = BlobReader(fd)
+        reader = BlobReader(fd, self.pins.hold(digest))
         try:
             size = reader.size()
         except BaseException:
@@ -279,7 +347,7 @@ class DirectoryBlobStore:
                     raise
                 continue
             break
-        return TemporaryBlob(digest, path, fd)
+        return TemporaryBlob(digest, path, fd, self.pins)
 
     def saw(self, registry: str, repository: str, digest: Digest) -> None:
         self.index.saw(registry, repository, digest)
@@ -290,20 +358,42 @@ class DirectoryBlobStore:
 
     def _remove(self, digest: Digest) -> Deferred[None]:
         """
-        Remove the blob C{digest}: out of the index at once, its file next,
-        its row last.
+        Remove the blob C{digest} (see L{remove}).
         """
-        d = self.index.begin_removal([digest])
+        return self.remove([digest])
 
-        def unlink(_: object) -> Deferred[None]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path_for(digest))
-            return self.index.end_removal([digest])
+    def remove(self, digests: list[Digest]) -> Deferred[None]:
+        """
+        Remove the blobs C{digests}: out of the index at once, their files
+        next (in a thread: freeing a large file takes a while), their rows
+        last; a crash at any point is finished at the next start (see
+        L{StoreIndex.begin_removal}). A commit of one of them meanwhile waits
+        until it is gone.
 
-        d.addCallback(unlink)
+        @return: fires once they are gone; never fails (a failure is logged).
+        """
+        removal: OneShotEvent[None] = OneShotEvent()
+        for digest in digests:
+            self._removals[digest] = removal
+        paths = [self.path_for(digest) for digest in digests]
+
+        async def run() -> None:
+            try:
+                await self.index.begin_removal(digests)
+                await self.run_blocking(_unlink_all, paths)
+                await self.index.end_removal(digests)
+            finally:
+                for digest in digests:
+                    if self._removals.get(digest) is removal:
+                        del self._removals[digest]
+                removal.succeed_with(None)
+
+        d = Deferred.fromCoroutine(run())
         d.addErrback(
             lambda reason: log.failure(
-                "could not remove {digest}", reason, digest=str(digest)
+                "could not remove {digests}",
+                reason,
+                digests=" ".join(str(digest) for digest in digests),
             )
         )
         return d
@@ -321,6 +411,9 @@ class DirectoryBlobStore:
 
         async def run() -> None:
             size = await self.run_blocking(prepare)
+            removal = self._removals.get(digest)
+            if removal is not None:
+                await removal.observe()
             await self.index.begin_commit(digest, size, media_type)
             # In the reactor thread, so that whoever looks the digest up next
             # finds either the in-flight download or the committed file.
@@ -337,8 +430,21 @@ class DirectoryBlobStore:
                 # what is visible is what is reported committed.
                 await self._remove(digest)
                 raise
+            if self.on_commit is not None:
+                try:
+                    self.on_commit(digest)
+                except Exception:
+                    log.failure("after the commit of {digest}", digest=str(digest))
+
+        # Never evicted half committed.
+        release = self.pins.hold(digest)
+
+        def unpin(result: object) -> object:
+            release()
+            return result
 
         d = Deferred.fromCoroutine(run())
+        d.addBoth(unpin)
 
         def failed(reason: Any) -> Any:
             self.discard(temporary)

@@ -6,10 +6,12 @@ the store, a correct body, a condition reached in time.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
@@ -44,3 +46,26 @@ async def until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await deferLater(reactor, 0.05, lambda: None)
+
+
+def mounted(directory: Path, options: str, otherwise: str) -> Iterator[Path]:
+    """
+    Mount a tmpfs with C{options} at C{directory} (made for it) for as long
+    as the generator runs; skip the test, saying what covers it
+    C{otherwise}, where mounting is not allowed (it needs root, as CI has).
+    """
+    directory.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({result.stderr.decode().strip()});"
+            f" {otherwise}"
+        )
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)

@@ -10,47 +10,35 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 
-from checks import assert_correct, blob_url, committed_path
+from checks import assert_correct, blob_url, committed_path, mounted
 from clients import Client
 from processes import BlobserveProcess, RegistryProcess
 from relay import Relay
 
 
-def mounted(directory: Path, options: str) -> Iterator[Path]:
-    directory.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(
-            "cannot mount a small tmpfs here"
-            f" ({result.stderr.decode().strip()}); the unit test with"
-            " /dev/full covers ENOSPC at the write call"
-        )
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=False)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    yield from mounted(tmp_path / "small", "size=2m")
+    yield from mounted(
+        tmp_path / "small",
+        "size=2m",
+        "the unit test with /dev/full covers ENOSPC at the write call",
+    )
 
 
 @pytest.fixture
 def no_inodes(tmp_path: Path) -> Iterator[Path]:
     # The mount point, blobs/ and tmp/: not one inode more.
-    yield from mounted(tmp_path / "full", "size=2m,nr_inodes=3")
+    yield from mounted(
+        tmp_path / "full",
+        "size=2m,nr_inodes=3",
+        "the unit test with /dev/full covers ENOSPC at the write call",
+    )
 
 
 @pytest_twisted.ensureDeferred

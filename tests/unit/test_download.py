@@ -20,6 +20,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from blobserve.digest import Digest
 from blobserve.download import Download, Landing, RetryPolicy
 from blobserve.slots import UpstreamSlots
+from blobserve.store.eviction import Evictor, StoreFull
 from blobserve.upstream import BlobUnknown, RangeNotSatisfiable, UpstreamError
 from blobserve.writer import VerificationFailed
 
@@ -42,6 +43,7 @@ class Subject:
     upstream: FakeUpstream
     clock: Clock
     root: Path
+    evictor: Evictor | None = None
 
     def answer(
         self, status: int = 200, content_range: str | None = None
@@ -65,10 +67,13 @@ class Subject:
         return list((self.root / "tmp").iterdir())
 
 
-def subject_for(tmp_path: Path, retries: int = 3) -> Subject:
+def subject_for(
+    tmp_path: Path, retries: int = 3, max_size: int | None = None
+) -> Subject:
     upstream = FakeUpstream()
     clock = Clock()
     store = store_at(str(tmp_path))
+    evictor = None if max_size is None else Evictor(store, max_size)
     download = Download(
         upstream,
         "library/x",
@@ -77,9 +82,10 @@ def subject_for(tmp_path: Path, retries: int = 3) -> Subject:
         clock,
         idle_timeout=10,
         retry=RetryPolicy(retries=retries, delay=1),
+        evictor=evictor,
     )
     download.start()
-    return Subject(download, upstream, clock, tmp_path)
+    return Subject(download, upstream, clock, tmp_path, evictor)
 
 
 @pytest.fixture
@@ -298,3 +304,42 @@ def test_failed_download_ends_before_its_file_is_removed(subject: Subject) -> No
     # It ended while its file was still there, and the file went at once.
     assert ended == [1]
     assert subject.temporaries() == []
+
+
+def test_a_blob_that_cannot_fit_in_the_store_fails_before_a_byte_is_written(
+    tmp_path: Path,
+) -> None:
+    subject = subject_for(tmp_path, max_size=len(DATA) - 1)
+    response = subject.answer()
+    failure_of(subject.download.when_ready()).trap(StoreFull)
+    assert response.transport.producerState == "stopped"
+    assert subject.temporaries() == []
+    assert not subject.committed()
+    assert has_fired(subject.download.when_done())
+
+
+def test_a_download_holds_room_in_the_store_until_it_ends(tmp_path: Path) -> None:
+    subject = subject_for(tmp_path, max_size=10 * len(DATA))
+    evictor = subject.evictor
+    assert evictor is not None
+    response = subject.answer()
+    landing(subject)
+    assert evictor.reserved == len(DATA)
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert subject.committed()
+    assert evictor.reserved == 0
+
+
+def test_a_failed_download_gives_its_room_back(tmp_path: Path) -> None:
+    subject = subject_for(tmp_path, max_size=10 * len(DATA))
+    evictor = subject.evictor
+    assert evictor is not None
+    response = subject.answer()
+    assert evictor.reserved == len(DATA)
+    assert response.protocol is not None
+    response.protocol.dataReceived(b"\0" * len(DATA))
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert not subject.committed()
+    assert evictor.reserved == 0

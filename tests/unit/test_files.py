@@ -209,3 +209,51 @@ def test_a_temporary_is_unlinked_once_whoever_discards_it(
     store.discard(dropped)
     store.discard(dropped)
     assert unlinked == [dropped.path]
+
+
+def test_a_commit_of_a_blob_being_removed_waits_until_its_file_is_gone(
+    tmp_path: Path,
+) -> None:
+    unlinks: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def run_blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if getattr(f, "__name__", "") == "_unlink_all":
+            d: Deferred[Any] = Deferred()
+            unlinks.append((f, args, d))
+            return d
+        return run_now(f, *args)
+
+    store = store_at(tmp_path, run_blocking)
+    commit_blob(store, DATA)
+    removed = store.remove([DIGEST])
+    # Out of the index at once, its file not unlinked yet: fetched again.
+    assert store.open(DIGEST) is None
+    temporary = store.create_temporary(DIGEST)
+    temporary.write(DATA)
+    committed = store.commit(temporary)
+    assert not committed.called
+
+    f, args, d = unlinks.pop()
+    d.callback(f(*args))
+    assert removed.called
+    result_of(committed)
+    temporary.close()
+    assert Path(store.path_for(DIGEST)).read_bytes() == DATA
+    assert index_rows(store) == [(str(DIGEST), "present")]
+    reader = store.open(DIGEST)
+    assert reader is not None
+    reader.close()
+
+
+def test_readers_pin_their_blob_until_they_close(store: DirectoryBlobStore) -> None:
+    commit_blob(store, DATA)
+    first = store.open(DIGEST)
+    second = store.open(DIGEST)
+    assert first is not None and second is not None
+    assert DIGEST in store.pins
+    first.close()
+    first.close()
+    assert DIGEST in store.pins
+    second.close()
+    assert DIGEST not in store.pins
+    assert len(store.pins) == 0

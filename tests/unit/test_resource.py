@@ -29,6 +29,7 @@ from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
 from blobserve.slots import UpstreamSlots
+from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.layout import index_path
 from blobserve.upstream import (
@@ -94,17 +95,30 @@ class Registry:
         return list((self.root / "tmp").iterdir())
 
 
-def registry_for(tmp_path: Path, clock: Clock, **download: Any) -> Registry:
+def registry_for(
+    tmp_path: Path, clock: Clock, store_size: int | None = None, **download: Any
+) -> Registry:
     """
-    A registry whose downloads get the options in C{download}.
+    A registry whose downloads get the options in C{download}; with
+    C{store_size}, its store has an evictor with that limit, and its status
+    page says so.
     """
     store = store_at(str(tmp_path))
     upstream = FakeUpstream()
     other = FakeUpstream()
+    evictor = None if store_size is None else Evictor(store, store_size)
+    if evictor is not None:
+        download["evictor"] = evictor
     table = InFlightTable(partial(Download, store=store, clock=clock, **download))
     upstreams = Upstreams({"docker.io": upstream, "ghcr.io": other}, "docker.io")
     manifests = ManifestCache(store, clock, ttl=60)
-    resource = RegistryResource(store, table, manifests, upstreams)
+    resource = RegistryResource(
+        store,
+        table,
+        manifests,
+        upstreams,
+        store_status=None if evictor is None else evictor.status,
+    )
     return Registry(store, upstream, other, table, resource, tmp_path)
 
 
@@ -447,6 +461,33 @@ def test_status_counts_what_runs_and_ends_at_zero(registry: Registry) -> None:
     response.protocol.dataReceived(DATA[1000:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert status(registry) == {"downloads": 0, "observers": 0, "responses": 0}
+
+
+def test_status_says_what_the_store_holds(tmp_path: Path) -> None:
+    registry = registry_for(tmp_path, Clock(), store_size=10 * len(DATA))
+    commit_blob(registry.store, DATA)
+    result: dict[str, Any] = json.loads(
+        registry.get("/_blobserve/status").response()[2]
+    )
+    store = result.pop("store")
+    assert result == {"downloads": 0, "observers": 0, "responses": 0}
+    assert store["size"] == len(DATA)
+    assert store["max_size"] == 10 * len(DATA)
+    assert store["min_free"] is None
+    assert store["blobs"] == 1
+    assert store["evictions"] == store["evicted_bytes"] == 0
+
+
+def test_a_blob_the_store_has_no_room_for_is_a_507(tmp_path: Path) -> None:
+    registry = registry_for(tmp_path, Clock(), store_size=len(DATA) - 1)
+    client = registry.get()
+    response = registry.answer()
+    status, _, body = client.response()
+    assert (status, json.loads(body)["errors"][0]["code"]) == (507, "UNAVAILABLE")
+    assert "no room for a blob of" in json.loads(body)["errors"][0]["message"]
+    assert response.transport.producerState == "stopped"
+    assert registry.temporaries() == []
+    assert not registry.committed()
 
 
 HUGE = "9" * 5000

@@ -61,6 +61,8 @@ def test_defaults() -> None:
     assert options["tag-ttl"] == 60.0
     assert options["client-timeout"] == 60.0
     assert options["max-connections"] == 1024
+    assert options["max-size"] is None
+    assert options["min-free"] is None
 
 
 def test_flags() -> None:
@@ -83,8 +85,14 @@ def test_flags() -> None:
             "7.5",
             "--max-connections",
             "4",
+            "--max-size",
+            "50G",
+            "--min-free",
+            "512M",
         ]
     )
+    assert options["max-size"] == 50 * 2**30
+    assert options["min-free"] == 512 * 2**20
     assert options["upstream-queue"] == 0
     assert options["max-blob-size"] == 1500 * 2**20
     assert options["listen"] == "tcp:6000:interface=::1"
@@ -110,6 +118,9 @@ def test_flags() -> None:
         ["--max-blob-size", "12X"],
         ["--max-blob-size", "1" * 5000],
         ["--max-connections", "0"],
+        ["--max-size", "0"],
+        ["--max-size", "lots"],
+        ["--min-free", "-1G"],
         ["--client-timeout", "0"],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
@@ -276,6 +287,38 @@ def test_service_sends_with_sendfile_only_once_its_self_test_has_passed(
         gc.unfreeze()
     assert result_of(zero_copy.checked()) is False
     assert reactor.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "said", "max_size", "min_free"),
+    [
+        ([], "--max-size none (no limit), --min-free none", None, None),
+        (
+            ["--max-size", "2M", "--min-free", "1K"],
+            "--max-size 2097152 bytes, --min-free 1024 bytes",
+            2 * 2**20,
+            1024,
+        ),
+    ],
+)
+def test_the_store_limits_are_said_at_start_and_shown_in_the_status(
+    tmp_path: Path,
+    flags: list[str],
+    said: str,
+    max_size: int | None,
+    min_free: int | None,
+) -> None:
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path), *flags])
+    with LoggedEvents() as logged:
+        service = makeService(options, MemoryReactor())
+    assert f"store limits: {said}" in logged.messages()
+    [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    resource = server.factory.wrappedFactory.resource
+    store = resource._store_status()
+    assert (store["max_size"], store["min_free"]) == (max_size, min_free)
+    # Downloads reserve room with the same evictor.
+    assert resource._downloads._create.keywords["evictor"].max_size == max_size
 
 
 @pytest.mark.parametrize(
