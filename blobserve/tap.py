@@ -500,12 +500,18 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
 
     service = MultiService()
+
     # First in, so last out: the index is written when everything else stopped.
     # Once the index is loaded, a store over a limit lowered since the last
     # run is evicted down at once, not at the next commit.
-    _StoreIndexService(database, index, lock, evictor.make_room).setServiceParent(
-        service
-    )
+    def loaded() -> Deferred[int]:
+        limits = {"max_size": options["max-size"], "min_free": options["min-free"]}
+        index.record_settings(
+            {key: "" if value is None else str(value) for key, value in limits.items()}
+        ).addErrback(lambda reason: log.failure("could not record the limits", reason))
+        return evictor.make_room()
+
+    _StoreIndexService(database, index, lock, loaded).setServiceParent(service)
     _ConnectionPoolService(pool).setServiceParent(service)
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and

@@ -468,6 +468,19 @@ class StoreIndex:
 
         return self._database.run(update)
 
+    def record_settings(self, settings: dict[str, str]) -> Deferred[None]:
+        """
+        Keep C{settings} (such as the configured limits) in the index, where
+        tools that read the store find them.
+        """
+
+        def write(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "INSERT OR REPLACE INTO settings VALUES (?, ?)", settings.items()
+            )
+
+        return self._database.run(write)
+
     def flush(self) -> Deferred[None]:
         """
         Write the accesses and repositories remembered since the last batch.

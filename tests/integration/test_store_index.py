@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,30 @@ async def test_a_store_of_the_layout_before_the_index_is_migrated(
         server.stop()
     assert relay.count("GET", str(digest)) == 0
     assert (storage / "index.sqlite").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_configured_limits_are_kept_in_the_index(
+    tmp_path: Path, relay: Relay
+) -> None:
+    storage = tmp_path / "storage"
+    server = BlobserveProcess(
+        tmp_path,
+        f"http://127.0.0.1:{relay.port}",
+        storage,
+        extra=("--max-size=8M",),
+    )
+    await server.start()
+
+    def settings() -> dict[str, str]:
+        connection = sqlite3.connect(storage / "index.sqlite")
+        try:
+            return dict(connection.execute("SELECT key, value FROM settings"))
+        finally:
+            connection.close()
+
+    try:
+        await until(lambda: bool(settings()), "the settings")
+    finally:
+        server.stop()
+    assert settings() == {"max_size": str(8 * 2**20), "min_free": ""}

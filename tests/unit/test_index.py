@@ -275,3 +275,13 @@ def test_commits_and_removals_while_the_index_loads_stand(tmp_path: Path) -> Non
     assert index.get(Digest.of(MANIFEST)) is None
     assert index.get(DIGEST) is not None
     assert index.size == len(DATA) + 5
+
+
+def test_settings_are_kept_in_the_index(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    result_of(store.index.record_settings({"max_size": "1024", "min_free": ""}))
+    result_of(store.index.record_settings({"max_size": "2048"}))
+    assert sorted(rows(tmp_path, "SELECT key, value FROM settings")) == [
+        ("max_size", "2048"),
+        ("min_free", ""),
+    ]
