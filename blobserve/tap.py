@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from functools import partial
 from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit, setrlimit
 from typing import Any, ClassVar
@@ -196,6 +197,15 @@ class Options(usage.Options):
             " is dropped and the transfer resumed.",
             _positive_float,
         ],
+        [
+            "partial-max-age",
+            None,
+            86400.0,
+            "Seconds after its last write that an unfinished download kept"
+            " from an earlier run (stopped or killed) can still be resumed; at"
+            " start, older ones are removed.",
+            _positive_float,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -288,13 +298,20 @@ class _ConnectionPoolService(Service):
 class _StoreIndexService(Service):
     """
     Loads the store's index when the service starts (the store serves from
-    its files while it loads), and writes what is pending and closes it when
-    the service stops.
+    its files while it loads), calls C{partials_known} once it knows the
+    unfinished downloads of earlier runs, and writes what is pending and
+    closes it when the service stops.
     """
 
-    def __init__(self, database: ThreadedDatabase, index: StoreIndex) -> None:
+    def __init__(
+        self,
+        database: ThreadedDatabase,
+        index: StoreIndex,
+        partials_known: Callable[[], None] = lambda: None,
+    ) -> None:
         self._database = database
         self._index = index
+        self._partials_known = partials_known
         self._loaded: Deferred[object] | None = None
 
     def startService(self) -> None:
@@ -304,6 +321,11 @@ class _StoreIndexService(Service):
             lambda reason: log.failure(
                 "the store index did not load: serving from the files", reason
             )
+        )
+        known = self._index.when_partials_known()
+        known.addCallback(lambda _: self._partials_known())
+        known.addErrback(
+            lambda reason: log.failure("could not clean the store up", reason)
         )
 
     def stopService(self) -> Deferred[None]:
@@ -325,6 +347,31 @@ class _FreezeStartupHeap(Service):
         super().startService()
         gc.collect()
         gc.freeze()
+
+
+def _remove_stale_temporaries(store: DirectoryBlobStore) -> None:
+    """
+    Remove what earlier runs left in the store's C{tmp/} but the unfinished
+    downloads young enough to resume, and say so.
+    """
+    cleanup = store.remove_stale_temporaries()
+    if cleanup.kept:
+        log.info(
+            "kept {count} unfinished downloads ({size} bytes) of an earlier run:"
+            " they resume when next asked for",
+            count=cleanup.kept,
+            size=cleanup.kept_bytes,
+        )
+    if cleanup.expired:
+        log.info(
+            "removed {count} unfinished downloads older than --partial-max-age",
+            count=cleanup.expired,
+        )
+    if cleanup.unrecorded:
+        log.info(
+            "removed {count} unfinished downloads of an earlier run",
+            count=cleanup.unrecorded,
+        )
 
 
 def descriptors_needed(max_connections: int, upstream_concurrency: int) -> int:
@@ -376,10 +423,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     os.makedirs(root, exist_ok=True)
     database = ThreadedDatabase(index_path(root), reactor)
     index = StoreIndex(root, database, reactor)
-    store = DirectoryBlobStore(root, index)
-    stale = store.remove_stale_temporaries()
-    if stale:
-        log.info("removed {count} unfinished downloads of an earlier run", count=stale)
+    store = DirectoryBlobStore(root, index, partial_max_age=options["partial-max-age"])
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
@@ -441,7 +485,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     service = MultiService()
     # First in, so last out: the index is written when everything else stopped.
-    _StoreIndexService(database, index).setServiceParent(service)
+    _StoreIndexService(
+        database,
+        index,
+        partial(_remove_stale_temporaries, store),
+    ).setServiceParent(service)
     _ConnectionPoolService(pool).setServiceParent(service)
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and

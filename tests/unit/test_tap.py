@@ -8,13 +8,16 @@ from resource import RLIM_INFINITY
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker, MultiService
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
@@ -54,6 +57,7 @@ def test_defaults() -> None:
     assert options["tag-ttl"] == 60.0
     assert options["client-timeout"] == 60.0
     assert options["max-connections"] == 1024
+    assert options["partial-max-age"] == 86400.0
 
 
 def test_flags() -> None:
@@ -76,8 +80,11 @@ def test_flags() -> None:
             "7.5",
             "--max-connections",
             "4",
+            "--partial-max-age",
+            "3600",
         ]
     )
+    assert options["partial-max-age"] == 3600.0
     assert options["upstream-queue"] == 0
     assert options["max-blob-size"] == 1500 * 2**20
     assert options["listen"] == "tcp:6000:interface=::1"
@@ -104,6 +111,7 @@ def test_flags() -> None:
         ["--max-blob-size", "1" * 5000],
         ["--max-connections", "0"],
         ["--client-timeout", "0"],
+        ["--partial-max-age", "0"],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
     ],
@@ -184,13 +192,30 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     service.stopService()
 
 
-def test_start_removes_unfinished_downloads(tmp_path: Path) -> None:
+@pytest_twisted.ensureDeferred
+async def test_start_removes_unrecorded_downloads_once_the_index_has_loaded(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "tmp").mkdir()
-    (tmp_path / "tmp" / "sha256-abc.1234").write_bytes(b"partial")
+    stray = tmp_path / "tmp" / "sha256-abc.1234"
+    stray.write_bytes(b"partial")
     options = Options()
-    options.parseOptions(["--storage", str(tmp_path)])
-    makeService(options, MemoryReactor())
-    assert list((tmp_path / "tmp").iterdir()) == []
+    options.parseOptions(
+        ["--storage", str(tmp_path), "--listen", "tcp:0:interface=127.0.0.1"]
+    )
+    service = makeService(options, reactor)
+    # Until the index says which unfinished downloads to keep, none goes.
+    assert stray.exists()
+    service.startService()
+    try:
+        for _ in range(200):
+            if not stray.exists():
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert not stray.exists()
+    finally:
+        await service.stopService()
+        gc.unfreeze()
 
 
 def test_start_puts_the_startup_heap_out_of_the_collectors_sight(
