@@ -238,8 +238,8 @@ class RegistryResource(Resource):
             self._stream(request, digest, reader)
             return NOT_DONE_YET
 
-        _, upstream = self._upstream_for(request)
-        ready = self._downloads.join(name, digest, upstream).when_ready()
+        registry, upstream = self._upstream_for(request)
+        ready = self._downloads.join(name, digest, upstream, registry).when_ready()
 
         def follow(landing: Landing) -> None:
             self._saw(request, name, digest)
