@@ -25,7 +25,8 @@ from blobserve.download import Download, RetryPolicy
 from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
-from blobserve.site import registry_site
+from blobserve.shutdown import GracefulStop, StopInOrder
+from blobserve.site import IConnections, registry_site
 from blobserve.slots import UpstreamSlots
 from blobserve.store.database import ThreadedDatabase
 from blobserve.store.files import DirectoryBlobStore
@@ -48,6 +49,13 @@ def _positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
         raise ValueError(f"must be a positive number, not {value}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"must not be negative, not {value}")
     return number
 
 
@@ -196,6 +204,17 @@ class Options(usage.Options):
             "Seconds an upstream body may send nothing before its connection"
             " is dropped and the transfer resumed.",
             _positive_float,
+        ],
+        [
+            "shutdown-grace",
+            None,
+            10.0,
+            "Seconds responses in progress may take to end once blobserve is"
+            " told to stop (SIGTERM): it no longer listens, and cuts the"
+            " connections still busy after that. Downloads whose bytes have"
+            " all arrived are committed; the others are kept, to be resumed"
+            " after the restart.",
+            _seconds,
         ],
         [
             "partial-max-age",
@@ -483,7 +502,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor=reactor,
     )
 
-    service = MultiService()
+    service = StopInOrder()
     # First in, so last out: the index is written when everything else stopped.
     _StoreIndexService(
         database,
@@ -491,6 +510,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         partial(_remove_stale_temporaries, store),
     ).setServiceParent(service)
     _ConnectionPoolService(pool).setServiceParent(service)
+    # Stopped once the listener has stopped, and before the upstream pool
+    # and the index, which stopping downloads still need.
+    GracefulStop(
+        IConnections(site), downloads, options["shutdown-grace"], reactor
+    ).setServiceParent(service)
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and
     # twistd exits non-zero.

@@ -26,6 +26,7 @@ from twisted.web.server import Site
 
 from blobserve.auth import Credentials
 from blobserve.resource import RegistryResource
+from blobserve.shutdown import StopInOrder
 from blobserve.tap import (
     PASSWORD_VARIABLE,
     Options,
@@ -57,6 +58,7 @@ def test_defaults() -> None:
     assert options["tag-ttl"] == 60.0
     assert options["client-timeout"] == 60.0
     assert options["max-connections"] == 1024
+    assert options["shutdown-grace"] == 10.0
     assert options["partial-max-age"] == 86400.0
 
 
@@ -80,10 +82,13 @@ def test_flags() -> None:
             "7.5",
             "--max-connections",
             "4",
+            "--shutdown-grace",
+            "0",
             "--partial-max-age",
             "3600",
         ]
     )
+    assert options["shutdown-grace"] == 0.0
     assert options["partial-max-age"] == 3600.0
     assert options["upstream-queue"] == 0
     assert options["max-blob-size"] == 1500 * 2**20
@@ -111,6 +116,7 @@ def test_flags() -> None:
         ["--max-blob-size", "1" * 5000],
         ["--max-connections", "0"],
         ["--client-timeout", "0"],
+        ["--shutdown-grace", "-1"],
         ["--partial-max-age", "0"],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
@@ -190,6 +196,23 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     assert (tmp_path / "blobs").is_dir()
     assert (tmp_path / "tmp").is_dir()
     service.stopService()
+
+
+def test_the_service_stops_listening_then_ends_clients_and_downloads_then_the_rest(
+    tmp_path: Path,
+) -> None:
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path)])
+    service = makeService(options, MemoryReactor())
+    # Children stop one after another, the last first.
+    assert isinstance(service, StopInOrder)
+    kinds = [type(s).__name__ for s in service]
+    assert kinds[:4] == [
+        "_StoreIndexService",
+        "_ConnectionPoolService",
+        "GracefulStop",
+        "StreamServerEndpointService",
+    ]
 
 
 @pytest_twisted.ensureDeferred
