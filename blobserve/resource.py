@@ -252,15 +252,28 @@ class RegistryResource(Resource):
 
     def _status(self, request: Request) -> bytes:
         """
-        What is running now: downloads, their observers, blob responses.
+        What is running now: downloads, their observers, blob responses; and
+        the unfinished downloads the store holds (running or kept from an
+        earlier run), with their bytes on disk.
         """
         downloads = list(self._downloads)
+        written = {
+            d.digest: d.progress.written for d in downloads if d.progress is not None
+        }
+        partials = self._store.partials()
         status = {
             "downloads": len(downloads),
             "observers": sum(
                 d.progress.observers for d in downloads if d.progress is not None
             ),
             "responses": len(self._responses),
+            "partials": {
+                "count": len(partials),
+                "bytes": sum(
+                    written.get(digest, entry.written)
+                    for digest, entry in partials.items()
+                ),
+            },
         }
         body = json.dumps(status).encode()
         request.setHeader(b"Content-Type", b"application/json")
