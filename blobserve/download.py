@@ -1,6 +1,7 @@
 """
 L{Download}: one fetch of one blob from the upstream into the store, resumed
-where it broke off when the upstream connection fails.
+where it broke off when the upstream connection fails, or where an earlier
+run stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from blobserve.digest import Digest
 from blobserve.oneshot import OneShotEvent
 from blobserve.slots import UpstreamSlots
 from blobserve.store.eviction import Evictor, Reservation
-from blobserve.store.files import BlobReader, IBlobStore, TemporaryBlob
+from blobserve.store.files import BlobReader, IBlobStore, KeptPartial, TemporaryBlob
+from blobserve.store.index import Origin
 from blobserve.upstream import (
     BlobUnknown,
     IUpstream,
@@ -29,7 +31,12 @@ from blobserve.upstream import (
     UpstreamError,
     response_length,
 )
-from blobserve.writer import BlobTooLarge, ChunkWriter, VerificationFailed
+from blobserve.writer import (
+    BlobTooLarge,
+    BodyReceiver,
+    ChunkWriter,
+    VerificationFailed,
+)
 
 log = Logger()
 
@@ -82,6 +89,20 @@ class Abandoned(CancelledError):
     """
 
 
+class Stopped(Exception):
+    """
+    The download was stopped before its end, because blobserve is stopping;
+    what it had is kept for the next run.
+    """
+
+
+class Contradicted(UpstreamError):
+    """
+    The upstream's answer to a request from an offset does not fit the bytes
+    on disk: a range that starts elsewhere, or another length of the blob.
+    """
+
+
 @frozen
 class RetryPolicy:
     """
@@ -109,6 +130,11 @@ class Download:
     away never stops it. Before that, while it waits for an upstream slot or
     for the upstream's answer, it is abandoned as soon as every client that
     waits for it has gone.
+
+    Its temporary file is recorded in the store as an unfinished download from
+    the moment it is created. When the store holds one for the digest (left
+    by an earlier run, stopped or killed), the download goes on from it: the
+    bytes on disk are hashed again, and the upstream asked for the rest.
     """
 
     def __init__(
@@ -122,6 +148,7 @@ class Download:
         retry: RetryPolicy = RetryPolicy(),
         slots: UpstreamSlots | None = None,
         max_size: int | None = None,
+        registry: str | None = None,
         evictor: Evictor | None = None,
     ) -> None:
         """
@@ -130,6 +157,8 @@ class Download:
         @param max_size: the largest blob fetched, in bytes: one declared
             larger is refused before anything is written, one without a
             declared length fails once it grows past it.
+        @param registry: the registry C{upstream} is, as C{--upstream} names
+            it: recorded with the unfinished download.
         @param evictor: makes room in the store for a blob of declared length
             before anything is written, and holds it until the download
             ends; a blob that cannot fit fails the download with
@@ -137,6 +166,7 @@ class Download:
         """
         self.name = name
         self.digest = digest
+        self.registry = registry
         self._upstream = upstream
         self._store = store
         self._clock = clock
@@ -145,12 +175,19 @@ class Download:
         self._slots = slots
         self._max_size = max_size
         self._evictor = evictor
+        # The room held in the store for the blob, once its length is known.
+        self._reservation: Reservation | None = None
         self._ready: OneShotEvent[Landing] = OneShotEvent()
         self._done: OneShotEvent[None] = OneShotEvent()
         self._started_at = 0.0
         # What the download waits for before the upstream answers: a slot,
         # then the upstream's headers. Cancelled when every client has gone.
+        # After that, the pause before a resume and the upstream's answer to
+        # it: cancelled only by stop_and_keep.
         self._pending: Deferred[Any] | None = None
+        # The receiver of the upstream body arriving now.
+        self._receiver: BodyReceiver | None = None
+        self._stopping = False
         #: The blob's progress, once the upstream has answered.
         self.progress: ChunkWriter | None = None
 
@@ -168,7 +205,7 @@ class Download:
         Fire with a L{Landing} once the upstream has answered with the blob's
         headers, or fail with the reason there will be no blob (an
         L{blobserve.upstream.UpstreamError}, a L{blobserve.slots.QueueFull},
-        an C{OSError} from the store).
+        an C{OSError} from the store, L{Stopped}).
 
         Cancelling the Deferred means its caller has gone: when no caller is
         left waiting, a download that has no answer yet is abandoned.
@@ -187,6 +224,25 @@ class Download:
         """
         return self._done.observe()
 
+    def stop_and_keep(self) -> Deferred[None]:
+        """
+        End the download early, because blobserve is stopping, keeping what
+        it has for the next run: a download whose bytes have all arrived is
+        verified and committed still; one whose bytes are arriving drops its
+        upstream connection, and its temporary file and record stay in the
+        store as an unfinished download (never removed as a failure); one
+        still waiting for a slot or for the upstream's answer ends with
+        nothing. Whoever still follows it fails with L{Stopped}.
+
+        @return: fires once the download has ended (see L{when_done}).
+        """
+        self._stopping = True
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._receiver is not None:
+            self._receiver.stop()
+        return self.when_done()
+
     def _end(self) -> None:
         if not self._done.happened:
             self._done.succeed_with(None)
@@ -203,12 +259,16 @@ class Download:
 
     async def _before_answer(self, d: Deferred[_T]) -> _T:
         """
-        Wait for C{d}, which ends as L{Abandoned} if every client goes first.
+        Wait for C{d}, which ends as L{Abandoned} if every client goes first
+        (before the upstream has answered), and as L{Stopped} if the download
+        is stopped.
         """
         self._pending = d
         try:
             return await d
         except CancelledError:
+            if self._stopping:
+                raise Stopped() from None
             if self._ready.waiting == 0:
                 raise Abandoned() from None
             raise
@@ -232,36 +292,24 @@ class Download:
                 self._slots.release()
 
     async def _fetch(self) -> None:
-        log.info("fetching {digest} from upstream", digest=str(self.digest))
         try:
-            response = await self._before_answer(
-                self._upstream.fetch_blob(self.name, self.digest)
-            )
-            length = response_length(response)
-            if self._max_size is not None and (length or 0) > self._max_size:
-                _drop(response)
-                raise BlobTooLarge(
-                    f"the upstream declares {length} bytes, over the limit of"
-                    f" {self._max_size}"
-                )
-            reservation = await self._reserve(response, length)
+            start = await self._begin()
         except Exception:
             self._give_up(Failure())
+            self._release_room()
             return
+        temporary, writer = start.temporary, start.writer
+        kept = False
         try:
-            temporary = self._store.create_temporary(self.digest)
-        except OSError:
-            _drop(response)
-            self._give_up(Failure())
-            if reservation is not None:
-                reservation.release()
-            return
-        try:
-            writer = self.progress = ChunkWriter(temporary, length, self._max_size)
-            if reservation is not None:
-                reservation.follow(lambda: writer.written)
+            self.progress = writer
+            if self._reservation is not None:
+                self._reservation.follow(lambda: writer.written)
 
-            def failed(_: Failure) -> None:
+            def failed(reason: Failure) -> None:
+                nonlocal kept
+                if reason.check(Stopped):
+                    kept = True
+                    return
                 # Out of the table first, so that nobody joins a blob that
                 # is going; then the file goes at once, not once the
                 # upstream connection has closed: by then its followers have
@@ -271,36 +319,155 @@ class Download:
 
             writer.when_finished().addErrback(failed)
             # Followers subscribe before the first byte arrives: none misses one.
-            self._ready.succeed_with(Landing(length, writer, temporary))
-            await self._transfer(writer, response)
+            self._ready.succeed_with(Landing(start.length, writer, temporary))
+            if not writer.complete:
+                await self._transfer(writer, start.response, start.skip)
             if writer.complete:
                 await self._commit(temporary, writer.written)
         finally:
+            if kept:
+                self._store.keep_partial(temporary)
             self._end()
-            if reservation is not None:
-                reservation.release()
             temporary.close()
+            self._release_room()
 
-    async def _reserve(
-        self, response: IResponse, length: int | None
-    ) -> Reservation | None:
+    async def _reserve(self, response: IResponse, length: int | None) -> None:
         """
         Make room in the store for a blob of declared C{length}, or drop
         C{response} and fail if there is none.
         """
         if self._evictor is None or length is None:
-            return None
+            return
         try:
-            return await self._evictor.reserve(self.digest, length)
+            self._reservation = await self._evictor.reserve(self.digest, length)
         except Exception:
             _drop(response)
             raise
+
+    def _release_room(self) -> None:
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
+
+    async def _begin(self) -> _Start:
+        """
+        Go on from the unfinished download the store holds for the digest,
+        if it has one the upstream agrees with; else ask for the whole blob.
+        """
+        try:
+            kept = await self._store.open_partial(self.digest)
+        except Exception:
+            log.failure(
+                "cannot read the unfinished download of {digest}: starting afresh",
+                digest=str(self.digest),
+            )
+            kept = None
+        if kept is not None:
+            try:
+                start = await self._resume_kept(kept)
+            except BaseException:
+                # Nothing says its bytes are wrong: a later try goes on
+                # from them.
+                self._store.keep_partial(kept.temporary)
+                raise
+            if start is not None:
+                return start
+        if self._stopping:
+            raise Stopped()
+        log.info("fetching {digest} from upstream", digest=str(self.digest))
+        response = await self._before_answer(
+            self._upstream.fetch_blob(self.name, self.digest)
+        )
+        length = response_length(response)
+        self._check_size(response, length)
+        await self._reserve(response, length)
+        try:
+            temporary = self._store.create_temporary(
+                self.digest,
+                Origin(self.registry, self.name, length, _header(response, b"etag")),
+            )
+        except OSError:
+            _drop(response)
+            raise
+        writer = ChunkWriter(temporary, length, self._max_size)
+        return _Start(temporary, writer, response, 0, length)
+
+    async def _resume_kept(self, kept: KeptPartial) -> _Start | None:
+        """
+        Ask the upstream for what the unfinished download C{kept} lacks.
+
+        @return: how to go on, or L{None} if the upstream contradicts the
+            bytes on disk (it has nothing past them, or says the blob has
+            another length): they are discarded.
+        """
+        if self._stopping:
+            raise Stopped()
+        origin = kept.origin
+        expected = origin.expected_length
+        writer = ChunkWriter.resuming(
+            kept.temporary, kept.hasher, kept.written, expected, self._max_size
+        )
+        if writer.verifies():
+            # Every byte had arrived: nothing to ask the upstream.
+            log.info(
+                "{digest} was whole on disk: committing it", digest=str(self.digest)
+            )
+            writer.finish()
+            return _Start(kept.temporary, writer, None, 0, writer.written)
+        log.info(
+            "resuming {digest} from byte {offset}, kept from a download from"
+            " {registry}/{repository}",
+            digest=str(self.digest),
+            offset=kept.written,
+            registry=origin.registry,
+            repository=origin.repository,
+        )
+        try:
+            if expected is not None and kept.written > expected:
+                raise Contradicted(f"{kept.written} bytes on disk, over {expected}")
+            answer = await self._before_answer(
+                Deferred.fromCoroutine(self._ask_from(kept.written, expected))
+            )
+        except (Contradicted, RangeNotSatisfiable) as e:
+            log.warn(
+                "the unfinished download of {digest} cannot be resumed ({why}):"
+                " starting afresh",
+                digest=str(self.digest),
+                why=str(e),
+            )
+            self._store.discard(kept.temporary)
+            return None
+        length = expected if expected is not None else answer.total
+        try:
+            self._check_size(answer.response, length)
+        except BlobTooLarge:
+            self._store.discard(kept.temporary)
+            raise
+        await self._reserve(answer.response, length)
+        if length != expected:
+            writer = ChunkWriter.resuming(
+                kept.temporary, kept.hasher, kept.written, length, self._max_size
+            )
+        return _Start(kept.temporary, writer, answer.response, answer.skip, length)
+
+    def _check_size(self, response: IResponse, length: int | None) -> None:
+        if self._max_size is not None and (length or 0) > self._max_size:
+            _drop(response)
+            raise BlobTooLarge(
+                f"the upstream declares {length} bytes, over the limit of"
+                f" {self._max_size}"
+            )
 
     def _give_up(self, reason: Failure) -> None:
         if reason.check(Abandoned):
             log.info(
                 "{digest}: every client left before the upstream answered;"
                 " not fetching it",
+                digest=str(self.digest),
+            )
+        elif reason.check(Stopped):
+            log.info(
+                "{digest}: stopped before the upstream answered",
                 digest=str(self.digest),
             )
         else:
@@ -311,17 +478,22 @@ class Download:
             )
         self._ready.fail_with(reason)
 
-    async def _transfer(self, writer: ChunkWriter, response: IResponse | None) -> None:
+    async def _transfer(
+        self, writer: ChunkWriter, response: IResponse | None, skip: int = 0
+    ) -> None:
         """
-        Deliver C{response}'s body to C{writer}, resuming as often as the
-        policy allows, until the writer is complete or has failed.
+        Deliver C{response}'s body to C{writer}, after dropping its first
+        C{skip} bytes, resuming as often as the policy allows, until the
+        writer is complete or has failed (with L{Stopped} when the download
+        is stopped).
         """
-        skip = 0
         attempt = 0
         reason = Failure(UpstreamError("no response"))
         while True:
             if response is not None:
-                receiver = writer.receive(self._clock, self._idle_timeout, skip)
+                receiver = self._receiver = writer.receive(
+                    self._clock, self._idle_timeout, skip
+                )
                 response.deliverBody(receiver)
                 try:
                     await receiver.ended
@@ -329,10 +501,15 @@ class Download:
                     reason = Failure()
                 else:
                     writer.finish()
+                finally:
+                    self._receiver = None
                 if writer.complete or writer.failed:
                     if writer.failed:
                         self._log_failure(writer)
                     return
+            if self._stopping:
+                self._keep(writer)
+                return
             attempt += 1
             if reason.check(RangeNotSatisfiable):
                 # The upstream has nothing past the bytes on disk, and they
@@ -360,40 +537,64 @@ class Download:
                 attempt=attempt,
                 retries=self._retry.retries,
             )
-            await deferLater(self._clock, pause, lambda: None)
             try:
-                response, skip = await self._resume(writer)
+                await self._before_answer(deferLater(self._clock, pause, lambda: None))
+                answer = await self._before_answer(
+                    Deferred.fromCoroutine(
+                        self._ask_from(writer.written, writer.expected_length)
+                    )
+                )
+                response, skip = answer.response, answer.skip
             except Exception:
                 reason = Failure()
                 response = None
 
-    async def _resume(self, writer: ChunkWriter) -> tuple[IResponse, int]:
+    def _keep(self, writer: ChunkWriter) -> None:
         """
-        Ask the upstream for the rest of the blob, from the bytes on disk.
+        Stop C{writer} short for the next run to go on from its bytes.
+        """
+        log.info(
+            "stopped {digest} after {written} bytes of {expected}: kept for"
+            " the next start",
+            digest=str(self.digest),
+            written=writer.written,
+            expected=writer.expected_length,
+        )
+        writer.fail(Failure(Stopped("blobserve is stopping")))
 
-        @return: the response and how many of its first bytes are on disk
-            already: none for a 206 that starts where asked, all before the
-            offset for a 200 (an upstream that ignores C{Range}).
+    async def _ask_from(self, offset: int, expected_length: int | None) -> _Answer:
         """
-        offset = writer.written
+        Ask the upstream for the blob from byte C{offset} on (the bytes on
+        disk), whose length is C{expected_length} if known.
+
+        @return: the response, how many of its first bytes are on disk
+            already (none for a 206 that starts where asked, all before the
+            offset for a 200: an upstream that ignores C{Range}), and the
+            blob's length if the upstream says it.
+        @raise Contradicted: if the upstream answers a range that does not
+            start at C{offset}, or says the blob has another length.
+        """
         response = await self._upstream.fetch_blob(self.name, self.digest, offset)
         length = response_length(response)
         if response.code == 200:
-            if writer.expected_length not in (None, length):
+            if expected_length not in (None, length):
                 _drop(response)
-                raise UpstreamError(f"upstream now says the blob has {length} bytes")
-            return response, offset
+                raise Contradicted(f"upstream now says the blob has {length} bytes")
+            return _Answer(response, offset, length)
         values = response.headers.getRawHeaders(b"content-range") or [b""]
         match = _CONTENT_RANGE.fullmatch(values[0].decode("latin-1"))
-        total = writer.expected_length
         if (
             match is None
             or int(match[1]) != offset
-            or (total is not None and match[3] not in ("*", str(total)))
+            or (
+                expected_length is not None
+                and match[3] not in ("*", str(expected_length))
+            )
         ):
             _drop(response)
-            raise UpstreamError(f"upstream answered a range other than {offset}-")
-        return response, 0
+            raise Contradicted(f"upstream answered a range other than {offset}-")
+        total = None if match[3] == "*" else int(match[3])
+        return _Answer(response, 0, total)
 
     async def _commit(self, temporary: TemporaryBlob, size: int) -> None:
         try:
@@ -410,6 +611,8 @@ class Download:
 
     def _log_failure(self, writer: ChunkWriter) -> None:
         def describe(reason: Failure) -> None:
+            if reason.check(Stopped):
+                return
             log.error(
                 "download of {digest} from {name} failed after {written} bytes"
                 " of {expected}: {reason}",
@@ -421,6 +624,37 @@ class Download:
             )
 
         writer.when_finished().addErrback(describe)
+
+
+@frozen
+class _Start:
+    """
+    How a download goes on once the upstream has answered (or once the
+    store is found to hold the whole blob: then there is no response).
+    """
+
+    temporary: TemporaryBlob
+    writer: ChunkWriter
+    response: IResponse | None
+    skip: int
+    length: int | None
+
+
+@frozen
+class _Answer:
+    """
+    The upstream's answer to a request from an offset (see
+    L{Download._ask_from}).
+    """
+
+    response: IResponse
+    skip: int
+    total: int | None
+
+
+def _header(response: IResponse, name: bytes) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
 
 
 def _drop(response: IResponse) -> None:

@@ -4,8 +4,10 @@ The single-flight table: at most one running L{Download} per digest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -16,16 +18,41 @@ from blobserve.upstream import IUpstream
 log = Logger()
 
 
+class DownloadFactory(Protocol):
+    """
+    Makes a download (not yet started) of C{digest} from repository C{name}
+    of C{upstream}, which is the registry C{registry}.
+    """
+
+    def __call__(
+        self,
+        upstream: IUpstream,
+        name: str,
+        digest: Digest,
+        *,
+        registry: str | None,
+    ) -> Download: ...
+
+
 class IInFlightTable(Interface):
     """
     The downloads running now, by digest.
     """
 
-    def join(name: str, digest: Digest, upstream: IUpstream) -> Download:
+    def join(
+        name: str, digest: Digest, upstream: IUpstream, registry: str | None = None
+    ) -> Download:
         """
         The running download of C{digest}; if there is none, start one from
-        repository C{name} of C{upstream} and return it. However many callers
-        join, a digest is fetched once at a time.
+        repository C{name} of C{upstream} (the registry C{registry}, as
+        C{--upstream} names it) and return it. However many callers join, a
+        digest is fetched once at a time.
+        """
+
+    def stop_all() -> Deferred[None]:
+        """
+        Stop every running download, keeping what each has for the next run
+        (see L{Download.stop_and_keep}), and fire once all have ended.
         """
 
     def get(digest: Digest) -> Download | None:
@@ -52,7 +79,7 @@ class InFlightTable:
     starts afresh.
     """
 
-    def __init__(self, create: Callable[[IUpstream, str, Digest], Download]) -> None:
+    def __init__(self, create: DownloadFactory) -> None:
         """
         @param create: makes a download (not yet started) of a digest from a
             repository of an upstream.
@@ -60,11 +87,17 @@ class InFlightTable:
         self._create = create
         self._downloads: dict[Digest, Download] = {}
 
-    def join(self, name: str, digest: Digest, upstream: IUpstream) -> Download:
+    def join(
+        self,
+        name: str,
+        digest: Digest,
+        upstream: IUpstream,
+        registry: str | None = None,
+    ) -> Download:
         download = self._downloads.get(digest)
         if download is not None:
             return download
-        download = self._create(upstream, name, digest)
+        download = self._create(upstream, name, digest, registry=registry)
         # In the table before it starts: a download that ends at once still
         # leaves the table.
         self._downloads[digest] = download
@@ -74,6 +107,10 @@ class InFlightTable:
 
     def get(self, digest: Digest) -> Download | None:
         return self._downloads.get(digest)
+
+    def stop_all(self) -> Deferred[None]:
+        stopped = [download.stop_and_keep() for download in self]
+        return gatherResults(stopped).addCallback(lambda _: None)
 
     def __len__(self) -> int:
         return len(self._downloads)

@@ -247,8 +247,8 @@ class RegistryResource(Resource):
             self._stream(request, digest, reader)
             return NOT_DONE_YET
 
-        _, upstream = self._upstream_for(request)
-        ready = self._downloads.join(name, digest, upstream).when_ready()
+        registry, upstream = self._upstream_for(request)
+        ready = self._downloads.join(name, digest, upstream, registry).when_ready()
 
         def follow(landing: Landing) -> None:
             self._saw(request, name, digest)
@@ -262,15 +262,28 @@ class RegistryResource(Resource):
     def _status(self, request: Request) -> bytes:
         """
         What is running now: downloads, their observers, blob responses; and
-        the store's figures under C{"store"}.
+        the store's figures under C{"store"}, and the unfinished downloads the
+        store holds (running or kept from an earlier run) with their bytes on
+        disk.
         """
         downloads = list(self._downloads)
+        written = {
+            d.digest: d.progress.written for d in downloads if d.progress is not None
+        }
+        partials = self._store.partials()
         status: dict[str, object] = {
             "downloads": len(downloads),
             "observers": sum(
                 d.progress.observers for d in downloads if d.progress is not None
             ),
             "responses": len(self._responses),
+            "partials": {
+                "count": len(partials),
+                "bytes": sum(
+                    written.get(digest, entry.written)
+                    for digest, entry in partials.items()
+                ),
+            },
         }
         if self._store_status is not None:
             status["store"] = dict(self._store_status())

@@ -2,7 +2,7 @@
 The HTTP server factory: twisted.web's Site for the registry resource, on a
 plain-HTTP listener that fails TLS probes at once, with bounds on what any
 client can make it hold: connections, request bodies, and the time a request
-may take to arrive.
+may take to arrive; and its connections closed in order when blobserve stops.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from functools import partial
 from io import BytesIO
 from typing import cast
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -24,7 +25,9 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from zope.interface import Interface, implementer
 
+from blobserve.oneshot import OneShotEvent
 from blobserve.resource import OCIError, error_body, write_error
 
 log = Logger()
@@ -132,6 +135,30 @@ class _BoundedChannel(HTTPChannel):
         self._refused = False
         # A Content-Length too long to convert: too large, whatever it says.
         self._oversized_length = False
+        # Asked to close once the request in progress is answered.
+        self._closing = False
+
+    def close_after_response(self) -> None:
+        """
+        Close the connection once the request in progress, if there is one,
+        is answered (it says C{Connection: close}); at once if it waits for a
+        request. A request that has not arrived whole yet is answered too.
+        """
+        self._closing = True
+        if not self.requests:
+            self.loseConnection()
+            return
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.setHeader(b"Connection", b"close")
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        if self._closing:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        persistent: bool = super().checkPersistence(request, version)
+        return persistent
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -244,6 +271,25 @@ class _Overloaded(Protocol):
         self.transport.loseConnection()
 
 
+class IConnections(Interface):
+    """
+    The client connections of a server, to be ended when it stops.
+    """
+
+    def drain() -> Deferred[None]:
+        """
+        Close every connection once the request in progress on it, if any,
+        is answered, and fire when none is open. New connections are not
+        refused: stop listening first.
+        """
+
+    def cut() -> int:
+        """
+        Abort every connection still open, and say how many there were.
+        """
+
+
+@implementer(IConnections)
 class _ConnectionLimit(WrappingFactory):
     """
     Wraps the site's connections, and counts them: a connection beyond
@@ -257,6 +303,26 @@ class _ConnectionLimit(WrappingFactory):
         super().__init__(site)
         self.limit = limit
         self._refused = 0
+        self._drained: OneShotEvent[None] | None = None
+
+    def drain(self) -> Deferred[None]:
+        for wrapper in list(self.protocols):
+            channel = wrapper.wrappedProtocol
+            if isinstance(channel, _BoundedChannel):
+                channel.close_after_response()
+            elif wrapper.transport is not None:
+                wrapper.transport.loseConnection()
+        if not self.protocols:
+            return succeed(None)
+        if self._drained is None:
+            self._drained = OneShotEvent()
+        return self._drained.observe()
+
+    def cut(self) -> int:
+        wrappers = list(self.protocols)
+        for wrapper in wrappers:
+            cast(ITCPTransport, wrapper.transport).abortConnection()
+        return len(wrappers)
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:  # type: ignore[override]
         # Not a wrapper: a refused connection never reaches the site.
@@ -272,6 +338,12 @@ class _ConnectionLimit(WrappingFactory):
 
     def unregisterProtocol(self, p: ProtocolWrapper) -> None:
         super().unregisterProtocol(p)
+        if (
+            self._drained is not None
+            and not self.protocols
+            and not self._drained.happened
+        ):
+            self._drained.succeed_with(None)
         if self._refused and len(self.protocols) < self.limit:
             log.info(
                 "below {limit} connections again; {count} were refused",

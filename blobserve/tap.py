@@ -25,7 +25,8 @@ from blobserve.download import Download, RetryPolicy
 from blobserve.inflight import InFlightTable
 from blobserve.manifests import ManifestCache
 from blobserve.resource import RegistryResource
-from blobserve.site import registry_site
+from blobserve.shutdown import GracefulStop, StopInOrder
+from blobserve.site import IConnections, registry_site
 from blobserve.slots import UpstreamSlots
 from blobserve.store.database import ThreadedDatabase
 from blobserve.store.eviction import Evictor
@@ -50,6 +51,13 @@ def _positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
         raise ValueError(f"must be a positive number, not {value}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"must not be negative, not {value}")
     return number
 
 
@@ -220,6 +228,26 @@ class Options(usage.Options):
             " is dropped and the transfer resumed.",
             _positive_float,
         ],
+        [
+            "shutdown-grace",
+            None,
+            10.0,
+            "Seconds responses in progress may take to end once blobserve is"
+            " told to stop (SIGTERM): it no longer listens, and cuts the"
+            " connections still busy after that. Downloads whose bytes have"
+            " all arrived are committed; the others are kept, to be resumed"
+            " after the restart.",
+            _seconds,
+        ],
+        [
+            "partial-max-age",
+            None,
+            86400.0,
+            "Seconds after its last write that an unfinished download kept"
+            " from an earlier run (stopped or killed) can still be resumed; at"
+            " start, older ones are removed.",
+            _positive_float,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -312,7 +340,8 @@ class _ConnectionPoolService(Service):
 class _StoreIndexService(Service):
     """
     Loads the store's index when the service starts (the store serves from
-    its files while it loads), then calls C{after_load}; writes what is
+    its files while it loads), then calls C{after_load}, and C{partials_known}
+    once it knows the unfinished downloads of earlier runs; writes what is
     pending and closes it when the service stops; only then does it let the
     store's lock go.
     """
@@ -323,11 +352,13 @@ class _StoreIndexService(Service):
         index: StoreIndex,
         lock: StoreLock,
         after_load: Callable[[], object] = lambda: None,
+        partials_known: Callable[[], None] = lambda: None,
     ) -> None:
         self._database = database
         self._index = index
         self._lock = lock
         self._after_load = after_load
+        self._partials_known = partials_known
         self._loaded: Deferred[object] | None = None
 
     def startService(self) -> None:
@@ -341,6 +372,11 @@ class _StoreIndexService(Service):
                 )
             )
             .addCallback(lambda _: self._after_load())
+        )
+        known = self._index.when_partials_known()
+        known.addCallback(lambda _: self._partials_known())
+        known.addErrback(
+            lambda reason: log.failure("could not clean the store up", reason)
         )
 
     def stopService(self) -> Deferred[None]:
@@ -368,6 +404,31 @@ class _FreezeStartupHeap(Service):
         super().startService()
         gc.collect()
         gc.freeze()
+
+
+def _remove_stale_temporaries(store: DirectoryBlobStore) -> None:
+    """
+    Remove what earlier runs left in the store's C{tmp/} but the unfinished
+    downloads young enough to resume, and say so.
+    """
+    cleanup = store.remove_stale_temporaries()
+    if cleanup.kept:
+        log.info(
+            "kept {count} unfinished downloads ({size} bytes) of an earlier run:"
+            " they resume when next asked for",
+            count=cleanup.kept,
+            size=cleanup.kept_bytes,
+        )
+    if cleanup.expired:
+        log.info(
+            "removed {count} unfinished downloads older than --partial-max-age",
+            count=cleanup.expired,
+        )
+    if cleanup.unrecorded:
+        log.info(
+            "removed {count} unfinished downloads of an earlier run",
+            count=cleanup.unrecorded,
+        )
 
 
 def descriptors_needed(max_connections: int, upstream_concurrency: int) -> int:
@@ -428,10 +489,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     lock = StoreLock.acquire(root, "blobserve")
     database = ThreadedDatabase(index_path(root), reactor)
     index = StoreIndex(root, database, reactor)
-    store = DirectoryBlobStore(root, index)
-    stale = store.remove_stale_temporaries()
-    if stale:
-        log.info("removed {count} unfinished downloads of an earlier run", count=stale)
+    store = DirectoryBlobStore(root, index, partial_max_age=options["partial-max-age"])
     evictor = Evictor(store, options["max-size"], options["min-free"])
     log.info(
         "store limits: --max-size {max_size}, --min-free {min_free}",
@@ -499,9 +557,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor=reactor,
     )
 
-    service = MultiService()
+    service = StopInOrder()
 
-    # First in, so last out: the index is written when everything else stopped.
     # Once the index is loaded, a store over a limit lowered since the last
     # run is evicted down at once, not at the next commit.
     def loaded() -> Deferred[int]:
@@ -511,8 +568,20 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ).addErrback(lambda reason: log.failure("could not record the limits", reason))
         return evictor.make_room()
 
-    _StoreIndexService(database, index, lock, loaded).setServiceParent(service)
+    # First in, so last out: the index is written when everything else stopped.
+    _StoreIndexService(
+        database,
+        index,
+        lock,
+        loaded,
+        partial(_remove_stale_temporaries, store),
+    ).setServiceParent(service)
     _ConnectionPoolService(pool).setServiceParent(service)
+    # Stopped once the listener has stopped, and before the upstream pool
+    # and the index, which stopping downloads still need.
+    GracefulStop(
+        IConnections(site), downloads, options["shutdown-grace"], reactor
+    ).setServiceParent(service)
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and
     # twistd exits non-zero.

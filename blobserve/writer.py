@@ -13,7 +13,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import Interface, implementer
 
-from blobserve.digest import Digest
+from blobserve.digest import Digest, Hasher
 from blobserve.oneshot import OneShotEvent
 from blobserve.store.files import TemporaryBlob
 
@@ -86,6 +86,27 @@ class ChunkWriter:
         self._finished: OneShotEvent[int] = OneShotEvent()
         self._complete = False
         self._failure: Failure | None = None
+
+    @classmethod
+    def resuming(
+        cls,
+        temporary: TemporaryBlob,
+        hasher: Hasher,
+        written: int,
+        expected_length: int | None,
+        max_length: int | None = None,
+    ) -> ChunkWriter:
+        """
+        A writer that goes on from the C{written} bytes on disk in
+        C{temporary} (open for appending), whose hash is C{hasher}: an
+        unfinished download of an earlier run. Observers are told of those
+        bytes at once; nothing says they are right until L{finish} verifies
+        the whole blob.
+        """
+        writer = cls(temporary, expected_length, max_length)
+        writer._hasher = hasher
+        writer.written = written
+        return writer
 
     @property
     def complete(self) -> bool:
@@ -297,6 +318,13 @@ class BodyReceiver(Protocol):
             )
         else:
             self.ended.callback(None)
+
+    def stop(self) -> None:
+        """
+        Drop the upstream connection: the body ends as a break, with the
+        bytes received so far written.
+        """
+        self._stop()
 
     def _stalled(self) -> None:
         self._idle = None

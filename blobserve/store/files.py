@@ -1,7 +1,7 @@
 """
 The content-addressed blob store on a local file system: blob files, their
 temporaries, and commits (fsync, rename, directory fsync), told to the
-store's index.
+store's index; unfinished downloads kept across restarts, and reopened.
 """
 
 from __future__ import annotations
@@ -9,19 +9,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from attrs import define, field
-from twisted.internet.defer import Deferred
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from blobserve.digest import Digest
+from blobserve.digest import Digest, Hasher
 from blobserve.oneshot import OneShotEvent
-from blobserve.store.index import StoreIndex
+from blobserve.store.index import Origin, PartialEntry, StoreIndex
 from blobserve.store.layout import blob_path, blobs_directory, temporary_directory
 
 log = Logger()
@@ -30,6 +31,9 @@ _T = TypeVar("_T")
 
 #: Runs a blocking call away from the reactor thread and returns its result.
 RunBlocking = Callable[..., "Deferred[Any]"]
+
+#: How much of a kept partial download is read at once to hash it again.
+_REHASH_CHUNK = 1024 * 1024
 
 
 @define
@@ -177,6 +181,20 @@ class TemporaryBlob:
         """
         return os.fstat(self._fd).st_size
 
+    @property
+    def name(self) -> str:
+        """
+        The file's name in the store's C{tmp/}.
+        """
+        return os.path.basename(self.path)
+
+    @property
+    def closed(self) -> bool:
+        """
+        Whether the write handle has been released.
+        """
+        return self._closed
+
     def close(self) -> None:
         """
         Release the write handle; readers already opened stay valid.
@@ -184,6 +202,40 @@ class TemporaryBlob:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+
+
+@frozen
+class KeptPartial:
+    """
+    An unfinished download reopened to resume it.
+
+    @ivar temporary: its file, open for appending; the caller's to end.
+    @ivar hasher: the hash of the bytes on disk.
+    @ivar written: how many bytes are on disk.
+    @ivar origin: where the download came from.
+    """
+
+    temporary: TemporaryBlob
+    hasher: Hasher
+    written: int
+    origin: Origin
+
+
+@frozen
+class TemporaryCleanup:
+    """
+    What L{DirectoryBlobStore.remove_stale_temporaries} found.
+
+    @ivar kept: unfinished downloads kept to be resumed, and their bytes.
+    @ivar expired: unfinished downloads removed for their age.
+    @ivar unrecorded: temporary files removed that no download was recorded
+        for.
+    """
+
+    kept: int = 0
+    kept_bytes: int = 0
+    expired: int = 0
+    unrecorded: int = 0
 
 
 class IBlobStore(Interface):
@@ -198,11 +250,37 @@ class IBlobStore(Interface):
         committed with is damaged: it is removed, and L{None} returned.
         """
 
-    def create_temporary(digest: Digest) -> TemporaryBlob:
+    def create_temporary(digest: Digest, origin: Origin | None = None) -> TemporaryBlob:
         """
-        Create an empty temporary file for a download of C{digest}.
+        Create an empty temporary file for a download of C{digest}. With an
+        C{origin}, it is recorded as an unfinished download (see
+        L{open_partial}) until it is committed or discarded.
 
         @raise OSError: if the file cannot be created.
+        """
+
+    def open_partial(digest: Digest) -> Deferred[KeptPartial | None]:
+        """
+        Reopen the recorded unfinished download of C{digest} to resume it: its
+        file, open for appending, and the hash of the bytes on disk, read
+        away from the reactor thread.
+
+        @return: fires with it, or with L{None} if there is none (or its file
+            is gone); fails if the file cannot be read, and then it is
+            discarded.
+        """
+
+    def keep_partial(temporary: TemporaryBlob) -> None:
+        """
+        Close the temporary of a download that stops before its end, keeping
+        its file and its record, with the length on disk, for
+        L{open_partial} in this run or the next. A temporary committed or
+        discarded already is only closed.
+        """
+
+    def partials() -> Mapping[Digest, PartialEntry]:
+        """
+        The unfinished downloads recorded, by digest.
         """
 
     def media_type(digest: Digest) -> str | None:
@@ -233,8 +311,9 @@ class IBlobStore(Interface):
 
     def discard(temporary: TemporaryBlob) -> None:
         """
-        Remove a temporary blob that will not be committed, and close it.
-        Discarding twice, or after a commit, removes nothing more.
+        Remove a temporary blob that will not be committed, and its record
+        as an unfinished download, and close it. Discarding twice, or after
+        a commit, removes nothing more.
         """
 
 
@@ -261,22 +340,29 @@ class DirectoryBlobStore:
 
     @ivar root: the store's directory.
     @ivar index: what the store holds; until it is ready, the files say.
-    @ivar run_blocking: runs the slow parts of a commit (the fsync calls) and
-        of a removal (the unlink calls) away from the reactor thread.
+    @ivar run_blocking: runs the slow parts of a commit (the fsync calls), of
+        a removal (the unlink calls) and the hashing of an unfinished download
+        away from the reactor thread.
     @ivar on_commit: called with a blob's digest once its commit is durable,
         before the commit's Deferred fires; the blob is pinned while it runs.
     @ivar pins: the blobs that readers have open, and the blob being
         committed.
+    @ivar partial_max_age: seconds after its last write that an unfinished
+        download is still resumed; an older one is removed.
     """
 
     root: str
     index: StoreIndex
     run_blocking: RunBlocking = deferToThread
     on_commit: Callable[[Digest], object] | None = None
+    partial_max_age: float = 86400.0
     pins: Pins = field(factory=Pins, init=False)
     # The removals under way, by digest: a commit of the same digest waits
     # for its removal, so that an unlink never takes the new file.
     _removals: dict[Digest, OneShotEvent[None]] = field(factory=dict, init=False)
+    # The temporaries made or reopened by this run and not yet committed,
+    # discarded or kept, by path: no clean-up removes one still open.
+    _live: dict[str, TemporaryBlob] = field(factory=dict, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         os.makedirs(blobs_directory(self.root), exist_ok=True)
@@ -288,16 +374,49 @@ class DirectoryBlobStore:
         """
         return blob_path(self.root, digest)
 
-    def remove_stale_temporaries(self) -> int:
+    def remove_stale_temporaries(
+        self, max_age: float | None = None
+    ) -> TemporaryCleanup:
         """
-        Remove the temporary files a previous run left behind, and say how many.
+        Remove the temporary files earlier runs left behind, but for the
+        unfinished downloads the index records whose file was written to less
+        than C{max_age} seconds ago (by default L{partial_max_age}): those
+        stay, to be resumed. Records whose file is gone are forgotten. Call
+        it once the index knows its unfinished downloads (see
+        L{StoreIndex.when_partials_known}); temporaries of this run that are
+        still open are left alone.
         """
-        removed = 0
+        if max_age is None:
+            max_age = self.partial_max_age
+        now = time.time()
+        recorded = {entry.name: d for d, entry in self.index.partials().items()}
+        for path, temporary in list(self._live.items()):
+            if temporary.closed:
+                del self._live[path]
+        kept, kept_bytes, expired, unrecorded = 0, 0, 0, 0
+        present = set()
         for entry in os.scandir(temporary_directory(self.root)):
-            if entry.is_file(follow_symlinks=False):
+            if not entry.is_file(follow_symlinks=False) or entry.path in self._live:
+                continue
+            digest = recorded.get(entry.name)
+            if digest is not None:
+                stat = entry.stat(follow_symlinks=False)
+                if now - stat.st_mtime <= max_age:
+                    present.add(entry.name)
+                    kept += 1
+                    kept_bytes += stat.st_size
+                    self.index.update_partial(digest, entry.name, stat.st_size)
+                    continue
+                expired += 1
+            else:
+                unrecorded += 1
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
-                removed += 1
-        return removed
+        for name, digest in recorded.items():
+            path = os.path.join(temporary_directory(self.root), name)
+            if name not in present and path not in self._live:
+                self.index.remove_partial(digest, name)
+        return TemporaryCleanup(kept, kept_bytes, expired, unrecorded)
 
     def open(self, digest: Digest) -> BlobReader | None:
         entry = self.index.get(digest)
@@ -333,7 +452,9 @@ class DirectoryBlobStore:
         self.index.touch(digest)
         return reader
 
-    def create_temporary(self, digest: Digest) -> TemporaryBlob:
+    def create_temporary(
+        self, digest: Digest, origin: Origin | None = None
+    ) -> TemporaryBlob:
         fd = -1
         for attempt in range(100):
             path = os.path.join(
@@ -347,7 +468,83 @@ class DirectoryBlobStore:
                     raise
                 continue
             break
-        return TemporaryBlob(digest, path, fd, self.pins)
+        temporary = self._live[path] = TemporaryBlob(digest, path, fd, self.pins)
+        if origin is not None:
+            # Recorded before a byte is written: after a crash, the record
+            # says where the file came from and its size how far it got.
+            self.index.add_partial(digest, temporary.name, origin)
+        return temporary
+
+    def open_partial(self, digest: Digest) -> Deferred[KeptPartial | None]:
+        # Right after a start, the first requests come before the index has
+        # read what earlier runs left: wait for that (it is read first).
+        known = self.index.when_partials_known()
+        return known.addCallback(lambda _: self._reopen(digest))
+
+    def _reopen(self, digest: Digest) -> Deferred[KeptPartial | None]:
+        entry = self.index.partial(digest)
+        if entry is None:
+            return succeed(None)
+        path = os.path.join(temporary_directory(self.root), entry.name)
+        if path in self._live:
+            return succeed(None)  # a download of this run has it open
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            self.index.remove_partial(digest, entry.name)
+            return succeed(None)
+        temporary = self._live[path] = TemporaryBlob(digest, path, fd, self.pins)
+        try:
+            expired = time.time() - os.fstat(fd).st_mtime > self.partial_max_age
+        except OSError:
+            expired = True
+        if expired:
+            self.discard(temporary)
+            return succeed(None)
+        started = time.monotonic()
+
+        def rehash() -> tuple[Hasher, int]:
+            hasher = digest.hasher()
+            offset = 0
+            while chunk := os.pread(fd, _REHASH_CHUNK, offset):
+                hasher.update(chunk)
+                offset += len(chunk)
+            return hasher, offset
+
+        def reopened(result: tuple[Hasher, int]) -> KeptPartial:
+            hasher, written = result
+            log.info(
+                "re-hashed the {written} bytes of the unfinished download of"
+                " {digest} in {seconds:.2f}s",
+                written=written,
+                digest=str(digest),
+                seconds=time.monotonic() - started,
+            )
+            return KeptPartial(temporary, hasher, written, entry.origin)
+
+        def unreadable(reason: Any) -> Any:
+            self.discard(temporary)
+            return reason
+
+        d: Deferred[tuple[Hasher, int]] = self.run_blocking(rehash)
+        return d.addCallbacks(reopened, unreadable)
+
+    def keep_partial(self, temporary: TemporaryBlob) -> None:
+        if temporary.moved:
+            # Committed or discarded already: nothing is left to keep.
+            temporary.close()
+            return
+        try:
+            size: int | None = temporary.size()
+        except OSError:
+            size = None
+        temporary.close()
+        self._live.pop(temporary.path, None)
+        if size is not None:
+            self.index.update_partial(temporary.digest, temporary.name, size)
+
+    def partials(self) -> Mapping[Digest, PartialEntry]:
+        return self.index.partials()
 
     def saw(self, registry: str, repository: str, digest: Digest) -> None:
         self.index.saw(registry, repository, digest)
@@ -430,6 +627,7 @@ class DirectoryBlobStore:
                 # what is visible is what is reported committed.
                 await self._remove(digest)
                 raise
+            self._forget(temporary)
             if self.on_commit is not None:
                 try:
                     self.on_commit(digest)
@@ -467,4 +665,13 @@ class DirectoryBlobStore:
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     log.failure("could not remove {path}", path=temporary.path)
+        self._forget(temporary)
         temporary.close()
+
+    def _forget(self, temporary: TemporaryBlob) -> None:
+        """
+        Forget a temporary that is no longer at its path, and its record as
+        an unfinished download.
+        """
+        self._live.pop(temporary.path, None)
+        self.index.remove_partial(temporary.digest, temporary.name)

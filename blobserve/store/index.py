@@ -11,6 +11,11 @@ C{present} after the rename is durable; C{evicting} before its file is
 removed, and no row after. At start, rows left C{committing} are checked
 against their files and rows left C{evicting} finished, so an intact index
 never needs a walk of the store.
+
+Downloads that have not ended have a row too (a I{partial}), from the moment
+their temporary file is created until their blob is committed or they fail
+for good: after a stop or a crash, the next run resumes them from the bytes
+on disk.
 """
 
 from __future__ import annotations
@@ -21,23 +26,25 @@ import shutil
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from attrs import define, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from blobserve.digest import Digest, InvalidDigest
+from blobserve.oneshot import OneShotEvent
 from blobserve.store.database import IDatabase
 from blobserve.store.layout import blob_path, blobs_directory, records_directory
 
 log = Logger()
 
 #: The schema this code reads and writes (SQLite's C{user_version}).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: The statements that bring a database of version N to version N + 1.
 MIGRATIONS: dict[int, list[str]] = {
@@ -69,6 +76,24 @@ MIGRATIONS: dict[int, list[str]] = {
         )
         """,
     ],
+    1: [
+        # Downloads that have not ended, by digest (one download per digest
+        # at a time). The file's size, not `written`, says how much of the
+        # blob is on disk after a crash.
+        """
+        CREATE TABLE partials (
+            digest TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            written INTEGER NOT NULL,
+            registry TEXT,
+            repository TEXT NOT NULL,
+            expected_length INTEGER,
+            etag TEXT,
+            started_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+    ],
 }
 
 #: Seconds between two writes of the accesses remembered in memory.
@@ -96,6 +121,43 @@ class BlobEntry:
     committed_at: float
     last_access: float
     access_count: int = 0
+
+
+@frozen
+class Origin:
+    """
+    Where a download comes from, as a later run needs to know it.
+
+    @ivar registry: the registry, as C{--upstream} names it (L{None} if not
+        known).
+    @ivar repository: the repository it was asked for in.
+    @ivar expected_length: the blob's size, if the upstream declared it.
+    @ivar etag: the upstream's C{ETag}, if it sent one.
+    """
+
+    registry: str | None
+    repository: str
+    expected_length: int | None = None
+    etag: str | None = None
+
+
+@define
+class PartialEntry:
+    """
+    What the index knows of one download that has not ended.
+
+    @ivar name: its temporary file's name in the store's C{tmp/}.
+    @ivar written: how many bytes were on disk when it was last recorded; the
+        file's size is the truth (after a crash it is all there is).
+    @ivar started_at: when the download began.
+    @ivar updated_at: when C{written} was last recorded.
+    """
+
+    name: str
+    origin: Origin
+    started_at: float
+    updated_at: float
+    written: int = 0
 
 
 @frozen
@@ -232,6 +294,32 @@ def _settle(connection: sqlite3.Connection, root: str) -> None:
         connection.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
 
 
+def _partial_rows(
+    connection: sqlite3.Connection,
+) -> list[tuple[Digest, PartialEntry]]:
+    """
+    The unfinished downloads the index holds; a row that names no digest is
+    deleted (its file, if any, is then removed as a stray temporary).
+    """
+    partials = []
+    for digest, name, written, *origin, started_at, updated_at in connection.execute(
+        "SELECT digest, name, written, registry, repository, expected_length,"
+        " etag, started_at, updated_at FROM partials"
+    ).fetchall():
+        try:
+            parsed = Digest.parse(digest)
+        except InvalidDigest:
+            connection.execute("DELETE FROM partials WHERE digest = ?", (digest,))
+            continue
+        partials.append(
+            (
+                parsed,
+                PartialEntry(name, Origin(*origin), started_at, updated_at, written),
+            )
+        )
+    return partials
+
+
 class StoreIndex:
     """
     The committed blobs of one store: in memory for the reactor, in an
@@ -250,6 +338,12 @@ class StoreIndex:
         self._touched: set[Digest] = set()
         self._seen: set[tuple[str, str, str]] = set()
         self._removed_while_loading: set[Digest] = set()
+        self._partials: dict[Digest, PartialEntry] = {}
+        # Partials recorded or forgotten while the index loads: what it
+        # reads of them is older.
+        self._partials_added_while_loading: set[Digest] = set()
+        self._partials_removed_while_loading: set[tuple[Digest, str]] = set()
+        self._partials_known: OneShotEvent[None] = OneShotEvent()
         self._flushing = LoopingCall(self.flush)
         self._flushing.clock = clock
         self.ready = False
@@ -270,14 +364,18 @@ class StoreIndex:
 
         def read(
             connection: sqlite3.Connection,
-        ) -> tuple[list[tuple[Digest, BlobEntry]], str | None]:
+        ) -> tuple[
+            list[tuple[Digest, BlobEntry]],
+            list[tuple[Digest, PartialEntry]],
+            str | None,
+        ]:
             fresh = _schema_version(connection) == 0
             _check(connection)
             migrate(connection)
             if fresh:
-                return [], _NO_INDEX
+                return [], [], _NO_INDEX
             _settle(connection, self._root)
-            return self._rows(connection), None
+            return self._rows(connection), _partial_rows(connection), None
 
         def rebuilt(connection: sqlite3.Connection) -> list[tuple[Digest, BlobEntry]]:
             migrate(connection)
@@ -286,10 +384,15 @@ class StoreIndex:
 
         async def run() -> LoadReport:
             try:
-                rows, because = await self._database.run(read)
+                rows, partials, because = await self._database.run(read)
             except (IndexDamaged, sqlite3.DatabaseError) as e:
-                rows, because = [], f"it was damaged ({e})"
+                rows, partials, because = [], [], f"it was damaged ({e})"
+                self._fill_partials([])
                 await self._database.reset()
+            except BaseException:
+                self._fill_partials([])
+                raise
+            self._fill_partials(partials)
             records = records_directory(self._root)
             migrating = os.path.isdir(records)
             if because is not None:
@@ -305,6 +408,9 @@ class StoreIndex:
                     blobs=len(rows),
                     seconds=time.monotonic() - rebuilding,
                 )
+                # What this run recorded before a damaged index was reset.
+                for digest, entry in list(self._partials.items()):
+                    self._insert_partial(digest, entry)
             self._fill(rows)
             if migrating:
                 shutil.rmtree(records, ignore_errors=True)
@@ -347,6 +453,20 @@ class StoreIndex:
             except InvalidDigest:
                 raise IndexDamaged(f"a row names no digest: {digest!r}") from None
         return rows
+
+    def _fill_partials(self, partials: list[tuple[Digest, PartialEntry]]) -> None:
+        if self._partials_known.happened:
+            return
+        # Downloads recorded or forgotten since the index was read stand.
+        for digest, partial in partials:
+            if (
+                digest not in self._partials_added_while_loading
+                and (digest, partial.name) not in self._partials_removed_while_loading
+            ):
+                self._partials[digest] = partial
+        self._partials_added_while_loading.clear()
+        self._partials_removed_while_loading.clear()
+        self._partials_known.succeed_with(None)
 
     def _fill(self, rows: list[tuple[Digest, BlobEntry]]) -> None:
         # Commits and removals while the index loaded are newer than what it
@@ -480,6 +600,117 @@ class StoreIndex:
             )
 
         return self._database.run(write)
+
+    # Downloads that have not ended.
+
+    def when_partials_known(self) -> Deferred[None]:
+        """
+        Fire once L{load} has read the unfinished downloads: soon after it
+        begins, before any rebuild (which finds none), and also if it fails.
+        Until then, L{partial} knows only those of this run.
+        """
+        return self._partials_known.observe()
+
+    def partial(self, digest: Digest) -> PartialEntry | None:
+        """
+        What the index knows of an unfinished download of C{digest}, if any.
+        """
+        return self._partials.get(digest)
+
+    def partials(self) -> Mapping[Digest, PartialEntry]:
+        """
+        The unfinished downloads, by digest (a read-only view).
+        """
+        return MappingProxyType(self._partials)
+
+    def add_partial(self, digest: Digest, name: str, origin: Origin) -> Deferred[None]:
+        """
+        Record a download of C{digest} from C{origin} that has just created
+        its temporary file C{name}, in place of any earlier one of the same
+        digest.
+        """
+        now = self._clock.seconds()
+        entry = self._partials[digest] = PartialEntry(name, origin, now, now)
+        if not self._partials_known.happened:
+            self._partials_added_while_loading.add(digest)
+        return self._insert_partial(digest, entry)
+
+    def _insert_partial(self, digest: Digest, entry: PartialEntry) -> Deferred[None]:
+        origin = entry.origin
+        row = (
+            str(digest),
+            entry.name,
+            entry.written,
+            origin.registry,
+            origin.repository,
+            origin.expected_length,
+            origin.etag,
+            entry.started_at,
+            entry.updated_at,
+        )
+
+        def insert(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT OR REPLACE INTO partials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+        return self._logged(self._database.run(insert), "record", digest)
+
+    def update_partial(self, digest: Digest, name: str, written: int) -> Deferred[None]:
+        """
+        Record that the unfinished download of C{digest} in the file C{name}
+        has C{written} bytes on disk.
+        """
+        entry = self._partials.get(digest)
+        if entry is None or entry.name != name:
+            return succeed(None)
+        entry.written = written
+        entry.updated_at = now = self._clock.seconds()
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE partials SET written = ?, updated_at = ?"
+                " WHERE digest = ? AND name = ?",
+                (written, now, str(digest), name),
+            )
+
+        return self._logged(self._database.run(update), "record", digest)
+
+    def remove_partial(self, digest: Digest, name: str) -> Deferred[None]:
+        """
+        Forget the unfinished download of C{digest} in the file C{name}: it
+        was committed, failed for good, or its file is gone. Nothing happens
+        if the download recorded for C{digest} has another file.
+        """
+        entry = self._partials.get(digest)
+        if entry is not None and entry.name == name:
+            del self._partials[digest]
+        elif self._partials_known.happened:
+            return succeed(None)
+        else:
+            # It may be one the index has not read yet.
+            self._partials_removed_while_loading.add((digest, name))
+
+        def delete(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "DELETE FROM partials WHERE digest = ? AND name = ?",
+                (str(digest), name),
+            )
+
+        return self._logged(self._database.run(delete), "forget", digest)
+
+    @staticmethod
+    def _logged(d: Deferred[None], what: str, digest: Digest) -> Deferred[None]:
+        d.addErrback(
+            lambda reason: log.failure(
+                "could not {what} the partial download of {digest}",
+                reason,
+                what=what,
+                digest=str(digest),
+            )
+        )
+        return d
 
     def flush(self) -> Deferred[None]:
         """

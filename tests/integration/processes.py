@@ -208,6 +208,24 @@ class BlobserveProcess:
         if self.process is not None:
             stop_pid(self.process)
 
+    async def terminate(self) -> tuple[int, float]:
+        """
+        Send it SIGTERM, as a service manager stops it, and wait, up to the
+        deadline, for it to exit, while this process's reactor runs on (the
+        relay and the clients live in it).
+
+        @return: its exit status, and how many seconds it took to exit.
+        """
+        assert self.process is not None
+        sent = time.monotonic()
+        os.kill(self.process.pid, signal.SIGTERM)
+        while self.process.poll() is None:
+            if time.monotonic() - sent > DEADLINE:
+                self.kill()
+                raise RuntimeError(f"blobserve did not stop:\n{self.log.read_text()}")
+            await deferLater(reactor, 0.02, lambda: None)
+        return self.process.returncode, time.monotonic() - sent
+
     def kill(self) -> None:
         """
         Kill it by its PID with SIGKILL: a crash, with no chance to clean up.

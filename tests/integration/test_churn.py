@@ -36,9 +36,9 @@ def leave_before_headers(port: int, path: str) -> None:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
 
 
-async def status(server: BlobserveProcess) -> dict[str, int]:
+async def running(server: BlobserveProcess) -> dict[str, int]:
     """
-    What runs now: downloads, observers, responses (not the store's figures).
+    What the status says runs now.
     """
     response = await treq.get(f"{server.url}/_blobserve/status", persistent=False)
     result = json.loads(await response.content())
@@ -94,7 +94,7 @@ async def test_random_disconnects_leak_nothing(
     assert completed > REQUESTS // 4
 
     async def settled() -> bool:
-        return (await status(blobserve)) == {
+        return (await running(blobserve)) == {
             "downloads": 0,
             "observers": 0,
             "responses": 0,
@@ -104,7 +104,7 @@ async def test_random_disconnects_leak_nothing(
         if await settled():
             break
         await deferLater(reactor, 0.05, lambda: None)
-    assert await status(blobserve) == {"downloads": 0, "observers": 0, "responses": 0}
+    assert await running(blobserve) == {"downloads": 0, "observers": 0, "responses": 0}
     await until(lambda: not list((blobserve.storage / "tmp").iterdir()), "no temps")
     after = open_descriptors(blobserve.pid, except_remote_port=relay.port)
     assert after == before

@@ -116,6 +116,26 @@ def store_at(
     return store
 
 
+class HeldDatabase(ImmediateDatabase):
+    """
+    A database whose work waits until the test lets it run.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.held: list[tuple[Any, Deferred[Any]]] = []
+
+    def run(self, work: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.held.append((work, d))
+        return d
+
+    def release(self) -> None:
+        while self.held:
+            work, d = self.held.pop(0)
+            super().run(work).chainDeferred(d)
+
+
 def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """
     A C{run_blocking} for the store that runs the call at once, in this thread.

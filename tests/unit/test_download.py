@@ -5,10 +5,13 @@ budget, and bounding how many downloads run at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from attrs import define
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -18,9 +21,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from blobserve.digest import Digest
-from blobserve.download import Download, Landing, RetryPolicy
+from blobserve.download import Download, Landing, RetryPolicy, Stopped
 from blobserve.slots import UpstreamSlots
 from blobserve.store.eviction import Evictor, StoreFull
+from blobserve.store.index import Origin
 from blobserve.upstream import BlobUnknown, RangeNotSatisfiable, UpstreamError
 from blobserve.writer import VerificationFailed
 
@@ -304,6 +308,218 @@ def test_failed_download_ends_before_its_file_is_removed(subject: Subject) -> No
     # It ended while its file was still there, and the file went at once.
     assert ended == [1]
     assert subject.temporaries() == []
+
+
+def restarted(tmp_path: Path, clock: Clock | None = None) -> Subject:
+    """
+    A download of the same blob by a new process on the same store, which
+    has cleaned its temporaries up as blobserve does at start.
+    """
+    upstream = FakeUpstream()
+    clock = clock or Clock()
+    store = store_at(str(tmp_path))
+    store.remove_stale_temporaries(3600)
+    download = Download(
+        upstream,
+        "library/x",
+        DIGEST,
+        store,
+        clock,
+        idle_timeout=10,
+        retry=RetryPolicy(retries=3, delay=1),
+        registry="docker.io",
+    )
+    download.start()
+    return Subject(download, upstream, clock, tmp_path)
+
+
+def kept_after_stop(subject: Subject, data: bytes) -> None:
+    """
+    Let C{subject} land C{data}, then stop it as blobserve does when it
+    stops.
+    """
+    first = subject.answer()
+    assert first.protocol is not None
+    first.protocol.dataReceived(data)
+    stopped = subject.download.stop_and_keep()
+    # The upstream connection is dropped; it ends as Twisted ends it.
+    assert first.transport.producerState == "stopped"
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    assert has_fired(stopped)
+
+
+def test_a_download_is_recorded_as_unfinished_from_its_first_byte(
+    tmp_path: Path,
+) -> None:
+    subject = restarted(tmp_path)
+    headers = Headers({b"etag": [b'"sha256:abc"']})
+    response = FakeResponse(length=len(DATA), headers=headers)
+    subject.upstream.fetches[-1][2].callback(response)
+    [temporary] = subject.temporaries()
+    entry = store_at(tmp_path).partials()[DIGEST]
+    assert entry.name == temporary.name
+    assert entry.origin == Origin("docker.io", "library/x", len(DATA), '"sha256:abc"')
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert subject.committed()
+    assert store_at(tmp_path).partials() == {}
+
+
+def test_a_stopped_download_keeps_its_bytes_and_record(subject: Subject) -> None:
+    kept_after_stop(subject, DATA[:5000])
+    failure_of(landing(subject).progress.when_beyond(5000)).trap(Stopped)
+    [temporary] = subject.temporaries()
+    assert temporary.read_bytes() == DATA[:5000]
+    assert store_at(subject.root).partials()[DIGEST].written == 5000
+    # Not a break to resume now, nor a failure.
+    subject.clock.advance(100)
+    assert len(subject.upstream.fetches) == 1
+    assert not subject.committed()
+
+
+def test_a_download_stopped_in_the_pause_before_a_resume_keeps_its_bytes(
+    subject: Subject,
+) -> None:
+    first = subject.answer()
+    assert first.protocol is not None
+    first.protocol.dataReceived(DATA[:5000])
+    first.protocol.connectionLost(Failure(ConnectionLost()))
+    assert has_fired(subject.download.stop_and_keep())
+    subject.clock.advance(100)
+    assert len(subject.upstream.fetches) == 1
+    assert [t.stat().st_size for t in subject.temporaries()] == [5000]
+
+
+def test_a_download_stopped_while_the_upstream_has_not_answered_ends_empty(
+    subject: Subject,
+) -> None:
+    ready = subject.download.when_ready()
+    assert has_fired(subject.download.stop_and_keep())
+    assert subject.upstream.cancelled == [DIGEST]
+    failure_of(ready).trap(Stopped)
+    assert subject.temporaries() == []
+
+
+def test_a_download_stopped_while_it_commits_is_committed(tmp_path: Path) -> None:
+    held: list[Deferred[Any]] = []
+
+    def run_later(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append(d)
+        d.addCallback(lambda _: f(*args))
+        return d
+
+    upstream = FakeUpstream()
+    store = store_at(str(tmp_path), run_blocking=run_later)
+    download = Download(upstream, "x", DIGEST, store, Clock())
+    download.start()
+    response = FakeResponse(length=len(DATA))
+    upstream.fetches[0][2].callback(response)
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    # Every byte is in and verified; the fsync has not returned.
+    stopped = download.stop_and_keep()
+    assert not has_fired(stopped)
+    while held:
+        held.pop(0).callback(None)
+    assert has_fired(stopped)
+    assert Path(store.path_for(DIGEST)).read_bytes() == DATA
+    assert store_at(str(tmp_path)).partials() == {}
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_kept_download_is_resumed_with_a_range_after_a_rehash(
+    subject: Subject,
+) -> None:
+    kept_after_stop(subject, DATA[:5000])
+    again = restarted(subject.root)
+    assert again.upstream.offsets == [5000]
+    rest = again.answer(206, f"bytes 5000-{len(DATA) - 1}/{len(DATA)}")
+    # Followers read the bytes on disk at once.
+    ready = landing(again)
+    assert ready.length == len(DATA)
+    assert result_of(ready.progress.when_beyond(0)) == 5000
+    assert rest.protocol is not None
+    rest.protocol.dataReceived(DATA[5000:])
+    rest.protocol.connectionLost(Failure(ResponseDone()))
+    assert again.committed()
+    path = Path(store_at(subject.root).path_for(DIGEST))
+    assert path.read_bytes() == DATA
+    assert again.temporaries() == []
+    assert store_at(subject.root).partials() == {}
+
+
+def test_a_kept_download_from_an_upstream_ignoring_range_skips_what_is_on_disk(
+    subject: Subject,
+) -> None:
+    kept_after_stop(subject, DATA[:5000])
+    again = restarted(subject.root)
+    whole = again.answer(200)
+    assert whole.protocol is not None
+    whole.protocol.dataReceived(DATA)
+    whole.protocol.connectionLost(Failure(ResponseDone()))
+    assert again.committed()
+    assert Path(store_at(subject.root).path_for(DIGEST)).read_bytes() == DATA
+
+
+def test_a_kept_download_the_upstream_has_nothing_past_is_fetched_afresh(
+    subject: Subject,
+) -> None:
+    kept_after_stop(subject, DATA[:5000])
+    again = restarted(subject.root)
+    again.upstream.fetches[-1][2].errback(RangeNotSatisfiable("nothing past"))
+    assert again.upstream.offsets == [5000, 0]
+    whole = again.answer(200)
+    assert whole.protocol is not None
+    whole.protocol.dataReceived(DATA)
+    whole.protocol.connectionLost(Failure(ResponseDone()))
+    assert again.committed()
+    assert again.temporaries() == []
+
+
+def test_a_kept_download_with_wrong_bytes_fails_and_the_next_starts_afresh(
+    subject: Subject,
+) -> None:
+    kept_after_stop(subject, DATA[:5000])
+    [temporary] = subject.temporaries()
+    temporary.write_bytes(b"\0" * 5000)
+    again = restarted(subject.root)
+    rest = again.answer(206, f"bytes 5000-{len(DATA) - 1}/{len(DATA)}")
+    assert rest.protocol is not None
+    rest.protocol.dataReceived(DATA[5000:])
+    rest.protocol.connectionLost(Failure(ResponseDone()))
+    failure_of(landing(again).progress.when_finished()).trap(VerificationFailed)
+    assert not again.committed()
+    assert again.temporaries() == []
+    third = restarted(subject.root)
+    assert third.upstream.offsets == [0]
+
+
+def test_a_kept_download_whole_on_disk_is_committed_without_the_upstream(
+    subject: Subject,
+) -> None:
+    # Killed after its last byte, before its commit.
+    kept_after_stop(subject, DATA[:5000])
+    [temporary] = subject.temporaries()
+    temporary.write_bytes(DATA)
+    again = restarted(subject.root)
+    assert again.upstream.fetches == []
+    assert again.committed()
+    assert result_of(landing(again).progress.when_finished()) == len(DATA)
+
+
+def test_a_resume_that_fails_keeps_the_bytes_for_the_next_try(
+    subject: Subject,
+) -> None:
+    kept_after_stop(subject, DATA[:5000])
+    again = restarted(subject.root)
+    again.upstream.fetches[-1][2].errback(UpstreamError("unreachable"))
+    failure_of(again.download.when_ready()).trap(UpstreamError)
+    assert [t.stat().st_size for t in again.temporaries()] == [5000]
+    third = restarted(subject.root)
+    assert third.upstream.offsets == [5000]
 
 
 def test_a_blob_that_cannot_fit_in_the_store_fails_before_a_byte_is_written(

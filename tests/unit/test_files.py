@@ -5,6 +5,7 @@ The directory store: temporaries, atomic commits, lookups.
 import errno
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
 from blobserve.store.database import ImmediateDatabase
-from blobserve.store.files import DirectoryBlobStore, IBlobStore
-from blobserve.store.index import StoreIndex
+from blobserve.store.files import DirectoryBlobStore, IBlobStore, TemporaryCleanup
+from blobserve.store.index import Origin, StoreIndex
 from blobserve.store.layout import index_path
 
 from fakes import (
+    HeldDatabase,
     commit_blob,
     failure_of,
     open_descriptors,
@@ -105,7 +107,7 @@ def test_stale_temporaries_are_removed(
 ) -> None:
     store.create_temporary(DIGEST).close()
     store.create_temporary(DIGEST).close()
-    assert store.remove_stale_temporaries() == 2
+    assert store.remove_stale_temporaries(3600).unrecorded == 2
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
@@ -257,3 +259,110 @@ def test_readers_pin_their_blob_until_they_close(store: DirectoryBlobStore) -> N
     second.close()
     assert DIGEST not in store.pins
     assert len(store.pins) == 0
+
+
+ORIGIN = Origin("docker.io", "library/x", len(DATA), None)
+
+
+def kept(store: DirectoryBlobStore, data: bytes) -> Path:
+    """
+    An unfinished download of DATA in C{store} with C{data} on disk, kept as
+    a stopping download keeps it.
+    """
+    temporary = store.create_temporary(DIGEST, ORIGIN)
+    temporary.write(data)
+    store.keep_partial(temporary)
+    return Path(temporary.path)
+
+
+def test_an_unfinished_download_is_reopened_with_the_hash_of_its_bytes(
+    tmp_path: Path,
+) -> None:
+    path = kept(store_at(tmp_path), DATA[:1000])
+    store = store_at(tmp_path)
+    partial = result_of(store.open_partial(DIGEST))
+    assert partial is not None
+    assert (partial.written, partial.origin) == (1000, ORIGIN)
+    expected = DIGEST.hasher()
+    expected.update(DATA[:1000])
+    assert partial.hasher.hexdigest() == expected.hexdigest()
+    # Open for appending.
+    partial.temporary.write(DATA[1000:])
+    assert path.read_bytes() == DATA
+    result_of(store.commit(partial.temporary))
+    assert store.partials() == {}
+    assert store_at(tmp_path).partials() == {}
+
+
+def test_an_unfinished_download_whose_file_is_gone_is_forgotten(
+    tmp_path: Path,
+) -> None:
+    kept(store_at(tmp_path), DATA[:1000]).unlink()
+    store = store_at(tmp_path)
+    assert result_of(store.open_partial(DIGEST)) is None
+    assert store_at(tmp_path).partials() == {}
+
+
+def test_a_discarded_download_is_no_longer_recorded(store: DirectoryBlobStore) -> None:
+    temporary = store.create_temporary(DIGEST, ORIGIN)
+    assert DIGEST in store.partials()
+    store.discard(temporary)
+    assert store.partials() == {}
+    assert store_at(store.root).partials() == {}
+
+
+def test_stale_temporaries_go_and_young_unfinished_downloads_stay(
+    tmp_path: Path,
+) -> None:
+    young = kept(store_at(tmp_path), DATA[:1000])
+    other = Digest.of(b"other")
+    earlier = store_at(tmp_path)
+    old = earlier.create_temporary(other, ORIGIN)
+    old.write(b"old")
+    earlier.keep_partial(old)
+    day_ago = time.time() - 86400
+    os.utime(old.path, (day_ago, day_ago))
+    gone = Digest.of(b"gone")
+    earlier.keep_partial(earlier.create_temporary(gone, ORIGIN))
+    (tmp_path / "tmp" / earlier.partials()[gone].name).unlink()
+    stray = tmp_path / "tmp" / "sha256-stray.1234"
+    stray.write_bytes(b"no record")
+
+    store = store_at(tmp_path)
+    # This run's own, still open, unrecorded: left alone.
+    own = store.create_temporary(Digest.of(b"own"))
+    cleanup = store.remove_stale_temporaries(3600)
+    assert cleanup == TemporaryCleanup(kept=1, kept_bytes=1000, expired=1, unrecorded=1)
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(
+        [young.name, own.name]
+    )
+    assert set(store_at(tmp_path).partials()) == {DIGEST}
+    assert store.partials()[DIGEST].written == 1000
+
+
+def test_an_unfinished_download_is_reopened_once_the_index_has_read_it(
+    tmp_path: Path,
+) -> None:
+    kept(store_at(tmp_path), DATA[:1000])
+    database = HeldDatabase(index_path(str(tmp_path)))
+    index = StoreIndex(str(tmp_path), database, Clock())
+    store = DirectoryBlobStore(str(tmp_path), index, run_now)
+    loading = index.load()
+    # A request right after a start, before the index has read anything.
+    reopened = store.open_partial(DIGEST)
+    assert not reopened.called
+    database.release()
+    result_of(loading)
+    partial = result_of(reopened)
+    assert partial is not None
+    assert partial.written == 1000
+
+
+def test_an_unfinished_download_past_its_age_is_not_resumed(tmp_path: Path) -> None:
+    path = kept(store_at(tmp_path), DATA[:1000])
+    day_ago = time.time() - 86400 - 60
+    os.utime(path, (day_ago, day_ago))
+    store = store_at(tmp_path)
+    assert result_of(store.open_partial(DIGEST)) is None
+    assert not path.exists()
+    assert store_at(tmp_path).partials() == {}

@@ -13,7 +13,7 @@ import pytest
 from blobserve import fsck
 from blobserve.digest import Digest
 from blobserve.fsck import main
-from blobserve.store.index import SCHEMA_VERSION
+from blobserve.store.index import SCHEMA_VERSION, Origin
 from blobserve.store.layout import blob_path, index_path
 from blobserve.store.lock import StoreLock
 
@@ -241,18 +241,22 @@ def test_an_index_of_a_newer_blobserve_is_left_as_it_is(
 def test_downloads_in_progress_and_unknown_tables_are_left_alone(
     tmp_path: Path,
 ) -> None:
-    # What a later blobserve keeps of partial downloads is none of fsck's
-    # business: it neither reads their files nor their rows.
+    # Unfinished downloads, and what a later blobserve keeps, are none of
+    # fsck's business: it neither reads their files nor their rows.
     store = store_at(str(tmp_path))
     commit_blob(store, b"committed")
-    partial = tmp_path / "tmp" / f"sha256-{Digest.of(b'partial').hex}.0001"
-    partial.write_bytes(b"part")
-    change(tmp_path, "CREATE TABLE partials (path TEXT PRIMARY KEY, length INTEGER)")
-    change(tmp_path, "INSERT INTO partials VALUES (?, 7)", str(partial))
+    digest = Digest.of(b"partial")
+    temporary = store.create_temporary(digest, Origin("docker.io", "x", 7, None))
+    temporary.write(b"part")
+    store.keep_partial(temporary)
+    partial = Path(temporary.path)
+    change(tmp_path, "CREATE TABLE later (key TEXT PRIMARY KEY, value INTEGER)")
+    change(tmp_path, "INSERT INTO later VALUES ('x', 7)")
 
     assert main([str(tmp_path)]) == 0
     assert partial.read_bytes() == b"part"
-    assert rows(tmp_path, "SELECT * FROM partials") == [(str(partial), 7)]
+    assert rows(tmp_path, "SELECT digest, written FROM partials") == [(str(digest), 4)]
+    assert rows(tmp_path, "SELECT * FROM later") == [("x", 7)]
 
 
 def test_the_next_start_finds_the_store_consistent(tmp_path: Path) -> None:

@@ -14,16 +14,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from blobserve.digest import Digest
 from blobserve.store import index as index_module
 from blobserve.store.database import ImmediateDatabase, ThreadedDatabase
-from blobserve.store.index import SCHEMA_VERSION, StoreIndex
+from blobserve.store.index import SCHEMA_VERSION, Origin, PartialEntry, StoreIndex
 from blobserve.store.layout import blob_path, index_path
 
-from fakes import commit_blob, result_of, store_at
+from fakes import HeldDatabase, commit_blob, result_of, store_at
 
 DATA = b"a layer" * 1000
 DIGEST = Digest.of(DATA)
@@ -237,26 +236,6 @@ async def test_the_database_works_on_a_thread_of_its_own(tmp_path: Path) -> None
         await database.close()
 
 
-class HeldDatabase(ImmediateDatabase):
-    """
-    A database whose work waits until the test lets it run.
-    """
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.held: list[tuple[Any, Deferred[Any]]] = []
-
-    def run(self, work: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.held.append((work, d))
-        return d
-
-    def release(self) -> None:
-        while self.held:
-            work, d = self.held.pop(0)
-            super().run(work).chainDeferred(d)
-
-
 def test_commits_and_removals_while_the_index_loads_stand(tmp_path: Path) -> None:
     store = store_at(tmp_path)
     commit_blob(store, DATA)
@@ -285,3 +264,75 @@ def test_settings_are_kept_in_the_index(tmp_path: Path) -> None:
         ("max_size", "2048"),
         ("min_free", ""),
     ]
+
+
+def test_an_index_of_version_1_is_migrated_to_2_keeping_its_rows(
+    tmp_path: Path,
+) -> None:
+    connection = sqlite3.connect(index_path(str(tmp_path)))
+    for statement in index_module.MIGRATIONS[0]:
+        connection.execute(statement)
+    connection.execute("PRAGMA user_version = 1")
+    connection.execute(
+        "INSERT INTO blobs VALUES (?, ?, NULL, 1.0, 2.0, 3, 'present')",
+        (str(DIGEST), len(DATA)),
+    )
+    connection.execute(
+        "INSERT INTO repositories VALUES ('docker.io', 'library/x', ?)",
+        (str(DIGEST),),
+    )
+    connection.commit()
+    connection.close()
+    path = Path(blob_path(str(tmp_path), DIGEST))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(DATA)
+
+    index = reopened(tmp_path)
+    assert rows(tmp_path, "PRAGMA user_version") == [(2,)]
+    entry = index.get(DIGEST)
+    assert entry is not None
+    assert (entry.size, entry.last_access, entry.access_count) == (len(DATA), 2.0, 3)
+    assert rows(tmp_path, "SELECT * FROM repositories") == [
+        ("docker.io", "library/x", str(DIGEST))
+    ]
+    assert rows(tmp_path, "SELECT * FROM partials") == []
+    assert index.partials() == {}
+
+
+def test_unfinished_downloads_are_known_after_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    store = store_at(tmp_path, clock=clock)
+    origin = Origin("docker.io", "library/x", len(DATA), '"etag"')
+    result_of(store.index.add_partial(DIGEST, "sha256-x.1", origin))
+    clock.advance(10)
+    result_of(store.index.update_partial(DIGEST, "sha256-x.1", 100))
+    # Another file's record changes nothing.
+    result_of(store.index.update_partial(DIGEST, "sha256-x.2", 200))
+    result_of(store.index.remove_partial(DIGEST, "sha256-x.2"))
+
+    entry = reopened(tmp_path).partial(DIGEST)
+    assert entry == PartialEntry("sha256-x.1", origin, 0.0, 10.0, 100)
+    result_of(store.index.remove_partial(DIGEST, "sha256-x.1"))
+    assert reopened(tmp_path).partials() == {}
+
+
+def test_unfinished_downloads_recorded_while_the_index_loads_stand(
+    tmp_path: Path,
+) -> None:
+    store = store_at(tmp_path)
+    old = Origin("docker.io", "old", None)
+    result_of(store.index.add_partial(DIGEST, "old", old))
+    result_of(store.index.add_partial(Digest.of(MANIFEST), "gone", old))
+    result_of(store.index.close())
+    database = HeldDatabase(index_path(str(tmp_path)))
+    index = StoreIndex(str(tmp_path), database, Clock())
+    loading = index.load()
+    new = Origin("docker.io", "new", None)
+    index.add_partial(DIGEST, "new", new)
+    index.remove_partial(Digest.of(MANIFEST), "gone")
+    database.release()
+    result_of(loading)
+    entry = index.partial(DIGEST)
+    assert entry is not None
+    assert (entry.name, entry.origin) == ("new", new)
+    assert index.partial(Digest.of(MANIFEST)) is None

@@ -10,11 +10,11 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
-from blobserve.download import Download
+from blobserve.download import Download, Stopped
 from blobserve.inflight import IInFlightTable, InFlightTable
 from blobserve.upstream import BlobUnknown
 
-from fakes import FakeUpstream, failure_of, store_at
+from fakes import FakeUpstream, failure_of, has_fired, store_at
 
 DIGEST = Digest.of(b"one")
 OTHER = Digest.of(b"other")
@@ -57,3 +57,16 @@ def test_download_ending_at_once_leaves_the_table(tmp_path: Path) -> None:
     download = table.join("a", DIGEST, upstream)
     assert len(table) == 0
     failure_of(download.when_ready()).trap(BlobUnknown)
+
+
+def test_stopping_all_stops_every_download_and_fires_when_they_end(
+    tmp_path: Path,
+) -> None:
+    table, upstream = table_for(tmp_path)
+    downloads = [table.join("a", digest, upstream) for digest in (DIGEST, OTHER)]
+    stopped = table.stop_all()
+    assert has_fired(stopped)
+    assert upstream.cancelled == [DIGEST, OTHER]
+    for download in downloads:
+        failure_of(download.when_ready()).trap(Stopped)
+    assert len(table) == 0

@@ -31,6 +31,7 @@ from blobserve.resource import RegistryResource
 from blobserve.slots import UpstreamSlots
 from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
+from blobserve.store.index import Origin
 from blobserve.store.layout import index_path
 from blobserve.upstream import (
     BlobInfo,
@@ -442,25 +443,52 @@ def test_unknown_ns_is_name_unknown(registry: Registry) -> None:
     assert registry.upstream.fetches == registry.other.fetches == []
 
 
-def status(registry: Registry) -> dict[str, int]:
-    result: dict[str, int] = json.loads(
+def status(registry: Registry) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(
         registry.get("/_blobserve/status").response()[2]
     )
     return result
 
 
+def running(registry: Registry) -> dict[str, int]:
+    """
+    What the status says runs now.
+    """
+    result = status(registry)
+    return {key: result[key] for key in ("downloads", "observers", "responses")}
+
+
 def test_status_counts_what_runs_and_ends_at_zero(registry: Registry) -> None:
-    assert status(registry) == {"downloads": 0, "observers": 0, "responses": 0}
+    assert running(registry) == {"downloads": 0, "observers": 0, "responses": 0}
     clients = [registry.get() for _ in range(3)]
     response = registry.answer()
     assert response.protocol is not None
-    assert status(registry) == {"downloads": 1, "observers": 3, "responses": 3}
+    assert running(registry) == {"downloads": 1, "observers": 3, "responses": 3}
     response.protocol.dataReceived(DATA[:1000])
     clients[0].disconnect()
-    assert status(registry) == {"downloads": 1, "observers": 2, "responses": 2}
+    assert running(registry) == {"downloads": 1, "observers": 2, "responses": 2}
     response.protocol.dataReceived(DATA[1000:])
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert status(registry) == {"downloads": 0, "observers": 0, "responses": 0}
+    assert running(registry) == {"downloads": 0, "observers": 0, "responses": 0}
+
+
+def test_status_counts_unfinished_downloads_and_their_bytes(
+    registry: Registry,
+) -> None:
+    assert status(registry)["partials"] == {"count": 0, "bytes": 0}
+    # One kept from an earlier run, and one running.
+    kept = Digest.of(b"kept")
+    temporary = registry.store.create_temporary(kept, Origin("docker.io", "x", 10))
+    temporary.write(b"kept")
+    registry.store.keep_partial(temporary)
+    registry.get()
+    response = registry.answer()
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA[:1000])
+    assert status(registry)["partials"] == {"count": 2, "bytes": 1004}
+    response.protocol.dataReceived(DATA[1000:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert status(registry)["partials"] == {"count": 1, "bytes": 4}
 
 
 def test_status_says_what_the_store_holds(tmp_path: Path) -> None:
@@ -470,7 +498,12 @@ def test_status_says_what_the_store_holds(tmp_path: Path) -> None:
         registry.get("/_blobserve/status").response()[2]
     )
     store = result.pop("store")
-    assert result == {"downloads": 0, "observers": 0, "responses": 0}
+    assert result == {
+        "downloads": 0,
+        "observers": 0,
+        "responses": 0,
+        "partials": {"count": 0, "bytes": 0},
+    }
     assert store["size"] == len(DATA)
     assert store["max_size"] == 10 * len(DATA)
     assert store["min_free"] is None

@@ -19,7 +19,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from blobserve.site import MAX_IGNORED_BODY, registry_site
+from blobserve.site import MAX_IGNORED_BODY, IConnections, registry_site
 
 TIMEOUT = 30.0
 
@@ -312,3 +312,50 @@ def test_connections_beyond_the_limit_are_answered_503_and_closed() -> None:
     fourth = Connection(factory)
     fourth.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert fourth.received().endswith(b"hello")
+
+
+def test_draining_closes_idle_connections_now_and_busy_ones_after_their_response() -> (
+    None
+):
+    holding = Holding()
+    factory = site(holding)
+    idle = Connection(factory)
+    busy = Connection(factory)
+    busy.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    drained = IConnections(factory).drain()
+    assert idle.transport.disconnecting
+    assert not busy.transport.disconnecting
+    idle.close()
+    assert not drained.called
+
+    [request] = holding.requests
+    request.setHeader(b"Content-Length", b"4")
+    request.write(b"done")
+    request.finish()
+    assert busy.transport.disconnecting
+    assert b"\r\nConnection: close\r\n" in busy.received()
+    busy.close()
+    assert drained.called
+
+
+def test_a_request_arriving_while_draining_is_answered_then_closed() -> None:
+    factory = site()
+    arriving = Connection(factory)
+    arriving.send(b"GET / HTTP/1.1\r\n")
+    drained = IConnections(factory).drain()
+    assert not arriving.transport.disconnecting
+    arriving.send(b"Host: x\r\n\r\n")
+    assert arriving.received().startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nConnection: close\r\n" in arriving.received()
+    assert arriving.transport.disconnecting
+    arriving.close()
+    assert drained.called
+
+
+def test_cutting_aborts_the_connections_still_open() -> None:
+    factory = site(Holding())
+    busy = Connection(factory)
+    busy.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    IConnections(factory).drain()
+    assert IConnections(factory).cut() == 1
+    assert busy.transport.disconnected

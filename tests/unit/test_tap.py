@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
@@ -25,6 +26,7 @@ from twisted.web.server import Site
 
 from blobserve.auth import Credentials
 from blobserve.resource import RegistryResource
+from blobserve.shutdown import StopInOrder
 from blobserve.store.database import ThreadedDatabase
 from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
@@ -63,6 +65,8 @@ def test_defaults() -> None:
     assert options["max-connections"] == 1024
     assert options["max-size"] is None
     assert options["min-free"] is None
+    assert options["shutdown-grace"] == 10.0
+    assert options["partial-max-age"] == 86400.0
 
 
 def test_flags() -> None:
@@ -89,10 +93,16 @@ def test_flags() -> None:
             "50G",
             "--min-free",
             "512M",
+            "--shutdown-grace",
+            "0",
+            "--partial-max-age",
+            "3600",
         ]
     )
     assert options["max-size"] == 50 * 2**30
     assert options["min-free"] == 512 * 2**20
+    assert options["shutdown-grace"] == 0.0
+    assert options["partial-max-age"] == 3600.0
     assert options["upstream-queue"] == 0
     assert options["max-blob-size"] == 1500 * 2**20
     assert options["listen"] == "tcp:6000:interface=::1"
@@ -122,6 +132,8 @@ def test_flags() -> None:
         ["--max-size", "lots"],
         ["--min-free", "-1G"],
         ["--client-timeout", "0"],
+        ["--shutdown-grace", "-1"],
+        ["--partial-max-age", "0"],
         ["--upstream-password-file", "/nonexistent"],
         ["--upstream-username", "alice", "--upstream-password-file", "/nonexistent"],
     ],
@@ -202,13 +214,47 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     service.stopService()
 
 
-def test_start_removes_unfinished_downloads(tmp_path: Path) -> None:
-    (tmp_path / "tmp").mkdir()
-    (tmp_path / "tmp" / "sha256-abc.1234").write_bytes(b"partial")
+def test_the_service_stops_listening_then_ends_clients_and_downloads_then_the_rest(
+    tmp_path: Path,
+) -> None:
     options = Options()
     options.parseOptions(["--storage", str(tmp_path)])
-    makeService(options, MemoryReactor())
-    assert list((tmp_path / "tmp").iterdir()) == []
+    service = makeService(options, MemoryReactor())
+    # Children stop one after another, the last first.
+    assert isinstance(service, StopInOrder)
+    kinds = [type(s).__name__ for s in service]
+    assert kinds[:4] == [
+        "_StoreIndexService",
+        "_ConnectionPoolService",
+        "GracefulStop",
+        "StreamServerEndpointService",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_removes_unrecorded_downloads_once_the_index_has_loaded(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "tmp").mkdir()
+    stray = tmp_path / "tmp" / "sha256-abc.1234"
+    stray.write_bytes(b"partial")
+    options = Options()
+    options.parseOptions(
+        ["--storage", str(tmp_path), "--listen", "tcp:0:interface=127.0.0.1"]
+    )
+    service = makeService(options, reactor)
+    # Until the index says which unfinished downloads to keep, none goes.
+    assert stray.exists()
+    service.startService()
+    try:
+        for _ in range(200):
+            if not stray.exists():
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert not stray.exists()
+    finally:
+        await service.stopService()
+        gc.unfreeze()
 
 
 def test_a_store_in_use_is_refused_before_anything_in_it_changes(

@@ -211,3 +211,31 @@ def test_receiver_stops_upstream_once_the_blob_failed(writer: ChunkWriter) -> No
     receiver.dataReceived(DATA + b"too long")
     assert writer.failed
     assert transport.producerState == "stopped"
+
+
+def test_a_resuming_writer_goes_on_from_the_hash_of_the_bytes_on_disk(
+    temporary: TemporaryBlob,
+) -> None:
+    temporary.write(DATA[:1000])
+    hasher = DIGEST.hasher()
+    hasher.update(DATA[:1000])
+    writer = ChunkWriter.resuming(temporary, hasher, 1000, len(DATA))
+    # The bytes on disk are there for followers at once.
+    assert result_of(writer.when_beyond(0)) == 1000
+    waiting = writer.when_beyond(1000)
+    writer.append(DATA[1000:])
+    assert result_of(waiting) == len(DATA)
+    writer.finish()
+    assert result_of(writer.when_finished()) == len(DATA)
+
+
+def test_a_resuming_writer_whose_bytes_on_disk_are_wrong_fails(
+    temporary: TemporaryBlob,
+) -> None:
+    temporary.write(b"\0" * 1000)
+    hasher = DIGEST.hasher()
+    hasher.update(b"\0" * 1000)
+    writer = ChunkWriter.resuming(temporary, hasher, 1000, len(DATA))
+    writer.append(DATA[1000:])
+    writer.finish()
+    failure_of(writer.when_finished()).trap(VerificationFailed)
