@@ -75,17 +75,26 @@ def started_server(tmp_path: Path, relay: Relay, *extra: str) -> BlobserveProces
     )
 
 
-async def interrupted_download(
-    server: BlobserveProcess, relay: Relay, client: Client, data: bytes
-) -> Digest:
+async def mid_download(
+    tmp_path: Path, registry: RegistryProcess, relay: Relay, client: Client
+) -> tuple[BlobserveProcess, bytes, Digest]:
     """
-    Start a download of C{data} through C{server}, and return once a
-    quarter of it has reached the client.
+    A blobserve, started, with a throttled download of a new blob a quarter
+    of the way to its client.
     """
+    relay.rate = RATE
+    data = os.urandom(SIZE)
+    registry.push_blob("test/blobs", data)
+    server = started_server(tmp_path, relay)
+    await server.start()
     digest = Digest.of(data)
-    download = client.get(blob_url(server, digest))
-    await download.when_received(SIZE // 4).addTimeout(DEADLINE, reactor)
-    return digest
+    try:
+        download = client.get(blob_url(server, digest))
+        await download.when_received(SIZE // 4).addTimeout(DEADLINE, reactor)
+    except BaseException:
+        server.stop()
+        raise
+    return server, data, digest
 
 
 def kept_file(server: BlobserveProcess, digest: Digest) -> Path:
@@ -128,13 +137,8 @@ async def resumed(
 async def test_sigterm_mid_download_stops_cleanly_and_the_restart_resumes_it(
     tmp_path: Path, registry: RegistryProcess, relay: Relay, client: Client
 ) -> None:
-    relay.rate = RATE
-    data = os.urandom(SIZE)
-    registry.push_blob("test/blobs", data)
-    server = started_server(tmp_path, relay)
-    await server.start()
+    server, data, digest = await mid_download(tmp_path, registry, relay, client)
     try:
-        digest = await interrupted_download(server, relay, client, data)
         status, seconds = await server.terminate()
         # twistd ends a clean stop on SIGTERM by raising SIGTERM again.
         assert status == -signal.SIGTERM
@@ -169,13 +173,8 @@ async def test_sigterm_mid_download_stops_cleanly_and_the_restart_resumes_it(
 async def test_kill_9_mid_download_and_the_restart_resumes_it(
     tmp_path: Path, registry: RegistryProcess, relay: Relay, client: Client
 ) -> None:
-    relay.rate = RATE
-    data = os.urandom(SIZE)
-    registry.push_blob("test/blobs", data)
-    server = started_server(tmp_path, relay)
-    await server.start()
+    server, data, digest = await mid_download(tmp_path, registry, relay, client)
     try:
-        digest = await interrupted_download(server, relay, client, data)
         server.kill()
         # The record was made when the download began; the file's size says
         # how far it got.
@@ -258,13 +257,8 @@ async def test_a_blob_sent_whole_to_its_client_before_sigterm_is_not_lost(
 async def test_unfinished_downloads_older_than_the_limit_are_removed_at_start(
     tmp_path: Path, registry: RegistryProcess, relay: Relay, client: Client
 ) -> None:
-    relay.rate = RATE
-    data = os.urandom(SIZE)
-    registry.push_blob("test/blobs", data)
-    server = started_server(tmp_path, relay)
-    await server.start()
+    server, data, digest = await mid_download(tmp_path, registry, relay, client)
     try:
-        digest = await interrupted_download(server, relay, client, data)
         server.kill()
         partial = kept_file(server, digest)
         # Last written a day and a minute ago; the limit is a day.

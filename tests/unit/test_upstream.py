@@ -14,16 +14,14 @@ from typing import Any, TypeVar
 import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from blobserve.auth import Credentials
@@ -209,19 +207,10 @@ def test_statuses_other_than_200_are_errors(status: int, error: type) -> None:
 
 
 def test_unreachable_upstream_is_an_upstream_error() -> None:
-    @implementer(IAgent)
-    class Refusing:
-        def request(
-            self,
-            method: bytes,
-            uri: bytes,
-            headers: Headers | None = None,
-            bodyProducer: IBodyProducer | None = None,
-        ) -> Deferred[IResponse]:
-            return fail(ConnectionRefusedError())
-
-    upstream = RegistryUpstream("http://registry.test", HTTPClient(Refusing()), Clock())
-    reason = failure_of(upstream.fetch_blob("busybox", DIGEST))
+    upstream, agent = controlled_upstream()
+    d = upstream.fetch_blob("busybox", DIGEST)
+    agent.requests[0][3].errback(ConnectionRefusedError())
+    reason = failure_of(d)
     reason.trap(UpstreamError)
     assert "unreachable" in reason.getErrorMessage()
 
