@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from blobserve.inflight import IInFlightTable
-from blobserve.site import IConnections
+from blobserve.fetch.inflight import IInFlightTable
+from blobserve.web.site import IConnections
 
 log = Logger()
 

@@ -20,22 +20,22 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from blobserve.auth import Credentials
-from blobserve.download import Download, RetryPolicy
-from blobserve.inflight import InFlightTable
-from blobserve.manifests import ManifestCache
-from blobserve.resource import RegistryResource
+from blobserve.fetch.download import Download, RetryPolicy
+from blobserve.fetch.inflight import InFlightTable
+from blobserve.fetch.slots import UpstreamSlots
+from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.shutdown import GracefulStop, StopInOrder
-from blobserve.site import IConnections, registry_site
-from blobserve.slots import UpstreamSlots
 from blobserve.store.database import ThreadedDatabase
 from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
 from blobserve.store.lock import StoreLock
-from blobserve.upstream import RegistryUpstream, Upstreams
-from blobserve.zerocopy_check import ZeroCopy, self_test
+from blobserve.upstream.auth import Credentials
+from blobserve.upstream.client import RegistryUpstream, Upstreams
+from blobserve.web.manifests import ManifestCache
+from blobserve.web.resource import RegistryResource
+from blobserve.web.site import IConnections, registry_site
 
 log = Logger()
 

@@ -33,7 +33,7 @@ from blobserve.store.database import ImmediateDatabase
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
-from blobserve.upstream import BlobInfo, IUpstream, Manifest, ManifestInfo
+from blobserve.upstream.client import BlobInfo, IUpstream, Manifest, ManifestInfo
 
 _T = TypeVar("_T")
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from blobserve.auth import (
+from blobserve.upstream.auth import (
     AuthenticationFailed,
     Challenge,
     Credentials,

@@ -21,12 +21,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from blobserve.digest import Digest
-from blobserve.download import Download, Landing, RetryPolicy, Stopped
-from blobserve.slots import UpstreamSlots
+from blobserve.fetch.download import Download, Landing, RetryPolicy, Stopped
+from blobserve.fetch.slots import UpstreamSlots
+from blobserve.fetch.writer import VerificationFailed
 from blobserve.store.eviction import Evictor, StoreFull
 from blobserve.store.index import Origin
-from blobserve.upstream import BlobUnknown, RangeNotSatisfiable, UpstreamError
-from blobserve.writer import VerificationFailed
+from blobserve.upstream.client import BlobUnknown, RangeNotSatisfiable, UpstreamError
 
 from fakes import (
     FakeResponse,

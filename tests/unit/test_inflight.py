@@ -10,9 +10,9 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
-from blobserve.download import Download, Stopped
-from blobserve.inflight import IInFlightTable, InFlightTable
-from blobserve.upstream import BlobUnknown
+from blobserve.fetch.download import Download, Stopped
+from blobserve.fetch.inflight import IInFlightTable, InFlightTable
+from blobserve.upstream.client import BlobUnknown
 
 from fakes import FakeUpstream, failure_of, has_fired, store_at
 

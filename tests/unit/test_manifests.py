@@ -15,9 +15,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from blobserve.digest import Digest
-from blobserve.manifests import ManifestCache, accept_key
 from blobserve.store.files import DirectoryBlobStore
-from blobserve.upstream import (
+from blobserve.upstream.client import (
     Manifest,
     ManifestInfo,
     ManifestUnknown,
@@ -25,6 +24,7 @@ from blobserve.upstream import (
     UpstreamError,
     UpstreamRefused,
 )
+from blobserve.web.manifests import ManifestCache, accept_key
 
 from fakes import FakeUpstream, failure_of, has_fired, result_of, store_at
 

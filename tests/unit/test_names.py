@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blobserve.names import (
+from blobserve.web.names import (
     MAX_NAME_LENGTH,
     InvalidName,
     InvalidTag,

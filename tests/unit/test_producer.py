@@ -12,10 +12,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from blobserve.digest import Digest
-from blobserve.producer import CompleteBlob, FollowingProducer
+from blobserve.fetch.writer import ChunkWriter, IBlobProgress
+from blobserve.serve.producer import CompleteBlob, FollowingProducer
+from blobserve.serve.zerocopy import IZeroCopySink, SocketSink
 from blobserve.store.files import BlobReader, TemporaryBlob
-from blobserve.writer import ChunkWriter, IBlobProgress
-from blobserve.zerocopy import IZeroCopySink, SocketSink
 
 from fakes import Connection, connect, store_at
 

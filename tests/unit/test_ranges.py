@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blobserve.ranges import ByteRange, UnsatisfiableRange, parse_range
+from blobserve.web.ranges import ByteRange, UnsatisfiableRange, parse_range
 
 
 @pytest.mark.parametrize(

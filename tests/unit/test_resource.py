@@ -22,18 +22,15 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from blobserve import resource as resource_module
 from blobserve.digest import Digest
-from blobserve.download import Download, Landing
-from blobserve.inflight import InFlightTable
-from blobserve.manifests import ManifestCache
-from blobserve.resource import RegistryResource
-from blobserve.slots import UpstreamSlots
+from blobserve.fetch.download import Download, Landing
+from blobserve.fetch.inflight import InFlightTable
+from blobserve.fetch.slots import UpstreamSlots
 from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import Origin
 from blobserve.store.layout import index_path
-from blobserve.upstream import (
+from blobserve.upstream.client import (
     BlobInfo,
     BlobUnknown,
     ManifestInfo,
@@ -43,6 +40,9 @@ from blobserve.upstream import (
     UpstreamRefused,
     Upstreams,
 )
+from blobserve.web import resource as resource_module
+from blobserve.web.manifests import ManifestCache
+from blobserve.web.resource import RegistryResource
 
 from fakes import (
     Connection,

@@ -17,10 +17,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from blobserve.digest import Digest
-from blobserve.download import Download
-from blobserve.inflight import InFlightTable
+from blobserve.fetch.download import Download
+from blobserve.fetch.inflight import InFlightTable
 from blobserve.shutdown import GracefulStop, StopInOrder
-from blobserve.site import IConnections
+from blobserve.web.site import IConnections
 
 from fakes import FakeResponse, FakeUpstream, has_fired, store_at
 

@@ -19,7 +19,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from blobserve.site import MAX_IGNORED_BODY, IConnections, registry_site
+from blobserve.web.site import MAX_IGNORED_BODY, IConnections, registry_site
 
 TIMEOUT = 30.0
 

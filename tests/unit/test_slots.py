@@ -6,7 +6,7 @@ bounded wait in it.
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
-from blobserve.slots import QueueFull, QueueTimeout, UpstreamSlots
+from blobserve.fetch.slots import QueueFull, QueueTimeout, UpstreamSlots
 
 from fakes import failure_of, has_fired
 

@@ -24,8 +24,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.python.usage import UsageError
 from twisted.web.server import Site
 
-from blobserve.auth import Credentials
-from blobserve.resource import RegistryResource
+from blobserve.serve.zerocopy_check import ZeroCopy
 from blobserve.shutdown import StopInOrder
 from blobserve.store.database import ThreadedDatabase
 from blobserve.store.index import StoreIndex
@@ -40,7 +39,8 @@ from blobserve.tap import (
     parse_size,
     raise_descriptor_limit,
 )
-from blobserve.zerocopy_check import ZeroCopy
+from blobserve.upstream.auth import Credentials
+from blobserve.web.resource import RegistryResource
 
 from fakes import LoggedEvents, has_fired, result_of
 

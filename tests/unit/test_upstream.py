@@ -24,9 +24,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface.verify import verifyObject
 
-from blobserve.auth import Credentials
 from blobserve.digest import Digest
-from blobserve.upstream import (
+from blobserve.upstream.auth import Credentials
+from blobserve.upstream.client import (
     MAX_REDIRECTS,
     BlobInfo,
     BlobUnknown,

@@ -18,14 +18,14 @@ from twisted.web.client import ResponseDone
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
-from blobserve.store.files import TemporaryBlob
-from blobserve.writer import (
+from blobserve.fetch.writer import (
     BodyReceiver,
     ChunkWriter,
     IBlobProgress,
     UpstreamStalled,
     VerificationFailed,
 )
+from blobserve.store.files import TemporaryBlob
 
 from fakes import failure_of, has_fired, result_of, store_at
 

@@ -47,12 +47,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
-from blobserve.producer import CompleteBlob
-from blobserve.site import registry_site
+from blobserve.fetch.writer import ChunkWriter
+from blobserve.serve.producer import CompleteBlob
+from blobserve.serve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
+from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.store.files import BlobReader, DirectoryBlobStore
-from blobserve.writer import ChunkWriter
-from blobserve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
-from blobserve.zerocopy_check import ZeroCopy, self_test
+from blobserve.web.site import registry_site
 
 from fakes import ClientTransport, Connection, connect, store_at
 from test_producer import CountingReader, FollowingResource
@@ -177,7 +177,7 @@ def test_sink_carries_the_body_when_the_socket_takes_it(
 def test_sink_sends_a_bounded_amount_a_turn(
     store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("blobserve.producer.SEND_PER_TURN", 4000)
+    monkeypatch.setattr("blobserve.serve.producer.SEND_PER_TURN", 4000)
     writer, resource, connection = serve(store, [], limit=500)
     connection.transport.drain()
     writer.append(DATA)
@@ -197,7 +197,7 @@ def test_sink_sends_a_bounded_amount_a_turn(
 def test_sink_takes_turns_with_other_clients_while_the_socket_takes_all(
     store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("blobserve.producer.SEND_PER_TURN", 4000)
+    monkeypatch.setattr("blobserve.serve.producer.SEND_PER_TURN", 4000)
     temporary = store.create_temporary(DIGEST)
     temporary.write(DATA)
     reader = CountingReader(temporary.open_reader())
@@ -262,7 +262,7 @@ def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(sent)
         return sent
 
-    monkeypatch.setattr("blobserve.zerocopy.os.sendfile", counting)
+    monkeypatch.setattr("blobserve.serve.zerocopy.os.sendfile", counting)
     return calls
 
 
@@ -454,7 +454,7 @@ def test_socket_sink_stops_after_a_lasting_failure(
         calls.append(count)
         raise failures.pop(0)
 
-    monkeypatch.setattr("blobserve.zerocopy.os.sendfile", failing)
+    monkeypatch.setattr("blobserve.serve.zerocopy.os.sendfile", failing)
     # A full socket is no failure: the sink tries again next time.
     assert sink.send(reader, 0, len(DATA)) == 0
     assert sink.send(reader, 0, len(DATA)) == 0
@@ -584,7 +584,7 @@ def warnings_in(events: Any) -> list[str]:
         event["log_format"].format(**event)
         for event in events
         if event.get("log_level") == LogLevel.warn
-        and event.get("log_namespace") == "blobserve.zerocopy_check"
+        and event.get("log_namespace") == "blobserve.serve.zerocopy_check"
     ]
 
 
@@ -619,7 +619,7 @@ class SendingNothing:
 
 def sendfile_ahead_of_held_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     # A Twisted that keeps what it has not sent where the sink does not look.
-    monkeypatch.setattr("blobserve.zerocopy._buffered", lambda connection: 0)
+    monkeypatch.setattr("blobserve.serve.zerocopy._buffered", lambda connection: 0)
     return {}
 
 
@@ -629,7 +629,7 @@ def sendfile_sending_other_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[str, A
         data[-1] ^= 1
         return os.write(out_fd, data)
 
-    monkeypatch.setattr("blobserve.zerocopy.os.sendfile", corrupting)
+    monkeypatch.setattr("blobserve.serve.zerocopy.os.sendfile", corrupting)
     return {}
 
 

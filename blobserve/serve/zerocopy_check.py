@@ -1,7 +1,7 @@
 """
 L{ZeroCopy}: lets responses go out with C{sendfile} only once a start-up
 self-test has shown, with the running reactor and Twisted, that what
-L{blobserve.zerocopy} relies on holds: a file sent through a connection's
+L{blobserve.serve.zerocopy} relies on holds: a file sent through a connection's
 sink between two writes through its transport arrives between them. Until
 the test has passed, and for good if it failed, every response is read and
 written.
@@ -39,8 +39,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from blobserve.oneshot import OneShotEvent
+from blobserve.serve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
 from blobserve.store.files import BlobReader
-from blobserve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
 
 log = Logger()
 

@@ -21,10 +21,10 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from blobserve.fetch.writer import IBlobProgress
 from blobserve.oneshot import OneShotEvent
+from blobserve.serve.zerocopy import IZeroCopySink, SocketSink
 from blobserve.store.files import BlobReader
-from blobserve.writer import IBlobProgress
-from blobserve.zerocopy import IZeroCopySink, SocketSink
 
 log = Logger()
 
@@ -75,7 +75,7 @@ class FollowingProducer:
 
     It reads only while the request's transport wants data, so a slow client
     costs one chunk of memory, never more. Where the connection allows it
-    (see L{blobserve.zerocopy}), whatever the socket takes at once goes with
+    (see L{blobserve.serve.zerocopy}), whatever the socket takes at once goes with
     C{sendfile}, straight from the page cache, and only the chunk that waits
     for a full socket passes through this process. It sends the last byte of
     a blob of known length only once the blob is verified, so a blob that fails

@@ -12,8 +12,8 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
-from blobserve.download import Download
-from blobserve.upstream import IUpstream
+from blobserve.fetch.download import Download
+from blobserve.upstream.client import IUpstream
 
 log = Logger()
 

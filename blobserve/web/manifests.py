@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from blobserve.digest import Digest, InvalidDigest
 from blobserve.oneshot import OneShotEvent
 from blobserve.store.files import IBlobStore
-from blobserve.upstream import (
+from blobserve.upstream.client import (
     MAX_MANIFEST_SIZE,
     IUpstream,
     Manifest,

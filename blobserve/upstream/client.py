@@ -25,7 +25,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import Interface, implementer
 
-from blobserve.auth import (
+from blobserve.digest import Digest, InvalidDigest
+from blobserve.upstream.auth import (
     AuthenticationFailed,
     Credentials,
     Token,
@@ -33,7 +34,6 @@ from blobserve.auth import (
     parse_challenge,
     parse_token_response,
 )
-from blobserve.digest import Digest, InvalidDigest
 
 log = Logger()
 

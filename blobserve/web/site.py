@@ -28,7 +28,7 @@ from twisted.web.server import Request, Site
 from zope.interface import Interface, implementer
 
 from blobserve.oneshot import OneShotEvent
-from blobserve.resource import OCIError, error_body, write_error
+from blobserve.web.resource import OCIError, error_body, write_error
 
 log = Logger()
 

@@ -17,16 +17,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from blobserve.digest import Digest, InvalidDigest
-from blobserve.download import Landing
-from blobserve.inflight import IInFlightTable
-from blobserve.manifests import ManifestCache
-from blobserve.names import InvalidName, InvalidTag, parse_name, parse_tag
-from blobserve.producer import CompleteBlob, FollowingProducer
-from blobserve.ranges import UnsatisfiableRange, parse_range
-from blobserve.slots import QueueFull
+from blobserve.fetch.download import Landing
+from blobserve.fetch.inflight import IInFlightTable
+from blobserve.fetch.slots import QueueFull
+from blobserve.fetch.writer import BlobTooLarge, IBlobProgress
+from blobserve.serve.producer import CompleteBlob, FollowingProducer
+from blobserve.serve.zerocopy import IZeroCopySink, SocketSink
 from blobserve.store.eviction import StoreFull
 from blobserve.store.files import BlobReader, IBlobStore
-from blobserve.upstream import (
+from blobserve.upstream.client import (
     BlobInfo,
     BlobUnknown,
     IUpstream,
@@ -39,8 +38,9 @@ from blobserve.upstream import (
     UpstreamRefused,
     Upstreams,
 )
-from blobserve.writer import BlobTooLarge, IBlobProgress
-from blobserve.zerocopy import IZeroCopySink, SocketSink
+from blobserve.web.manifests import ManifestCache
+from blobserve.web.names import InvalidName, InvalidTag, parse_name, parse_tag
+from blobserve.web.ranges import UnsatisfiableRange, parse_range
 
 log = Logger()
 

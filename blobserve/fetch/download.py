@@ -19,23 +19,23 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from blobserve.digest import Digest
+from blobserve.fetch.slots import UpstreamSlots
+from blobserve.fetch.writer import (
+    BlobTooLarge,
+    BodyReceiver,
+    ChunkWriter,
+    VerificationFailed,
+)
 from blobserve.oneshot import OneShotEvent
-from blobserve.slots import UpstreamSlots
 from blobserve.store.eviction import Evictor, Reservation
 from blobserve.store.files import BlobReader, IBlobStore, KeptPartial, TemporaryBlob
 from blobserve.store.index import Origin
-from blobserve.upstream import (
+from blobserve.upstream.client import (
     BlobUnknown,
     IUpstream,
     RangeNotSatisfiable,
     UpstreamError,
     response_length,
-)
-from blobserve.writer import (
-    BlobTooLarge,
-    BodyReceiver,
-    ChunkWriter,
-    VerificationFailed,
 )
 
 log = Logger()
@@ -204,8 +204,9 @@ class Download:
         """
         Fire with a L{Landing} once the upstream has answered with the blob's
         headers, or fail with the reason there will be no blob (an
-        L{blobserve.upstream.UpstreamError}, a L{blobserve.slots.QueueFull},
-        an C{OSError} from the store, L{Stopped}).
+        L{blobserve.upstream.client.UpstreamError}, a
+        L{blobserve.fetch.slots.QueueFull}, an C{OSError} from the store,
+        L{Stopped}).
 
         Cancelling the Deferred means its caller has gone: when no caller is
         left waiting, a download that has no answer yet is abandoned.

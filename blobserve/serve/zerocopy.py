@@ -17,7 +17,7 @@ transport takes bytes and where it keeps those it has not sent yet. What the
 sink relies on is checked before each use, and anything unfamiliar means no
 sink: a wrapper or connection with a C{write} of its own (on its class or,
 as Twisted's TLS transport does, on the instance), a buffer kept elsewhere.
-L{blobserve.zerocopy_check} tests, at start-up, that what it relies on holds.
+L{blobserve.serve.zerocopy_check} tests, at start-up, that what it relies on holds.
 """
 
 from __future__ import annotations
