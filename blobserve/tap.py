@@ -35,7 +35,9 @@ from blobserve.upstream.auth import Credentials
 from blobserve.upstream.client import RegistryUpstream, Upstreams
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
+from blobserve.web.root import site_root
 from blobserve.web.site import IConnections, registry_site
+from blobserve.web.status import StatusResource
 
 log = Logger()
 
@@ -545,13 +547,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         clock=reactor,
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
-        store_status=evictor.status,
+    )
+    status = StatusResource(
+        store, downloads, resource.responses_in_progress, evictor.status
     )
     raise_descriptor_limit(
         descriptors_needed(options["max-connections"], options["upstream-concurrency"])
     )
     site = registry_site(
-        resource,
+        site_root(resource, {b"status": status}),
         timeout=options["client-timeout"],
         max_connections=options["max-connections"],
         reactor=reactor,

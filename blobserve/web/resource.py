@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TypeVar, cast
 
 from twisted.internet.defer import Deferred
@@ -49,9 +49,6 @@ _T = TypeVar("_T")
 _BLOB_PATH = re.compile(rb"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 _MANIFEST_PATH = re.compile(rb"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
 _BASE_PATHS = {b"/v2", b"/v2/"}
-
-#: Where blobserve says what it is doing now, as JSON.
-STATUS_PATH = b"/_blobserve/status"
 
 
 class OCIError(Exception):
@@ -186,25 +183,28 @@ class RegistryResource(Resource):
         clock: IReactorTime | None = None,
         client_timeout: float | None = None,
         sink_for: Callable[[Request], IZeroCopySink | None] = SocketSink.under,
-        store_status: Callable[[], Mapping[str, int | None]] | None = None,
     ) -> None:
         """
         @param client_timeout: seconds a client may take no bytes of a blob
             before it is dropped (needs C{clock}).
         @param sink_for: finds where a blob response's body may go with
             C{sendfile} (see L{FollowingProducer}).
-        @param store_status: the store's figures, for the status page.
         """
         super().__init__()
         self._responses: set[FollowingProducer] = set()
         self._clock = clock
         self._client_timeout = client_timeout
         self._sink_for = sink_for
-        self._store_status = store_status
         self._store = store
         self._downloads = downloads
         self._manifests = manifests
         self._upstreams = upstreams
+
+    def responses_in_progress(self) -> int:
+        """
+        How many blob responses are being sent now.
+        """
+        return len(self._responses)
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -220,8 +220,6 @@ class RegistryResource(Resource):
         path = request.path
         if request.method not in (b"GET", b"HEAD"):
             raise OCIError(405, "UNSUPPORTED", "this registry mirror is read-only")
-        if path == STATUS_PATH:
-            return self._status(request)
         if path in _BASE_PATHS:
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Content-Length", b"2")
@@ -258,39 +256,6 @@ class RegistryResource(Resource):
         # when no client is left waiting, the download is abandoned).
         _answer_with(request, ready, follow)
         return NOT_DONE_YET
-
-    def _status(self, request: Request) -> bytes:
-        """
-        What is running now: downloads, their observers, blob responses; and
-        the store's figures under C{"store"}, and the unfinished downloads the
-        store holds (running or kept from an earlier run) with their bytes on
-        disk.
-        """
-        downloads = list(self._downloads)
-        written = {
-            d.digest: d.progress.written for d in downloads if d.progress is not None
-        }
-        partials = self._store.partials()
-        status: dict[str, object] = {
-            "downloads": len(downloads),
-            "observers": sum(
-                d.progress.observers for d in downloads if d.progress is not None
-            ),
-            "responses": len(self._responses),
-            "partials": {
-                "count": len(partials),
-                "bytes": sum(
-                    written.get(digest, entry.written)
-                    for digest, entry in partials.items()
-                ),
-            },
-        }
-        if self._store_status is not None:
-            status["store"] = dict(self._store_status())
-        body = json.dumps(status).encode()
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
 
     def _get_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)

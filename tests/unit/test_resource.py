@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.resource import IResource
 
 from blobserve.digest import Digest
 from blobserve.fetch.download import Download, Landing
@@ -43,6 +44,8 @@ from blobserve.upstream.client import (
 from blobserve.web import resource as resource_module
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
+from blobserve.web.root import site_root
+from blobserve.web.status import StatusResource
 
 from fakes import (
     Connection,
@@ -70,6 +73,8 @@ class Registry:
     table: InFlightTable
     resource: RegistryResource
     root: Path
+    #: What the site serves: the registry and the operator's pages.
+    served: IResource
 
     def get(
         self,
@@ -77,7 +82,7 @@ class Registry:
         method: str = "GET",
         headers: dict[str, str] | None = None,
     ) -> Connection:
-        connection = connect(self.resource)
+        connection = connect(self.served)
         connection.request(method, path, headers)
         return connection
 
@@ -113,14 +118,15 @@ def registry_for(
     table = InFlightTable(partial(Download, store=store, clock=clock, **download))
     upstreams = Upstreams({"docker.io": upstream, "ghcr.io": other}, "docker.io")
     manifests = ManifestCache(store, clock, ttl=60)
-    resource = RegistryResource(
+    resource = RegistryResource(store, table, manifests, upstreams)
+    status = StatusResource(
         store,
         table,
-        manifests,
-        upstreams,
+        resource.responses_in_progress,
         store_status=None if evictor is None else evictor.status,
     )
-    return Registry(store, upstream, other, table, resource, tmp_path)
+    served = site_root(resource, {b"status": status})
+    return Registry(store, upstream, other, table, resource, tmp_path, served)
 
 
 @pytest.fixture
@@ -159,6 +165,8 @@ def test_base_endpoint_says_registry_v2(registry: Registry) -> None:
         ("/v2/busybox/manifests/md5:abc", 400, "DIGEST_INVALID"),
         ("/v2/Busybox/manifests/latest", 400, "NAME_INVALID"),
         ("/etc/passwd", 404, "NOT_FOUND"),
+        ("/_blobserve/nothing", 404, "NOT_FOUND"),
+        ("/_blobserve/", 404, "NOT_FOUND"),
     ],
 )
 def test_bad_requests_get_oci_errors_and_never_reach_upstream(

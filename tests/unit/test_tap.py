@@ -22,7 +22,9 @@ from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTr
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.usage import UsageError
+from twisted.web.resource import IResource
 from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyRequest
 
 from blobserve.serve.zerocopy_check import ZeroCopy
 from blobserve.shutdown import StopInOrder
@@ -41,8 +43,17 @@ from blobserve.tap import (
 )
 from blobserve.upstream.auth import Credentials
 from blobserve.web.resource import RegistryResource
+from blobserve.web.status import StatusResource
 
 from fakes import LoggedEvents, has_fired, result_of
+
+
+def resource_at(site: Site, path: bytes) -> Any:
+    """
+    The resource C{site} answers C{path} with.
+    """
+    found: IResource = site.getResourceFor(DummyRequest(path.split(b"/")[1:]))
+    return found
 
 
 def test_plugin_is_found() -> None:
@@ -208,7 +219,8 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     assert isinstance(factory, WrappingFactory)
     site = factory.wrappedFactory
     assert isinstance(site, Site)
-    assert isinstance(site.resource, RegistryResource)
+    assert isinstance(resource_at(site, b"/v2/"), RegistryResource)
+    assert isinstance(resource_at(site, b"/_blobserve/status"), StatusResource)
     assert (tmp_path / "blobs").is_dir()
     assert (tmp_path / "tmp").is_dir()
     service.stopService()
@@ -319,7 +331,7 @@ def test_service_sends_with_sendfile_only_once_its_self_test_has_passed(
     service = makeService(options, reactor)
     [zero_copy] = [s for s in service if isinstance(s, ZeroCopy)]
     [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
-    resource = server.factory.wrappedFactory.resource
+    resource = resource_at(server.factory.wrappedFactory, b"/v2/")
     assert resource._sink_for == zero_copy.sink_for
 
     service.startService()
@@ -360,9 +372,10 @@ def test_the_store_limits_are_said_at_start_and_shown_in_the_status(
         service = makeService(options, MemoryReactor())
     assert f"store limits: {said}" in logged.messages()
     [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
-    resource = server.factory.wrappedFactory.resource
-    store = resource._store_status()
+    site = server.factory.wrappedFactory
+    store = resource_at(site, b"/_blobserve/status")._store_status()
     assert (store["max_size"], store["min_free"]) == (max_size, min_free)
+    resource = resource_at(site, b"/v2/")
     # Downloads reserve room with the same evictor.
     assert resource._downloads._create.keywords["evictor"].max_size == max_size
 
