@@ -83,5 +83,12 @@ class Digest:
         """
         return hashlib.new(self.algorithm)
 
+    def short(self) -> str:
+        """
+        The digest's short form, for logs and pages: its algorithm and the
+        first 12 characters of its hex, as C{docker images} shows image IDs.
+        """
+        return f"{self.algorithm}:{self.hex[:12]}"
+
     def __str__(self) -> str:
         return f"{self.algorithm}:{self.hex}"

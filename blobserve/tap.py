@@ -12,17 +12,23 @@ from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit, setrlimit
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from prometheus_client import disable_created_metrics
+from prometheus_client.twisted import MetricsResource
 from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.pages import notFound
 
-from blobserve.fetch.download import Download, RetryPolicy
+from blobserve.fetch.download import NO_EVENTS, Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
 from blobserve.fetch.slots import UpstreamSlots
+from blobserve.ops.access import AccessLog, IExchangeObserver
+from blobserve.ops.metrics import Figures, Metrics
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.shutdown import GracefulStop, StopInOrder
 from blobserve.store.database import ThreadedDatabase
@@ -32,11 +38,11 @@ from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
 from blobserve.store.lock import StoreLock
 from blobserve.upstream.auth import Credentials
-from blobserve.upstream.client import RegistryUpstream, Upstreams
+from blobserve.upstream.client import NO_ANSWERS, RegistryUpstream, Upstreams
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
-from blobserve.web.site import IConnections, registry_site
+from blobserve.web.site import IConnections, RegistrySite, registry_site
 from blobserve.web.status import StatusResource
 
 log = Logger()
@@ -103,12 +109,28 @@ class Options(usage.Options):
     C{twistd blobserve} options.
     """
 
+    optFlags: ClassVar[list[list[str | None]]] = [
+        [
+            "no-metrics",
+            None,
+            "Serve no Prometheus metrics (and count nothing for them).",
+        ],
+        ["no-access-log", None, "Log no line per request."],
+    ]
+
     optParameters: ClassVar[list[list[Any]]] = [
         [
             "listen",
             "l",
             "tcp:5000:interface=127.0.0.1",
             "Where to listen, as a Twisted server endpoint string.",
+        ],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Serve the Prometheus metrics at /metrics on this endpoint"
+            " (a Twisted server endpoint string) instead of on --listen's.",
         ],
         ["storage", "s", "./blobserve-data", "The directory blobs are kept in."],
         [
@@ -274,6 +296,8 @@ class Options(usage.Options):
         if not self["upstreams"]:
             self["upstreams"] = {DEFAULT_REGISTRY: DEFAULT_UPSTREAM}
         self["credentials"] = self._credentials()
+        if self["no-metrics"] and self["metrics-listen"]:
+            raise usage.UsageError("--metrics-listen serves metrics: drop --no-metrics")
         if isinstance(self["max-blob-size"], str):  # the default is not coerced
             self["max-blob-size"] = parse_size(self["max-blob-size"])
 
@@ -499,6 +523,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         min_free=_bytes_or(options["min-free"], "none"),
     )
 
+    metrics = None
+    if not options["no-metrics"]:
+        # Prometheus needs no "_created" series beside each counter: it
+        # tells restarts by counters going down.
+        disable_created_metrics()
+        metrics = Metrics()
     pool = HTTPConnectionPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
     client = HTTPClient(agent)
@@ -512,10 +542,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 reactor,
                 timeout=options["upstream-timeout"],
                 credentials=options["credentials"] if registry == default else None,
+                events=(
+                    NO_ANSWERS if metrics is None else metrics.upstream_events(registry)
+                ),
             )
             for registry, url in registries.items()
         },
         default=default,
+    )
+    slots = UpstreamSlots(
+        options["upstream-concurrency"],
+        options["upstream-queue"],
+        options["upstream-timeout"],
+        reactor,
     )
     downloads = InFlightTable(
         partial(
@@ -527,14 +566,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 retries=options["upstream-retries"],
                 delay=options["upstream-retry-delay"],
             ),
-            slots=UpstreamSlots(
-                options["upstream-concurrency"],
-                options["upstream-queue"],
-                options["upstream-timeout"],
-                reactor,
-            ),
+            slots=slots,
             max_size=options["max-blob-size"],
             evictor=evictor,
+            events=NO_EVENTS if metrics is None else metrics,
         )
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])
@@ -554,11 +589,36 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     raise_descriptor_limit(
         descriptors_needed(options["max-connections"], options["upstream-concurrency"])
     )
+    observers: list[IExchangeObserver] = []
+    if not options["no-access-log"]:
+        observers.append(AccessLog())
+    metrics_page = None
+    if metrics is not None:
+        observers.append(metrics)
+
+        def figures() -> Figures:
+            return Figures(
+                downloads=list(downloads),
+                clients=sum(resource.following().values()),
+                responses=resource.responses_in_progress(),
+                store=evictor.status(),
+                slots=(slots.taken, slots.waiting),
+            )
+
+        # Scrapes are answered in a thread of the reactor's pool; what they
+        # read of blobserve is read in the reactor's thread.
+        metrics.watch(partial(blockingCallFromThread, reactor, figures))
+        metrics_page = MetricsResource(metrics.registry)
     site = registry_site(
-        site_root(resource, {b"status": status}),
+        site_root(
+            resource,
+            {b"status": status},
+            None if options["metrics-listen"] else metrics_page,
+        ),
         timeout=options["client-timeout"],
         max_connections=options["max-connections"],
         reactor=reactor,
+        observers=tuple(observers),
     )
 
     service = StopInOrder()
@@ -590,6 +650,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # to listen and runs on without a port, this one raises it at start, and
     # twistd exits non-zero.
     strports.service(options["listen"], site, reactor).setServiceParent(service)
+    if options["metrics-listen"] and metrics_page is not None:
+        metrics_site = RegistrySite(
+            site_root(notFound(), {}, metrics_page), reactor=reactor
+        )
+        strports.service(
+            options["metrics-listen"], metrics_site, reactor
+        ).setServiceParent(service)
     _FreezeStartupHeap().setServiceParent(service)
     # Started after the freeze, which would keep what the self-test makes.
     zero_copy.setServiceParent(service)

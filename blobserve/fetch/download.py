@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
+from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
 from blobserve.fetch.slots import UpstreamSlots
@@ -103,6 +104,60 @@ class Contradicted(UpstreamError):
     """
 
 
+class IDownloadEvents(Interface):
+    """
+    Told how downloads go, for the metrics. Called in the reactor's thread,
+    never per chunk.
+    """
+
+    def resumed(download: Download, cause: str) -> None:
+        """
+        C{download} goes on from the bytes on disk: after its transfer broke
+        (C{cause} C{"broken"}), or from what an earlier run kept
+        (C{"restart"}).
+        """
+
+    def digest_failed(download: Download) -> None:
+        """
+        C{download}'s bytes did not match its digest.
+        """
+
+    def retries_exhausted(download: Download) -> None:
+        """
+        C{download} failed after resuming as often as allowed.
+        """
+
+    def ended(download: Download, result: str, seconds: float) -> None:
+        """
+        C{download} ended C{seconds} after it started, with C{result}:
+        C{committed}, C{failed}, C{abandoned} (every client left before the
+        upstream answered) or C{stopped} (blobserve is stopping).
+        """
+
+
+@implementer(IDownloadEvents)
+class IgnoredEvents:
+    """
+    Download events nobody is told of.
+    """
+
+    def resumed(self, download: Download, cause: str) -> None:
+        pass
+
+    def digest_failed(self, download: Download) -> None:
+        pass
+
+    def retries_exhausted(self, download: Download) -> None:
+        pass
+
+    def ended(self, download: Download, result: str, seconds: float) -> None:
+        pass
+
+
+#: Where a download's events go when nobody listens.
+NO_EVENTS = IgnoredEvents()
+
+
 @frozen
 class RetryPolicy:
     """
@@ -150,6 +205,7 @@ class Download:
         max_size: int | None = None,
         registry: str | None = None,
         evictor: Evictor | None = None,
+        events: IDownloadEvents = NO_EVENTS,
     ) -> None:
         """
         @param slots: bounds how many downloads talk to upstreams at once; a
@@ -163,6 +219,7 @@ class Download:
             before anything is written, and holds it until the download
             ends; a blob that cannot fit fails the download with
             L{blobserve.store.eviction.StoreFull}.
+        @param events: told how the download goes.
         """
         self.name = name
         self.digest = digest
@@ -175,11 +232,18 @@ class Download:
         self._slots = slots
         self._max_size = max_size
         self._evictor = evictor
+        self._events = events
+        # How it ends, for the events: failed unless it is found otherwise.
+        self._result = "failed"
+        # Bytes on disk before this run's first byte arrived (kept by an
+        # earlier run): not fetched by this download.
+        self._kept_bytes = 0
         # The room held in the store for the blob, once its length is known.
         self._reservation: Reservation | None = None
         self._ready: OneShotEvent[Landing] = OneShotEvent()
         self._done: OneShotEvent[None] = OneShotEvent()
-        self._started_at = 0.0
+        #: When the download started, on its clock.
+        self.started_at = 0.0
         # What the download waits for before the upstream answers: a slot,
         # then the upstream's headers. Cancelled when every client has gone.
         # After that, the pause before a resume and the upstream's answer to
@@ -195,7 +259,7 @@ class Download:
         """
         Ask the upstream for the blob (once a slot is free). Call once.
         """
-        self._started_at = self._clock.seconds()
+        self.started_at = self._clock.seconds()
         d = Deferred.fromCoroutine(self._run())
         d.addErrback(lambda reason: log.failure("download failed", reason))
         d.addBoth(lambda _: self._end())
@@ -244,8 +308,21 @@ class Download:
             self._receiver.stop()
         return self.when_done()
 
+    @property
+    def fetched(self) -> int:
+        """
+        How many bytes of the blob this download has received from its
+        upstream and written (not those kept from an earlier run).
+        """
+        if self.progress is None:
+            return 0
+        return self.progress.written - self._kept_bytes
+
     def _end(self) -> None:
         if not self._done.happened:
+            self._events.ended(
+                self, self._result, self._clock.seconds() - self.started_at
+            )
             self._done.succeed_with(None)
 
     def _observer_left(self, reason: Failure) -> Failure:
@@ -310,6 +387,7 @@ class Download:
                 nonlocal kept
                 if reason.check(Stopped):
                     kept = True
+                    self._result = "stopped"
                     return
                 # Out of the table first, so that nobody joins a blob that
                 # is going; then the file goes at once, not once the
@@ -372,6 +450,7 @@ class Download:
                 self._store.keep_partial(kept.temporary)
                 raise
             if start is not None:
+                self._kept_bytes = kept.written
                 return start
         if self._stopping:
             raise Stopped()
@@ -438,6 +517,7 @@ class Download:
             )
             self._store.discard(kept.temporary)
             return None
+        self._events.resumed(self, "restart")
         length = expected if expected is not None else answer.total
         try:
             self._check_size(answer.response, length)
@@ -461,12 +541,14 @@ class Download:
 
     def _give_up(self, reason: Failure) -> None:
         if reason.check(Abandoned):
+            self._result = "abandoned"
             log.info(
                 "{digest}: every client left before the upstream answered;"
                 " not fetching it",
                 digest=str(self.digest),
             )
         elif reason.check(Stopped):
+            self._result = "stopped"
             log.info(
                 "{digest}: stopped before the upstream answered",
                 digest=str(self.digest),
@@ -524,10 +606,13 @@ class Download:
             if attempt > self._retry.retries or reason.check(
                 BlobUnknown, VerificationFailed
             ):
+                if attempt > self._retry.retries:
+                    self._events.retries_exhausted(self)
                 writer.fail(reason)
                 self._log_failure(writer)
                 return
             pause = self._retry.pause(attempt)
+            self._events.resumed(self, "broken")
             log.warn(
                 "transfer of {digest} broke after {written} bytes ({reason});"
                 " resuming in {pause:g}s, attempt {attempt} of {retries}",
@@ -603,17 +688,20 @@ class Download:
         except Exception:
             log.failure("could not commit {digest}", digest=str(self.digest))
             return
+        self._result = "committed"
         log.info(
             "committed {digest} ({size} bytes) in {seconds:.2f}s",
             digest=str(self.digest),
             size=size,
-            seconds=self._clock.seconds() - self._started_at,
+            seconds=self._clock.seconds() - self.started_at,
         )
 
     def _log_failure(self, writer: ChunkWriter) -> None:
         def describe(reason: Failure) -> None:
             if reason.check(Stopped):
                 return
+            if reason.check(VerificationFailed):
+                self._events.digest_failed(self)
             log.error(
                 "download of {digest} from {name} failed after {written} bytes"
                 " of {expected}: {reason}",

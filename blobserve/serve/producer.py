@@ -95,6 +95,7 @@ class FollowingProducer:
         clock: IReactorTime | None = None,
         client_timeout: float | None = None,
         sink_for: Callable[[Request], IZeroCopySink | None] = SocketSink.under,
+        on_first_byte: Callable[[], object] | None = None,
     ) -> None:
         """
         @param start: the offset of the first byte to send.
@@ -105,6 +106,8 @@ class FollowingProducer:
             producer paused) before its connection is dropped; needs C{clock}.
         @param sink_for: finds where the request's body may be sent without
             passing through this process, once its headers are written.
+        @param on_first_byte: called once the first byte of the body is
+            handed to the connection.
         """
         self._request = request
         self._reader = reader
@@ -124,6 +127,7 @@ class FollowingProducer:
         self._sink_for = sink_for
         self._sink: IZeroCopySink | None = None
         self._next_turn: IDelayedCall | None = None
+        self._on_first_byte = on_first_byte
 
     def start(self) -> None:
         """
@@ -209,6 +213,8 @@ class FollowingProducer:
                     self._abort(Failure(ShortRead(f"file ends at {self._offset}")))
                     return
                 self._offset += len(data)
+                if self._on_first_byte is not None:
+                    self._first_byte()
                 self._request.write(data)
             elif self._complete:
                 self._finish()
@@ -233,7 +239,14 @@ class FollowingProducer:
             return False
         sent = sink.send(self._reader, self._offset, count)
         self._offset += sent
+        if sent and self._on_first_byte is not None:
+            self._first_byte()
         return sent == count and self._offset < limit
+
+    def _first_byte(self) -> None:
+        told, self._on_first_byte = self._on_first_byte, None
+        if told is not None:
+            told()
 
     def _take_turn(self) -> None:
         self._next_turn = None

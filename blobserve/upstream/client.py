@@ -184,6 +184,32 @@ class IUpstream(Interface):
         """
 
 
+class IUpstreamEvents(Interface):
+    """
+    Told of an upstream's answers, for the metrics.
+    """
+
+    def answered(status: int | None) -> None:
+        """
+        A request to the upstream was answered with C{status}, or with
+        nothing (L{None}: unreachable, or no answer in time).
+        """
+
+
+@implementer(IUpstreamEvents)
+class IgnoredAnswers:
+    """
+    Upstream answers nobody is told of.
+    """
+
+    def answered(self, status: int | None) -> None:
+        pass
+
+
+#: Where an upstream's answers are told when nobody listens.
+NO_ANSWERS = IgnoredAnswers()
+
+
 def response_length(response: IResponse) -> int | None:
     """
     The response's C{Content-Length}, or L{None} if it has none.
@@ -417,15 +443,19 @@ class RegistryUpstream:
         clock: IReactorTime,
         timeout: float = 30.0,
         credentials: Credentials | None = None,
+        events: IUpstreamEvents = NO_ANSWERS,
     ) -> None:
         """
         @param timeout: seconds to wait for response headers.
+        @param events: told of every answer of the upstream (token servers
+            and redirect targets included).
         """
         self.base_url = base_url.rstrip("/")
         self._client = client
         self._clock = clock
         self._timeout = timeout
         self._credentials = credentials
+        self._events = events
         self._tokens = TokenCache(clock)
         # The scheme of the upstream's last challenge: "bearer", "basic" or
         # None before any.
@@ -590,16 +620,18 @@ class RegistryUpstream:
         try:
             response: IResponse = await answer
         except Exception as e:
+            if isinstance(e, CancelledError) and not expired:
+                raise
+            self._events.answered(None)
             if expired:
                 raise UpstreamError(
                     f"upstream {_host(url)} gave no answer within {self._timeout:g} s"
                 ) from None
-            if isinstance(e, CancelledError):
-                raise
             raise UpstreamError(f"upstream {_host(url)} unreachable: {e}") from None
         finally:
             if timer.active():
                 timer.cancel()
+        self._events.answered(response.code)
         return response
 
     def _authorization(self, scope: str) -> bytes | None:

@@ -43,6 +43,17 @@ class TagRecord:
     checked_at: float
 
 
+#: Told what the cache did for a request: C{hit} (answered from the store),
+#: C{miss} (asked the upstream), C{join} (waited for a request to the upstream
+#: made for another client) or C{stale} (the last known manifest of a tag,
+#: the upstream failing).
+Note = Callable[[str], object]
+
+
+def _unnoted(outcome: str) -> None:
+    pass
+
+
 def accept_key(accept: Sequence[str]) -> tuple[str, ...]:
     """
     The media types of C{Accept} values, without parameters, in a canonical
@@ -94,20 +105,26 @@ class ManifestCache:
         name: str,
         reference: str,
         accept: Sequence[str],
+        note: Note = _unnoted,
     ) -> Deferred[Manifest]:
         """
         The manifest C{reference} (a tag or a digest) of repository C{name}.
+
+        @param note: told, once, what the cache did for this caller.
 
         @return: fires with the manifest; fails with L{ManifestUnknown} or
             L{UpstreamError} when it cannot be had, even stale.
         """
         digest = _digest_or_none(reference)
         if digest is not None:
-            return self._by_digest(upstream, name, digest, accept)
+            return self._by_digest(upstream, name, digest, accept, note)
         key = ("tag", registry, name, reference, accept_key(accept))
         return self._once(
             key,
-            lambda: Deferred.fromCoroutine(self._by_tag(key, upstream, name, accept)),
+            lambda: Deferred.fromCoroutine(
+                self._by_tag(key, upstream, name, accept, note)
+            ),
+            note,
         )
 
     def head(
@@ -117,32 +134,45 @@ class ManifestCache:
         name: str,
         reference: str,
         accept: Sequence[str],
+        note: Note = _unnoted,
     ) -> Deferred[ManifestInfo]:
         """
         What C{GET} would serve for C{reference}, without fetching a manifest
         that is not stored: a stored one answers from the store, any other
         from the upstream's C{HEAD}.
+
+        @param note: told, once, what the cache did for this caller.
         """
         digest = _digest_or_none(reference)
         if digest is not None:
             stored = self._load(digest)
             if stored is not None:
+                note("hit")
                 return succeed(_info(stored))
+            note("miss")
             return upstream.stat_manifest(name, reference, accept)
         key = ("tag", registry, name, reference, accept_key(accept))
-        return Deferred.fromCoroutine(self._head_tag(key, upstream, name, accept))
+        return Deferred.fromCoroutine(self._head_tag(key, upstream, name, accept, note))
 
     def _by_digest(
-        self, upstream: IUpstream, name: str, digest: Digest, accept: Sequence[str]
+        self,
+        upstream: IUpstream,
+        name: str,
+        digest: Digest,
+        accept: Sequence[str],
+        note: Note,
     ) -> Deferred[Manifest]:
         stored = self._load(digest)
         if stored is not None:
+            note("hit")
             return succeed(stored)
         return self._once(
             ("digest", digest),
             lambda: Deferred.fromCoroutine(
                 self._fetch(upstream, name, str(digest), accept)
             ),
+            note,
+            "miss",
         )
 
     async def _by_tag(
@@ -151,6 +181,7 @@ class ManifestCache:
         upstream: IUpstream,
         name: str,
         accept: Sequence[str],
+        note: Note,
     ) -> Manifest:
         tag = key[3]
         record = self._tags.get(key)
@@ -158,13 +189,15 @@ class ManifestCache:
         if record is not None and now - record.checked_at < self._ttl:
             stored = self._load(record.digest)
             if stored is not None:
+                note("hit")
                 return stored
         if record is None:
+            note("miss")
             manifest = await self._fetch(upstream, name, tag, accept)
             self._tags[key] = TagRecord(manifest.digest, now)
             return manifest
         try:
-            manifest = await self._revalidate(upstream, name, tag, accept)
+            manifest = await self._revalidate(upstream, name, tag, accept, note)
         except ManifestUnknown:
             self._tags.pop(key, None)
             raise
@@ -172,6 +205,7 @@ class ManifestCache:
             stale = self._load(record.digest) if _may_serve_stale(e) else None
             if stale is None:
                 raise
+            note("stale")
             log.warn(
                 "serving {name}:{tag} as {digest} from the cache: {reason}",
                 name=name,
@@ -184,18 +218,26 @@ class ManifestCache:
         return manifest
 
     async def _revalidate(
-        self, upstream: IUpstream, name: str, tag: str, accept: Sequence[str]
+        self,
+        upstream: IUpstream,
+        name: str,
+        tag: str,
+        accept: Sequence[str],
+        note: Note,
     ) -> Manifest:
         """
         Ask with C{HEAD} what the tag is now, and fetch the manifest only if
-        it is not stored already.
+        it is not stored already: a hit if it is (the upstream was asked
+        only whether the tag moved), else a miss.
         """
         info = await upstream.stat_manifest(name, tag, accept)
         if info.digest is not None:
             stored = self._load(info.digest)
             if stored is not None:
+                note("hit")
                 return stored
-            return await self._by_digest(upstream, name, info.digest, accept)
+            return await self._by_digest(upstream, name, info.digest, accept, note)
+        note("miss")
         return await self._fetch(upstream, name, tag, accept)
 
     async def _head_tag(
@@ -204,6 +246,7 @@ class ManifestCache:
         upstream: IUpstream,
         name: str,
         accept: Sequence[str],
+        note: Note,
     ) -> ManifestInfo:
         tag = key[3]
         record = self._tags.get(key)
@@ -211,6 +254,7 @@ class ManifestCache:
         stored = self._load(record.digest) if record is not None else None
         fresh = record is not None and now - record.checked_at < self._ttl
         if stored is not None and fresh:
+            note("hit")
             return _info(stored)
         try:
             info = await upstream.stat_manifest(name, tag, accept)
@@ -220,9 +264,11 @@ class ManifestCache:
         except UpstreamError as e:
             if stored is None or not _may_serve_stale(e):
                 raise
+            note("stale")
             return _info(stored)
         if info.digest is not None:
             self._tags[key] = TagRecord(info.digest, now)
+        note("miss")
         return info
 
     async def _fetch(
@@ -270,13 +316,21 @@ class ManifestCache:
         self,
         key: tuple[Any, ...],
         work: Callable[[], Deferred[_T]],
+        note: Note,
+        starting: str | None = None,
     ) -> Deferred[_T]:
         """
         Run C{work} for C{key} unless it is running already; either way, a
-        Deferred of the caller's own for its outcome.
+        Deferred of the caller's own for its outcome. A caller that finds it
+        running is noted as a C{join}; one that starts it as C{starting}
+        (if L{None}, C{work} notes what it does).
         """
         running = self._running.get(key)
-        if running is None:
+        if running is not None:
+            note("join")
+        else:
+            if starting is not None:
+                note(starting)
             running = self._running[key] = OneShotEvent()
             started = work()
             d = (

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar, cast
 
 from twisted.internet.defer import Deferred
@@ -21,6 +23,7 @@ from blobserve.fetch.download import Landing
 from blobserve.fetch.inflight import IInFlightTable
 from blobserve.fetch.slots import QueueFull
 from blobserve.fetch.writer import BlobTooLarge, IBlobProgress
+from blobserve.ops.access import Exchange
 from blobserve.serve.producer import CompleteBlob, FollowingProducer
 from blobserve.serve.zerocopy import IZeroCopySink, SocketSink
 from blobserve.store.eviction import StoreFull
@@ -191,7 +194,9 @@ class RegistryResource(Resource):
             C{sendfile} (see L{FollowingProducer}).
         """
         super().__init__()
-        self._responses: set[FollowingProducer] = set()
+        # The blob responses in progress, and the digest of the download in
+        # flight each follows (None: a stored blob).
+        self._responses: dict[FollowingProducer, Digest | None] = {}
         self._clock = clock
         self._client_timeout = client_timeout
         self._sink_for = sink_for
@@ -205,6 +210,12 @@ class RegistryResource(Resource):
         How many blob responses are being sent now.
         """
         return len(self._responses)
+
+    def following(self) -> Counter[Digest]:
+        """
+        How many blob responses follow each download in flight, by digest.
+        """
+        return Counter(d for d in self._responses.values() if d is not None)
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -221,11 +232,13 @@ class RegistryResource(Resource):
         if request.method not in (b"GET", b"HEAD"):
             raise OCIError(405, "UNSUPPORTED", "this registry mirror is read-only")
         if path in _BASE_PATHS:
+            _note(request, "base")
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Content-Length", b"2")
             return b"{}"
         match = _MANIFEST_PATH.fullmatch(path)
         if match is not None:
+            _note(request, "manifest")
             name, reference = _parse_manifest_path(match)
             if request.method == b"HEAD":
                 return self._head_manifest(request, name, reference)
@@ -233,7 +246,9 @@ class RegistryResource(Resource):
         match = _BLOB_PATH.fullmatch(path)
         if match is None:
             raise OCIError(404, "NOT_FOUND", "no such endpoint")
+        _note(request, "blob")
         name, digest = _parse_blob_path(match)
+        _note(request, digest=digest)
         if request.method == b"HEAD":
             return self._head_blob(request, name, digest)
         return self._get_blob(request, name, digest)
@@ -241,11 +256,14 @@ class RegistryResource(Resource):
     def _get_blob(self, request: Request, name: str, digest: Digest) -> int:
         reader = self._store.open(digest)
         if reader is not None:
+            _note(request, outcome="hit")
             self._saw(request, name, digest)
             self._stream(request, digest, reader)
             return NOT_DONE_YET
 
         registry, upstream = self._upstream_for(request)
+        joining = self._downloads.get(digest) is not None
+        _note(request, outcome="join" if joining else "miss")
         ready = self._downloads.join(name, digest, upstream, registry).when_ready()
 
         def follow(landing: Landing) -> None:
@@ -259,11 +277,15 @@ class RegistryResource(Resource):
 
     def _get_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)
-        d = self._manifests.get(registry, upstream, name, reference, _accept(request))
+        note = partial(_note_outcome, request)
+        d = self._manifests.get(
+            registry, upstream, name, reference, _accept(request), note
+        )
 
         def send(manifest: Manifest) -> None:
             if _over(request):
                 return
+            _note(request, digest=manifest.digest)
             self._saw(request, name, manifest.digest)
             _manifest_headers(
                 request, manifest.digest, manifest.media_type, len(manifest.content)
@@ -276,7 +298,10 @@ class RegistryResource(Resource):
 
     def _head_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)
-        d = self._manifests.head(registry, upstream, name, reference, _accept(request))
+        note = partial(_note_outcome, request)
+        d = self._manifests.head(
+            registry, upstream, name, reference, _accept(request), note
+        )
 
         def send(info: ManifestInfo) -> None:
             if _over(request):
@@ -336,9 +361,9 @@ class RegistryResource(Resource):
         if producer is None:
             reader.close()
             return
-        self._responses.add(producer)
+        self._responses[producer] = None if landing is None else digest
         producer.when_released().addCallback(
-            lambda _: self._responses.discard(producer)
+            lambda _: self._responses.pop(producer, None)
         )
         producer.start()
 
@@ -374,6 +399,10 @@ class RegistryResource(Resource):
                 request.finish()
                 return None
         _blob_headers(request, digest, length)
+        exchange = _note(request)
+        first_byte = None
+        if exchange is not None and self._clock is not None:
+            first_byte = partial(exchange.first_byte_sent, self._clock.seconds)
         if byte_range is not None:
             start, end = byte_range.start, byte_range.end
             request.setResponseCode(206)
@@ -388,11 +417,13 @@ class RegistryResource(Resource):
             clock=self._clock,
             client_timeout=self._client_timeout,
             sink_for=self._sink_for,
+            on_first_byte=first_byte,
         )
 
     def _head_blob(self, request: Request, name: str, digest: Digest) -> int | bytes:
         reader = self._store.open(digest)
         if reader is not None:
+            _note(request, outcome="hit")
             try:
                 _blob_headers(request, digest, reader.size())
             finally:
@@ -400,6 +431,7 @@ class RegistryResource(Resource):
             return b""
 
         d = self._upstream_for(request)[1].stat_blob(name, digest)
+        _note(request, outcome="miss")
 
         def answer(info: BlobInfo) -> None:
             if _over(request):
@@ -409,6 +441,32 @@ class RegistryResource(Resource):
 
         _answer_with(request, d, answer)
         return NOT_DONE_YET
+
+
+def _note(
+    request: Request,
+    route: str | None = None,
+    outcome: str | None = None,
+    digest: Digest | None = None,
+) -> Exchange | None:
+    """
+    Note in C{request}'s exchange, if it keeps one (see
+    L{blobserve.web.site.RegistrySite}), what it is for, what the cache did
+    for it and what it served; and return that exchange.
+    """
+    exchange: Exchange | None = getattr(request, "exchange", None)
+    if exchange is not None:
+        if route is not None:
+            exchange.route = route
+        if outcome is not None:
+            exchange.outcome = outcome
+        if digest is not None:
+            exchange.digest = digest
+    return exchange
+
+
+def _note_outcome(request: Request, outcome: str) -> None:
+    _note(request, outcome=outcome)
 
 
 def _header(request: Request, name: bytes) -> str | None:

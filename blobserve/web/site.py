@@ -22,12 +22,14 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from zope.interface import Interface, implementer
 
 from blobserve.oneshot import OneShotEvent
+from blobserve.ops.access import Exchange, IExchangeObserver
 from blobserve.web.resource import OCIError, error_body, write_error
 
 log = Logger()
@@ -85,15 +87,31 @@ def _refusal(method: bytes, length: int | None) -> OCIError | None:
     return None
 
 
+#: The status an exchange shows when its client left before any header of
+#: its response was sent (nginx's "client closed request").
+CLIENT_CLOSED = 499
+
+#: Paths of the operator's pages (not the registry API), for the metrics.
+_OPERATOR_PATHS = (b"/_blobserve/", b"/metrics")
+
+
 class _RegistryRequest(Request):
     """
     A request that its channel may have refused once its headers were in:
     then it is answered with that refusal, whatever it asks for.
+
+    When its site has observers (see L{RegistrySite}), it keeps an
+    L{Exchange} that the resources answering it fill in, and tells them of
+    it once its response has ended, whole or cut off.
     """
 
     refusal: OCIError | None = None
+    exchange: Exchange | None = None
 
     def process(self) -> None:
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, RegistrySite) and site.observers:
+            self._observe(site)
         if self.refusal is None:
             super().process()
             return
@@ -104,6 +122,33 @@ class _RegistryRequest(Request):
         # For a HEAD, write() sends the headers alone.
         self.write(write_error(self, self.refusal))
         self.finish()
+
+    def _observe(self, site: RegistrySite) -> None:
+        exchange = self.exchange = Exchange(
+            client=getattr(self.getClientAddress(), "host", "-"),
+            method=self.method.decode("latin-1"),
+            uri=self.uri,
+            started=site.reactor.seconds(),
+        )
+        if self.path.startswith(_OPERATOR_PATHS):
+            exchange.route = "operator"
+
+        def ended(result: object) -> None:
+            exchange.aborted = isinstance(result, Failure)
+            exchange.status = (
+                CLIENT_CLOSED
+                if exchange.aborted and not self.startedWriting
+                else self.code
+            )
+            exchange.sent = self.sentLength
+            exchange.duration = site.reactor.seconds() - exchange.started
+            for observer in site.observers:
+                try:
+                    observer.exchange_ended(exchange)
+                except Exception:
+                    log.failure("could not observe the end of a request")
+
+        self.notifyFinish().addBoth(ended)
 
 
 class _BoundedChannel(HTTPChannel):
@@ -353,11 +398,25 @@ class _ConnectionLimit(WrappingFactory):
             self._refused = 0
 
 
+class RegistrySite(Site):
+    """
+    A L{Site} whose requests' ends are told to C{observers} (the access log,
+    the metrics) instead of Twisted's access log, which logs only responses
+    that finish, not those cut off.
+    """
+
+    observers: tuple[IExchangeObserver, ...] = ()
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
 def registry_site(
     resource: IResource,
     timeout: float = 60.0,
     max_connections: int = 1024,
     reactor: IReactorTime | None = None,
+    observers: tuple[IExchangeObserver, ...] = (),
 ) -> WrappingFactory:
     """
     The factory serving C{resource}: a L{Site} without tracebacks in error
@@ -370,10 +429,12 @@ def registry_site(
     @param max_connections: how many connections may be open at once; one
         more is answered 503 and closed.
     @param reactor: the clock for the timeouts; the global reactor by default.
+    @param observers: told of every request once its response has ended.
     """
-    site = Site(
+    site = RegistrySite(
         resource, requestFactory=_RegistryRequest, timeout=timeout, reactor=reactor
     )
+    site.observers = observers
     site.displayTracebacks = False
     # A plain HTTP/1.1 channel, not Twisted's default proxy, which would swap
     # in an HTTP/2 connection (outside these bounds) if TLS negotiated h2.

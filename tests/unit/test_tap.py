@@ -25,7 +25,10 @@ from twisted.python.usage import UsageError
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.wsgi import WSGIResource
 
+from blobserve.ops.access import AccessLog
+from blobserve.ops.metrics import Metrics
 from blobserve.serve.zerocopy_check import ZeroCopy
 from blobserve.shutdown import StopInOrder
 from blobserve.store.database import ThreadedDatabase
@@ -43,6 +46,7 @@ from blobserve.tap import (
 )
 from blobserve.upstream.auth import Credentials
 from blobserve.web.resource import RegistryResource
+from blobserve.web.site import RegistrySite
 from blobserve.web.status import StatusResource
 
 from fakes import LoggedEvents, has_fired, result_of
@@ -224,6 +228,53 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     assert (tmp_path / "blobs").is_dir()
     assert (tmp_path / "tmp").is_dir()
     service.stopService()
+
+
+def sites_of(
+    flags: list[str], tmp_path: Path
+) -> tuple[Site, list[tuple[int, Any, int, str]]]:
+    """
+    The main site of the service C{flags} make, and every listener's port,
+    factory, backlog and interface once it started.
+    """
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path), *flags])
+    reactor = MemoryReactorClock()
+    service = makeService(options, reactor)
+    service.startService()
+    service.stopService()
+    main: Site = reactor.tcpServers[0][1].wrappedFactory  # type: ignore[attr-defined]
+    return main, reactor.tcpServers
+
+
+def test_metrics_and_the_access_log_are_on_by_default(tmp_path: Path) -> None:
+    site, _ = sites_of([], tmp_path)
+    assert isinstance(site, RegistrySite)
+    assert [type(o) for o in site.observers] == [AccessLog, Metrics]
+    assert isinstance(resource_at(site, b"/metrics"), WSGIResource)
+
+
+def test_metrics_may_listen_apart(tmp_path: Path) -> None:
+    site, servers = sites_of(
+        ["--metrics-listen", "tcp:9102:interface=127.0.0.1"], tmp_path
+    )
+    assert not isinstance(resource_at(site, b"/metrics"), WSGIResource)
+    [(_, metrics_site, _, interface)] = [s for s in servers if s[0] == 9102]
+    assert interface == "127.0.0.1"
+    assert isinstance(resource_at(metrics_site, b"/metrics"), WSGIResource)
+    assert not isinstance(resource_at(metrics_site, b"/v2/"), RegistryResource)
+
+
+def test_metrics_and_the_access_log_may_be_turned_off(tmp_path: Path) -> None:
+    site, _ = sites_of(["--no-metrics", "--no-access-log"], tmp_path)
+    assert isinstance(site, RegistrySite)
+    assert site.observers == ()
+    assert not isinstance(resource_at(site, b"/metrics"), WSGIResource)
+
+
+def test_metrics_listen_without_metrics_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--no-metrics"):
+        Options().parseOptions(["--no-metrics", "--metrics-listen", "tcp:9102"])
 
 
 def test_the_service_stops_listening_then_ends_clients_and_downloads_then_the_rest(

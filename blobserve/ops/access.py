@@ -1,0 +1,133 @@
+"""
+One request and its response, as the access log and the metrics see it:
+what the request was, what the cache did for it, and how its response
+ended, however it ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import parse_qsl, quote
+
+from attrs import define
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from blobserve.digest import Digest
+
+#: The methods that keep their name in metric labels; others are "other".
+_METHODS = {"GET", "HEAD"}
+
+#: Query parameters of the registry API whose values are logged; the values
+#: of any other (a token, a signature) are not.
+_PLAIN_PARAMETERS = {"ns", "n", "last", "artifactType", "digest"}
+
+#: The access log's own namespace, to route or filter its lines.
+access_log = Logger(namespace="blobserve.access")
+
+#: The most of a path the access log shows.
+_PATH_LIMIT = 512
+
+
+@define
+class Exchange:
+    """
+    One request and its response, filled in as it is answered.
+
+    @ivar route: what the request was for: C{blob}, C{manifest}, C{base}
+        (C{/v2/}), C{operator} (status, health, metrics) or C{other}.
+    @ivar outcome: what the cache did: C{hit}, C{miss}, C{join}, C{stale};
+        L{None} when it did none of these (an error, another route).
+    @ivar digest: the blob or manifest served, if any.
+    @ivar sent: body bytes handed to the connection.
+    @ivar duration: seconds from the request's arrival to its end.
+    @ivar first_byte: for a blob body, seconds from the request's arrival
+        to its first byte.
+    @ivar aborted: the response did not end: its client left, or blobserve
+        cut it.
+    """
+
+    client: str
+    method: str
+    uri: bytes
+    started: float
+    route: str = "other"
+    outcome: str | None = None
+    digest: Digest | None = None
+    status: int = 200
+    sent: int = 0
+    duration: float = 0.0
+    first_byte: float | None = None
+    aborted: bool = False
+
+    def first_byte_sent(self, now: Callable[[], float]) -> None:
+        """
+        The first byte of the body is sent: note when, by C{now}.
+        """
+        self.first_byte = now() - self.started
+
+    @property
+    def method_label(self) -> str:
+        """
+        The method as a metric label: one of a few values, whatever clients
+        send.
+        """
+        return self.method if self.method in _METHODS else "other"
+
+    def shown_path(self) -> str:
+        """
+        The path and query, fit for a log: the values of query parameters
+        that may be secrets replaced by C{***}, bytes outside printable
+        ASCII escaped, and at most L{_PATH_LIMIT} characters.
+        """
+        path, separator, query = self.uri.partition(b"?")
+        shown = quote(path.decode("latin-1"), safe="/:@!$&'()*+,;=-._~")
+        if separator:
+            parameters = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+            shown += "?" + "&".join(
+                quote(name, safe="")
+                + "="
+                + (quote(value, safe=":/") if name in _PLAIN_PARAMETERS else "***")
+                for name, value in parameters
+            )
+        if len(shown) > _PATH_LIMIT:
+            shown = shown[:_PATH_LIMIT] + "..."
+        return shown
+
+
+class IExchangeObserver(Interface):
+    """
+    Told of every request once its response has ended.
+    """
+
+    def exchange_ended(exchange: Exchange) -> None:
+        """
+        C{exchange}'s response has ended, whole or cut off.
+        """
+
+
+@implementer(IExchangeObserver)
+class AccessLog:
+    """
+    Logs one line per request, also for responses cut off or abandoned, in
+    the namespace C{blobserve.access}: client, method, path, status, bytes
+    sent, duration, cache outcome, and the digest's short form.
+    """
+
+    def exchange_ended(self, exchange: Exchange) -> None:
+        digest = exchange.digest
+        access_log.info(
+            '{client} "{method} {path}" {status} {bytes} {duration:.3f}s'
+            " {outcome}{short_digest}{ending}",
+            client=exchange.client,
+            method=exchange.method,
+            path=exchange.shown_path(),
+            status=exchange.status,
+            bytes=exchange.sent,
+            duration=exchange.duration,
+            outcome=exchange.outcome or "-",
+            digest=None if digest is None else str(digest),
+            short_digest="" if digest is None else " " + digest.short(),
+            aborted=exchange.aborted,
+            ending=" aborted" if exchange.aborted else "",
+        )
