@@ -23,13 +23,14 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from blobserve.fetch.download import Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
 from blobserve.fetch.slots import UpstreamSlots
+from blobserve.ops.health import HealthResource, LagMonitor, store_check
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.shutdown import GracefulStop, StopInOrder
 from blobserve.store.database import ThreadedDatabase
 from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import StoreIndex
-from blobserve.store.layout import index_path
+from blobserve.store.layout import index_path, temporary_directory
 from blobserve.store.lock import StoreLock
 from blobserve.upstream.auth import Credentials
 from blobserve.upstream.client import RegistryUpstream, Upstreams
@@ -551,11 +552,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     status = StatusResource(
         store, downloads, resource.responses_in_progress, evictor.status
     )
+    lag = LagMonitor(reactor)
+    health = HealthResource(
+        {"store": store_check(temporary_directory(root), reactor), "reactor": lag}
+    )
     raise_descriptor_limit(
         descriptors_needed(options["max-connections"], options["upstream-concurrency"])
     )
     site = registry_site(
-        site_root(resource, {b"status": status}),
+        site_root(resource, {b"status": status, b"health": health}),
         timeout=options["client-timeout"],
         max_connections=options["max-connections"],
         reactor=reactor,
@@ -593,4 +598,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     _FreezeStartupHeap().setServiceParent(service)
     # Started after the freeze, which would keep what the self-test makes.
     zero_copy.setServiceParent(service)
+    # Stopped first: while blobserve stops, its health check fails.
+    lag.setServiceParent(service)
     return service
