@@ -28,6 +28,7 @@ from blobserve.fetch.download import NO_EVENTS, Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.ops.access import AccessLog, IExchangeObserver
+from blobserve.ops.health import HealthResource, LagMonitor, store_check
 from blobserve.ops.metrics import Figures, Metrics
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.shutdown import GracefulStop, StopInOrder
@@ -35,7 +36,7 @@ from blobserve.store.database import ThreadedDatabase
 from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import StoreIndex
-from blobserve.store.layout import index_path
+from blobserve.store.layout import index_path, temporary_directory
 from blobserve.store.lock import StoreLock
 from blobserve.upstream.auth import Credentials
 from blobserve.upstream.client import NO_ANSWERS, RegistryUpstream, Upstreams
@@ -586,6 +587,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     status = StatusResource(
         store, downloads, resource.responses_in_progress, evictor.status
     )
+    lag = LagMonitor(reactor)
+    health = HealthResource(
+        {"store": store_check(temporary_directory(root), reactor), "reactor": lag}
+    )
     raise_descriptor_limit(
         descriptors_needed(options["max-connections"], options["upstream-concurrency"])
     )
@@ -612,7 +617,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     site = registry_site(
         site_root(
             resource,
-            {b"status": status},
+            {b"status": status, b"health": health},
             None if options["metrics-listen"] else metrics_page,
         ),
         timeout=options["client-timeout"],
@@ -660,4 +665,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     _FreezeStartupHeap().setServiceParent(service)
     # Started after the freeze, which would keep what the self-test makes.
     zero_copy.setServiceParent(service)
+    # Stopped first: while blobserve stops, its health check fails.
+    lag.setServiceParent(service)
     return service

@@ -28,6 +28,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from twisted.web.wsgi import WSGIResource
 
 from blobserve.ops.access import AccessLog
+from blobserve.ops.health import HealthResource
 from blobserve.ops.metrics import Metrics
 from blobserve.serve.zerocopy_check import ZeroCopy
 from blobserve.shutdown import StopInOrder
@@ -212,7 +213,7 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     options.parseOptions(
         ["--listen", "tcp:5555:interface=127.0.0.1", "--storage", str(tmp_path)]
     )
-    reactor = MemoryReactor()
+    reactor = MemoryReactorClock()
     service = makeService(options, reactor)
     servers = [s for s in service if isinstance(s, StreamServerEndpointService)]
     assert len(servers) == 1
@@ -225,6 +226,7 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     assert isinstance(site, Site)
     assert isinstance(resource_at(site, b"/v2/"), RegistryResource)
     assert isinstance(resource_at(site, b"/_blobserve/status"), StatusResource)
+    assert isinstance(resource_at(site, b"/_blobserve/health"), HealthResource)
     assert (tmp_path / "blobs").is_dir()
     assert (tmp_path / "tmp").is_dir()
     service.stopService()
@@ -363,7 +365,7 @@ def test_start_puts_the_startup_heap_out_of_the_collectors_sight(
 ) -> None:
     options = Options()
     options.parseOptions(["--storage", str(tmp_path)])
-    service = makeService(options, MemoryReactor())
+    service = makeService(options, MemoryReactorClock())
     gc.unfreeze()
     service.startService()
     try:
