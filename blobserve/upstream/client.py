@@ -23,9 +23,10 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from blobserve.digest import Digest, InvalidDigest
+from blobserve.failures import why
 from blobserve.upstream.auth import (
     AuthenticationFailed,
     Credentials,
@@ -142,6 +143,8 @@ class IUpstream(Interface):
     """
     A registry that blobs and manifests are fetched from.
     """
+
+    base_url = Attribute("Where the registry is reached, for what is logged.")
 
     def fetch_blob(name: str, digest: Digest, offset: int = 0) -> Deferred[IResponse]:
         """
@@ -270,7 +273,7 @@ class _BodyReader(Protocol):
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self._parts))
         else:
-            message = f"upstream body cut short: {reason.getErrorMessage()}"
+            message = f"upstream body cut short: {why(reason)}"
             self.done.errback(UpstreamError(message))
 
 
@@ -596,7 +599,9 @@ class RegistryUpstream:
                 ) from None
             if isinstance(e, CancelledError):
                 raise
-            raise UpstreamError(f"upstream {_host(url)} unreachable: {e}") from None
+            raise UpstreamError(
+                f"upstream {_host(url)} unreachable: {why(e)}"
+            ) from None
         finally:
             if timer.active():
                 timer.cancel()

@@ -15,7 +15,11 @@ import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
@@ -213,6 +217,15 @@ def test_unreachable_upstream_is_an_upstream_error() -> None:
     reason = failure_of(d)
     reason.trap(UpstreamError)
     assert "unreachable" in reason.getErrorMessage()
+
+
+def test_an_upstream_that_drops_the_connection_is_said_in_words() -> None:
+    upstream, agent = controlled_upstream()
+    d = upstream.fetch_blob("busybox", DIGEST)
+    agent.requests[0][3].errback(ResponseNeverReceived([Failure(ConnectionDone())]))
+    assert failure_of(d).getErrorMessage() == (
+        "upstream registry.test unreachable: no response: connection closed"
+    )
 
 
 def test_bearer_challenge_is_answered_with_a_token_then_cached() -> None:
