@@ -32,7 +32,7 @@ from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
 from blobserve.store.lock import StoreLock
 from blobserve.upstream.auth import Credentials
-from blobserve.upstream.client import RegistryUpstream, Upstreams
+from blobserve.upstream.client import QuietConnectionPool, RegistryUpstream, Upstreams
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
@@ -499,7 +499,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         min_free=_bytes_or(options["min-free"], "none"),
     )
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = QuietConnectionPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
     client = HTTPClient(agent)
     registries = options["upstreams"]

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
@@ -185,6 +185,21 @@ class IUpstream(Interface):
 
         @return: fires with L{ManifestInfo}; fails as L{fetch_manifest} does.
         """
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """
+    A connection pool whose connections log nothing as they open and close:
+    Twisted's pool makes a factory for each, and each would log a "Starting
+    factory" and a "Stopping factory" line, two lines per upstream
+    connection that say nothing an operator needs.
+    """
+
+    _factory = _QuietClientFactory
 
 
 def response_length(response: IResponse) -> int | None:

@@ -298,6 +298,7 @@ class _ConnectionLimit(WrappingFactory):
     """
 
     protocol = _RefuseTLSProbe
+    noisy = False
 
     def __init__(self, site: Site, limit: int) -> None:
         super().__init__(site)
@@ -375,6 +376,7 @@ def registry_site(
         resource, requestFactory=_RegistryRequest, timeout=timeout, reactor=reactor
     )
     site.displayTracebacks = False
+    site.noisy = False
     # A plain HTTP/1.1 channel, not Twisted's default proxy, which would swap
     # in an HTTP/2 connection (outside these bounds) if TLS negotiated h2.
     site.protocol = partial(_BoundedChannel, timeout)  # type: ignore[assignment]

@@ -20,12 +20,18 @@ from twisted.internet.error import (
     ConnectionRefusedError,
     DNSLookupError,
 )
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
@@ -37,6 +43,7 @@ from blobserve.upstream.client import (
     IUpstream,
     Manifest,
     ManifestUnknown,
+    QuietConnectionPool,
     RangeNotSatisfiable,
     RegistryUpstream,
     RepositoryUnknown,
@@ -226,6 +233,25 @@ def test_an_upstream_that_drops_the_connection_is_said_in_words() -> None:
     assert failure_of(d).getErrorMessage() == (
         "upstream registry.test unreachable: no response: connection closed"
     )
+
+
+@implementer(IStreamClientEndpoint)
+class _StartingEndpoint:
+    """
+    Starts the factory of the connection it is asked for, as a reactor
+    does, and never connects.
+    """
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        factory.doStart()
+        return Deferred()
+
+
+def test_the_connection_pool_logs_nothing_per_connection() -> None:
+    pool = QuietConnectionPool(Clock())
+    with LoggedEvents() as logged:
+        pool.getConnection(("http", b"registry.test", 80), _StartingEndpoint())
+    assert logged.messages() == []
 
 
 def test_bearer_challenge_is_answered_with_a_token_then_cached() -> None:
