@@ -16,13 +16,20 @@ from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from blobserve.fetch.download import Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
 from blobserve.fetch.slots import UpstreamSlots
+from blobserve.ops.logs import (
+    FORMATS,
+    CannotLogThere,
+    check_destination,
+    twistd_json_observer,
+)
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.shutdown import GracefulStop, StopInOrder
 from blobserve.store.database import ThreadedDatabase
@@ -75,6 +82,12 @@ def _positive_count(value: str) -> int:
     if number < 1:
         raise ValueError(f"must be at least 1, not {value}")
     return number
+
+
+def _log_format(value: str) -> str:
+    if value not in FORMATS:
+        raise ValueError(f"must be one of {', '.join(FORMATS)}, not {value[:40]!r}")
+    return value
 
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -250,6 +263,16 @@ class Options(usage.Options):
             " start, older ones are removed.",
             _positive_float,
         ],
+        [
+            "log-format",
+            None,
+            "text",
+            "How the log is written: text (Twisted's lines) or json (one JSON"
+            " object a line, for a log shipper), where twistd writes its log"
+            " (--logfile; stdout with --nodaemon and no --logfile). Not with"
+            " --syslog.",
+            _log_format,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -276,6 +299,19 @@ class Options(usage.Options):
         self["credentials"] = self._credentials()
         if isinstance(self["max-blob-size"], str):  # the default is not coerced
             self["max-blob-size"] = parse_size(self["max-blob-size"])
+        if self["log-format"] == "json":
+            try:
+                check_destination(self.twistd_options())
+            except CannotLogThere as e:
+                raise usage.UsageError(str(e)) from None
+
+    def twistd_options(self) -> dict[str, Any]:
+        """
+        twistd's own options (C{--logfile}, C{--nodaemon}, ...), or none if
+        these were not parsed as twistd's subcommand.
+        """
+        parent = getattr(self, "parent", None)
+        return dict(parent) if parent is not None else {}
 
     def _credentials(self) -> Credentials | None:
         username = self["upstream-username"]
@@ -470,6 +506,27 @@ def raise_descriptor_limit(needed: int) -> int:
     return soft
 
 
+class _BlobserveService(StopInOrder):
+    """
+    blobserve's services, stopped in order, which give the twistd
+    application they join the log observer they are made with, if any:
+    twistd uses an application's L{ILogObserver} instead of its own text
+    log (unless its C{--logger} names another).
+    """
+
+    def __init__(self, log_observer: Callable[[], ILogObserver] | None) -> None:
+        super().__init__()
+        self._log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd makes its application only once makeService has returned,
+        # and asks it for a log observer once this service has joined it:
+        # the one moment a plugin can give it one.
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer())
+        super().setServiceParent(parent)
+
+
 def _bytes_or(size: int | None, otherwise: str) -> str:
     return otherwise if size is None else f"{size} bytes"
 
@@ -561,7 +618,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor=reactor,
     )
 
-    service = StopInOrder()
+    service = _BlobserveService(
+        partial(twistd_json_observer, options.twistd_options())
+        if options["log-format"] == "json"
+        else None
+    )
 
     # Once the index is loaded, a store over a limit lowered since the last
     # run is evicted down at once, not at the next commit.
