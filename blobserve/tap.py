@@ -8,6 +8,7 @@ import gc
 import os
 from collections.abc import Callable
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit, setrlimit
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -346,7 +347,8 @@ def parse_upstream(value: str) -> tuple[str, str]:
     registry is its host and port, but Docker Hub's API host stands for
     C{docker.io}, as clients name it.
 
-    @raise usage.UsageError: if the URL is not an http(s) URL with a host.
+    @raise usage.UsageError: if the URL is not an http(s) URL with a host,
+        or carries a user or password (which would be logged with it).
     """
     registry, separator, url = value.partition("=")
     if not separator:
@@ -354,6 +356,12 @@ def parse_upstream(value: str) -> tuple[str, str]:
     parsed = urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise usage.UsageError(f"--upstream needs an http(s) URL, not {url!r}")
+    if "@" in parsed.netloc:
+        # Not echoed: what precedes the @ is a password, or part of one.
+        raise usage.UsageError(
+            "--upstream URLs take no user or password: use --upstream-username"
+            " and --upstream-password-file"
+        )
     if not registry:
         registry = parsed.netloc
         if registry == urlsplit(DEFAULT_UPSTREAM).netloc:
@@ -531,6 +539,51 @@ def _bytes_or(size: int | None, otherwise: str) -> str:
     return otherwise if size is None else f"{size} bytes"
 
 
+def _version() -> str:
+    try:
+        return version("blobserve")
+    except PackageNotFoundError:
+        return "(version unknown: not installed)"
+
+
+def _log_start(options: Options) -> None:
+    """
+    Say in one line what blobserve serves, from where, and within which
+    limits. Of the credentials it says only that there are some.
+    """
+    registries = options["upstreams"]
+    default = next(iter(registries))
+    upstreams = ", ".join(
+        f"{registry}={url}"
+        + (
+            " with credentials"
+            if registry == default and options["credentials"] is not None
+            else ""
+        )
+        for registry, url in registries.items()
+    )
+    log.info(
+        "blobserve {version} starting: listening on {listen}; upstreams"
+        " {upstreams}; storage {storage}; store limits: --max-size {max_size},"
+        " --min-free {min_free}; --max-blob-size {max_blob_size} bytes,"
+        " --max-connections {max_connections}, --upstream-concurrency"
+        " {upstream_concurrency}, --upstream-queue {upstream_queue},"
+        " --client-timeout {client_timeout:g}s, --tag-ttl {tag_ttl:g}s",
+        version=_version(),
+        listen=options["listen"],
+        upstreams=upstreams,
+        storage=os.path.abspath(options["storage"]),
+        max_size=_bytes_or(options["max-size"], "none (no limit)"),
+        min_free=_bytes_or(options["min-free"], "none"),
+        max_blob_size=options["max-blob-size"],
+        max_connections=options["max-connections"],
+        upstream_concurrency=options["upstream-concurrency"],
+        upstream_queue=options["upstream-queue"],
+        client_timeout=options["client-timeout"],
+        tag_ttl=options["tag-ttl"],
+    )
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Wire the store, the upstream client, the in-flight table and the web site
@@ -550,11 +603,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     index = StoreIndex(root, database, reactor)
     store = DirectoryBlobStore(root, index, partial_max_age=options["partial-max-age"])
     evictor = Evictor(store, options["max-size"], options["min-free"])
-    log.info(
-        "store limits: --max-size {max_size}, --min-free {min_free}",
-        max_size=_bytes_or(options["max-size"], "none (no limit)"),
-        min_free=_bytes_or(options["min-free"], "none"),
-    )
+    _log_start(options)
 
     pool = QuietConnectionPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
