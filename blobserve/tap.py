@@ -8,6 +8,7 @@ import gc
 import os
 from collections.abc import Callable
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit, setrlimit
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -19,8 +20,9 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import blockingCallFromThread
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.pages import notFound
 
@@ -29,6 +31,12 @@ from blobserve.fetch.inflight import InFlightTable
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.ops.access import AccessLog, IExchangeObserver
 from blobserve.ops.health import HealthResource, LagMonitor, store_check
+from blobserve.ops.logs import (
+    FORMATS,
+    CannotLogThere,
+    check_destination,
+    twistd_json_observer,
+)
 from blobserve.ops.metrics import Figures, Metrics
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.shutdown import GracefulStop, StopInOrder
@@ -39,7 +47,12 @@ from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path, temporary_directory
 from blobserve.store.lock import StoreLock
 from blobserve.upstream.auth import Credentials
-from blobserve.upstream.client import NO_ANSWERS, RegistryUpstream, Upstreams
+from blobserve.upstream.client import (
+    NO_ANSWERS,
+    QuietConnectionPool,
+    RegistryUpstream,
+    Upstreams,
+)
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
@@ -82,6 +95,12 @@ def _positive_count(value: str) -> int:
     if number < 1:
         raise ValueError(f"must be at least 1, not {value}")
     return number
+
+
+def _log_format(value: str) -> str:
+    if value not in FORMATS:
+        raise ValueError(f"must be one of {', '.join(FORMATS)}, not {value[:40]!r}")
+    return value
 
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -273,6 +292,16 @@ class Options(usage.Options):
             " start, older ones are removed.",
             _positive_float,
         ],
+        [
+            "log-format",
+            None,
+            "text",
+            "How the log is written: text (Twisted's lines) or json (one JSON"
+            " object a line, for a log shipper), where twistd writes its log"
+            " (--logfile; stdout with --nodaemon and no --logfile). Not with"
+            " --syslog.",
+            _log_format,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -301,6 +330,19 @@ class Options(usage.Options):
             raise usage.UsageError("--metrics-listen serves metrics: drop --no-metrics")
         if isinstance(self["max-blob-size"], str):  # the default is not coerced
             self["max-blob-size"] = parse_size(self["max-blob-size"])
+        if self["log-format"] == "json":
+            try:
+                check_destination(self.twistd_options())
+            except CannotLogThere as e:
+                raise usage.UsageError(str(e)) from None
+
+    def twistd_options(self) -> dict[str, Any]:
+        """
+        twistd's own options (C{--logfile}, C{--nodaemon}, ...), or none if
+        these were not parsed as twistd's subcommand.
+        """
+        parent = getattr(self, "parent", None)
+        return dict(parent) if parent is not None else {}
 
     def _credentials(self) -> Credentials | None:
         username = self["upstream-username"]
@@ -335,7 +377,8 @@ def parse_upstream(value: str) -> tuple[str, str]:
     registry is its host and port, but Docker Hub's API host stands for
     C{docker.io}, as clients name it.
 
-    @raise usage.UsageError: if the URL is not an http(s) URL with a host.
+    @raise usage.UsageError: if the URL is not an http(s) URL with a host,
+        or carries a user or password (which would be logged with it).
     """
     registry, separator, url = value.partition("=")
     if not separator:
@@ -343,6 +386,12 @@ def parse_upstream(value: str) -> tuple[str, str]:
     parsed = urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise usage.UsageError(f"--upstream needs an http(s) URL, not {url!r}")
+    if "@" in parsed.netloc:
+        # Not echoed: what precedes the @ is a password, or part of one.
+        raise usage.UsageError(
+            "--upstream URLs take no user or password: use --upstream-username"
+            " and --upstream-password-file"
+        )
     if not registry:
         registry = parsed.netloc
         if registry == urlsplit(DEFAULT_UPSTREAM).netloc:
@@ -495,8 +544,74 @@ def raise_descriptor_limit(needed: int) -> int:
     return soft
 
 
+class _BlobserveService(StopInOrder):
+    """
+    blobserve's services, stopped in order, which give the twistd
+    application they join the log observer they are made with, if any:
+    twistd uses an application's L{ILogObserver} instead of its own text
+    log (unless its C{--logger} names another).
+    """
+
+    def __init__(self, log_observer: Callable[[], ILogObserver] | None) -> None:
+        super().__init__()
+        self._log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd makes its application only once makeService has returned,
+        # and asks it for a log observer once this service has joined it:
+        # the one moment a plugin can give it one.
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer())
+        super().setServiceParent(parent)
+
+
 def _bytes_or(size: int | None, otherwise: str) -> str:
     return otherwise if size is None else f"{size} bytes"
+
+
+def _version() -> str:
+    try:
+        return version("blobserve")
+    except PackageNotFoundError:
+        return "(version unknown: not installed)"
+
+
+def _log_start(options: Options) -> None:
+    """
+    Say in one line what blobserve serves, from where, and within which
+    limits. Of the credentials it says only that there are some.
+    """
+    registries = options["upstreams"]
+    default = next(iter(registries))
+    upstreams = ", ".join(
+        f"{registry}={url}"
+        + (
+            " with credentials"
+            if registry == default and options["credentials"] is not None
+            else ""
+        )
+        for registry, url in registries.items()
+    )
+    log.info(
+        "blobserve {version} starting: listening on {listen}; upstreams"
+        " {upstreams}; storage {storage}; store limits: --max-size {max_size},"
+        " --min-free {min_free}; --max-blob-size {max_blob_size} bytes,"
+        " --max-connections {max_connections}, --upstream-concurrency"
+        " {upstream_concurrency}, --upstream-queue {upstream_queue},"
+        " --client-timeout {client_timeout:g}s, --tag-ttl {tag_ttl:g}s",
+        version=_version(),
+        listen=options["listen"],
+        upstreams=upstreams,
+        storage=os.path.abspath(options["storage"]),
+        max_size=_bytes_or(options["max-size"], "none (no limit)"),
+        min_free=_bytes_or(options["min-free"], "none"),
+        max_blob_size=options["max-blob-size"],
+        max_connections=options["max-connections"],
+        upstream_concurrency=options["upstream-concurrency"],
+        upstream_queue=options["upstream-queue"],
+        client_timeout=options["client-timeout"],
+        tag_ttl=options["tag-ttl"],
+    )
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -518,11 +633,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     index = StoreIndex(root, database, reactor)
     store = DirectoryBlobStore(root, index, partial_max_age=options["partial-max-age"])
     evictor = Evictor(store, options["max-size"], options["min-free"])
-    log.info(
-        "store limits: --max-size {max_size}, --min-free {min_free}",
-        max_size=_bytes_or(options["max-size"], "none (no limit)"),
-        min_free=_bytes_or(options["min-free"], "none"),
-    )
+    _log_start(options)
 
     metrics = None
     if not options["no-metrics"]:
@@ -530,7 +641,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # tells restarts by counters going down.
         disable_created_metrics()
         metrics = Metrics()
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = QuietConnectionPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
     client = HTTPClient(agent)
     registries = options["upstreams"]
@@ -626,7 +737,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         observers=tuple(observers),
     )
 
-    service = StopInOrder()
+    service = _BlobserveService(
+        partial(twistd_json_observer, options.twistd_options())
+        if options["log-format"] == "json"
+        else None
+    )
 
     # Once the index is loaded, a store over a limit lowered since the last
     # run is evicted down at once, not at the next commit.

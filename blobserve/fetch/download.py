@@ -20,6 +20,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
+from blobserve.failures import why
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import (
     BlobTooLarge,
@@ -261,7 +262,13 @@ class Download:
         """
         self.started_at = self._clock.seconds()
         d = Deferred.fromCoroutine(self._run())
-        d.addErrback(lambda reason: log.failure("download failed", reason))
+        # Not an upstream's failure, which ends the download as a result:
+        # a bug, logged with its traceback.
+        d.addErrback(
+            lambda reason: log.failure(
+                "download of {digest} failed", reason, digest=str(self.digest)
+            )
+        )
         d.addBoth(lambda _: self._end())
 
     def when_ready(self) -> Deferred[Landing]:
@@ -555,9 +562,11 @@ class Download:
             )
         else:
             log.warn(
-                "cannot fetch {digest}: {reason}",
+                "cannot fetch {digest} of {repository} from {upstream}: {reason}",
                 digest=str(self.digest),
-                reason=reason.getErrorMessage(),
+                repository=self.name,
+                upstream=self._upstream.base_url,
+                reason=why(reason),
             )
         self._ready.fail_with(reason)
 
@@ -614,11 +623,14 @@ class Download:
             pause = self._retry.pause(attempt)
             self._events.resumed(self, "broken")
             log.warn(
-                "transfer of {digest} broke after {written} bytes ({reason});"
-                " resuming in {pause:g}s, attempt {attempt} of {retries}",
+                "transfer of {digest} of {repository} from {upstream} broke after"
+                " {written} bytes ({reason}); resuming in {pause:g}s, attempt"
+                " {attempt} of {retries}",
                 digest=str(self.digest),
+                repository=self.name,
+                upstream=self._upstream.base_url,
                 written=writer.written,
-                reason=reason.getErrorMessage(),
+                reason=why(reason),
                 pause=pause,
                 attempt=attempt,
                 retries=self._retry.retries,
@@ -685,6 +697,14 @@ class Download:
     async def _commit(self, temporary: TemporaryBlob, size: int) -> None:
         try:
             await self._store.commit(temporary)
+        except OSError as e:
+            # The disk's failure (full, read-only), not blobserve's: one line.
+            log.error(
+                "could not commit {digest}: {reason}",
+                digest=str(self.digest),
+                reason=why(e),
+            )
+            return
         except Exception:
             log.failure("could not commit {digest}", digest=str(self.digest))
             return
@@ -703,13 +723,14 @@ class Download:
             if reason.check(VerificationFailed):
                 self._events.digest_failed(self)
             log.error(
-                "download of {digest} from {name} failed after {written} bytes"
-                " of {expected}: {reason}",
+                "download of {digest} of {repository} from {upstream} failed"
+                " after {written} bytes of {expected}: {reason}",
                 digest=str(self.digest),
-                name=self.name,
+                repository=self.name,
+                upstream=self._upstream.base_url,
                 written=writer.written,
                 expected=writer.expected_length,
-                reason=reason.getErrorMessage(),
+                reason=why(reason),
             )
 
         writer.when_finished().addErrback(describe)

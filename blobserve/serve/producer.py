@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from blobserve.failures import why
 from blobserve.fetch.writer import IBlobProgress
 from blobserve.oneshot import OneShotEvent
 from blobserve.serve.zerocopy import IZeroCopySink, SocketSink
@@ -284,7 +285,7 @@ class FollowingProducer:
         log.warn(
             "aborting response after {offset} bytes: {reason}",
             offset=self._offset,
-            reason=reason.getErrorMessage(),
+            reason=why(reason),
         )
         self._release()
         if self._request.producer is self and self._request.channel is not None:

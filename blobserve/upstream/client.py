@@ -19,13 +19,14 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from blobserve.digest import Digest, InvalidDigest
+from blobserve.failures import why
 from blobserve.upstream.auth import (
     AuthenticationFailed,
     Credentials,
@@ -143,6 +144,8 @@ class IUpstream(Interface):
     A registry that blobs and manifests are fetched from.
     """
 
+    base_url = Attribute("Where the registry is reached, for what is logged.")
+
     def fetch_blob(name: str, digest: Digest, offset: int = 0) -> Deferred[IResponse]:
         """
         Ask for the blob C{digest} of repository C{name}, from byte C{offset}
@@ -208,6 +211,21 @@ class IgnoredAnswers:
 
 #: Where an upstream's answers are told when nobody listens.
 NO_ANSWERS = IgnoredAnswers()
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """
+    A connection pool whose connections log nothing as they open and close:
+    Twisted's pool makes a factory for each, and each would log a "Starting
+    factory" and a "Stopping factory" line, two lines per upstream
+    connection that say nothing an operator needs.
+    """
+
+    _factory = _QuietClientFactory
 
 
 def response_length(response: IResponse) -> int | None:
@@ -296,7 +314,7 @@ class _BodyReader(Protocol):
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self._parts))
         else:
-            message = f"upstream body cut short: {reason.getErrorMessage()}"
+            message = f"upstream body cut short: {why(reason)}"
             self.done.errback(UpstreamError(message))
 
 
@@ -627,7 +645,9 @@ class RegistryUpstream:
                 raise UpstreamError(
                     f"upstream {_host(url)} gave no answer within {self._timeout:g} s"
                 ) from None
-            raise UpstreamError(f"upstream {_host(url)} unreachable: {e}") from None
+            raise UpstreamError(
+                f"upstream {_host(url)} unreachable: {why(e)}"
+            ) from None
         finally:
             if timer.active():
                 timer.cancel()

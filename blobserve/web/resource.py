@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from blobserve.digest import Digest, InvalidDigest
+from blobserve.failures import why
 from blobserve.fetch.download import Landing
 from blobserve.fetch.inflight import IInFlightTable
 from blobserve.fetch.slots import QueueFull
@@ -79,7 +80,7 @@ class OCIError(Exception):
 _REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
 
 
-def error_for(reason: Failure) -> OCIError:
+def error_for(reason: Failure, asked: str = "a request") -> OCIError:
     """
     The OCI error that tells a client why its blob or manifest cannot be
     served.
@@ -99,6 +100,10 @@ def error_for(reason: Failure) -> OCIError:
     ours with. The distribution spec has 401 only I{often} come with a
     challenge; containerd and Docker take a 401 without one as final and
     move on to their next host.
+
+    A storage error is logged as one line naming C{asked} (what the client
+    asked for) and the error; an unexpected error, a bug, with its
+    traceback.
     """
     if reason.check(OCIError):
         return reason.value  # type: ignore[return-value]
@@ -131,9 +136,11 @@ def error_for(reason: Failure) -> OCIError:
     if reason.check(UpstreamError):
         return OCIError(502, "UNKNOWN", reason.getErrorMessage())
     if reason.check(OSError):
-        log.failure("storage error", reason)
+        log.error(
+            "storage error answering {asked}: {why}", asked=asked, why=why(reason)
+        )
         return OCIError(503, "UNAVAILABLE", "the cache cannot store blobs right now")
-    log.failure("unexpected error", reason)
+    log.failure("unexpected error answering {asked}", reason, asked=asked)
     return OCIError(500, "UNKNOWN", "internal error")
 
 
@@ -559,9 +566,14 @@ def _finish_with_error(request: Request, reason: Failure) -> None:
     """
     if _over(request):
         return  # the client has gone, or has its answer
+    asked = f"{request.method.decode('latin-1')} {request.uri.decode('latin-1')}"
     if request.startedWriting:
-        log.warn("cutting off a response: {reason}", reason=reason.getErrorMessage())
+        log.warn(
+            "cutting off the response to {asked}: {reason}",
+            asked=asked,
+            reason=why(reason),
+        )
         cast(ITCPTransport, request.channel.transport).abortConnection()
         return
-    request.write(write_error(request, error_for(reason)))
+    request.write(write_error(request, error_for(reason, asked)))
     request.finish()

@@ -343,6 +343,7 @@ class _ConnectionLimit(WrappingFactory):
     """
 
     protocol = _RefuseTLSProbe
+    noisy = False
 
     def __init__(self, site: Site, limit: int) -> None:
         super().__init__(site)
@@ -406,6 +407,8 @@ class RegistrySite(Site):
     """
 
     observers: tuple[IExchangeObserver, ...] = ()
+    # No "Starting factory" line each time it listens.
+    noisy = False
 
     def log(self, request: http.Request) -> None:
         pass

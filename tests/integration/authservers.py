@@ -82,6 +82,8 @@ class TokenServer(Resource):
         self.requests: list[dict[str, list[str]]] = []
         #: The C{Authorization} header of each request, in the same order.
         self.authorizations: list[bytes | None] = []
+        #: Every token it has given.
+        self.issued: list[str] = []
 
     def render_GET(self, request: Request) -> bytes:
         query = parse_qs(request.uri.partition(b"?")[2].decode())
@@ -95,7 +97,9 @@ class TokenServer(Resource):
         for scope in query.get("scope", []):
             kind, name, actions = scope.split(":")
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        return json.dumps({"token": self._sign(access), "expires_in": 300}).encode()
+        token = self._sign(access)
+        self.issued.append(token)
+        return json.dumps({"token": token, "expires_in": 300}).encode()
 
     def _sign(self, access: list[dict[str, Any]]) -> str:
         der = self.certificate.public_bytes(serialization.Encoding.DER)

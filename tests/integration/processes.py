@@ -6,6 +6,7 @@ under twistd, each started on loopback and stopped by its PID.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -64,6 +65,22 @@ def wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path) -> None
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"server did not answer {url} in time:\n{log.read_text()}")
+
+
+def log_text(written: bytes) -> str:
+    """
+    What the complete lines of a blobserve log say, one line an event: a
+    text line as it is, a JSON line (C{--log-format json}) by its C{text}.
+    """
+    said = []
+    for line in written.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break  # being written
+        if line.startswith(b"{"):
+            said.append(json.loads(line)["text"])
+        else:
+            said.append(line.decode("utf-8", "replace").rstrip("\n"))
+    return "\n".join(said)
 
 
 class RegistryProcess:
@@ -194,11 +211,11 @@ class BlobserveProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"blobserve exited:\n{self.log.read_text()}")
-            written = self.log.read_bytes()[offset:]
-            started = re.search(rb"\) starting on (\d+)", written)
+            written = log_text(self.log.read_bytes()[offset:])
+            started = re.search(r"\) starting on (\d+)", written)
             # The sendfile self-test holds a file and a connection of its own
             # for its few milliseconds: tests that count them start after it.
-            if started and re.search(rb"sendfile is (on|off)", written):
+            if started and re.search(r"sendfile is (on|off)", written):
                 self.port = int(started.group(1))
                 return
             await deferLater(reactor, 0.05, lambda: None)

@@ -102,6 +102,23 @@ def token_registry(
     registry.stop()
 
 
+@pytest.fixture(autouse=True)
+def no_secret_is_logged(tmp_path: Path, token_server: TokenServer) -> Iterator[None]:
+    """
+    After each test, check that no log blobserve wrote in it holds the
+    password, the credentials as Basic sends them, a token the token server
+    gave, or an C{Authorization} header.
+    """
+    yield
+    secrets = [PASSWORD, BASIC.decode(), BASIC.removeprefix(b"Basic ").decode()]
+    secrets += token_server.issued
+    logs = list(tmp_path.rglob("blobserve.log"))
+    for log in logs:
+        text = log.read_text()
+        assert not [secret for secret in secrets if secret in text], log
+        assert "authorization: " not in text.lower(), log
+
+
 def password_file(directory: Path) -> Path:
     path = directory / "upstream-password"
     path.write_text(PASSWORD + "\n")

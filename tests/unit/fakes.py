@@ -189,6 +189,7 @@ class FakeUpstream:
     manifest_stats: list[tuple[str, str, list[str], Deferred[ManifestInfo]]] = field(
         factory=list
     )
+    base_url: str = "https://upstream.test"
 
     def fetch_blob(
         self, name: str, digest: Digest, offset: int = 0

@@ -12,10 +12,14 @@ from typing import Any
 import pytest
 from attrs import define
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -31,6 +35,7 @@ from blobserve.upstream.client import BlobUnknown, RangeNotSatisfiable, Upstream
 from fakes import (
     FakeResponse,
     FakeUpstream,
+    LoggedEvents,
     failure_of,
     has_fired,
     result_of,
@@ -175,6 +180,45 @@ def test_spent_retries_fail_the_download_and_remove_it(subject: Subject) -> None
     assert subject.temporaries() == []
     assert not subject.committed()
     assert has_fired(subject.download.when_done())
+
+
+def test_a_transfer_that_breaks_for_good_is_logged_one_line_at_a_time(
+    tmp_path: Path,
+) -> None:
+    subject = subject_for(tmp_path, retries=1)
+    with LoggedEvents() as logged:
+        first = subject.answer()
+        assert first.protocol is not None
+        first.protocol.dataReceived(DATA[:100])
+        first.protocol.connectionLost(
+            Failure(ResponseFailed([Failure(ConnectionLost())]))
+        )
+        subject.clock.advance(1)
+        subject.upstream.fetches[-1][2].errback(ConnectionRefusedError())
+    where = f"{DIGEST} of library/x from https://upstream.test"
+    assert logged.messages() == [
+        f"transfer of {where} broke after 100 bytes (connection lost);"
+        " resuming in 1s, attempt 1 of 1",
+        f"download of {where} failed after 100 bytes of {len(DATA)}:"
+        " connection refused",
+    ]
+    assert logged.failures() == []
+
+
+def test_a_download_the_upstream_never_answers_is_logged_in_one_line(
+    subject: Subject,
+) -> None:
+    waiting = subject.download.when_ready()
+    with LoggedEvents() as logged:
+        subject.upstream.fetches[-1][2].errback(
+            ResponseNeverReceived([Failure(ConnectionDone())])
+        )
+    failure_of(waiting)
+    assert logged.messages() == [
+        f"cannot fetch {DIGEST} of library/x from https://upstream.test:"
+        " no response: connection closed"
+    ]
+    assert logged.failures() == []
 
 
 def test_blob_gone_upstream_is_not_retried(subject: Subject) -> None:

@@ -21,6 +21,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from blobserve.web.site import MAX_IGNORED_BODY, IConnections, registry_site
 
+from fakes import LoggedEvents
+
 TIMEOUT = 30.0
 
 
@@ -359,3 +361,11 @@ def test_cutting_aborts_the_connections_still_open() -> None:
     IConnections(factory).drain()
     assert IConnections(factory).cut() == 1
     assert busy.transport.disconnected
+
+
+def test_the_site_logs_nothing_as_it_starts_and_stops() -> None:
+    site = registry_site(Resource(), reactor=MemoryReactorClock())
+    with LoggedEvents() as logged:
+        site.doStart()
+        site.doStop()
+    assert logged.messages() == []

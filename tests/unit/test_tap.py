@@ -3,6 +3,7 @@ twistd wiring: the plugin is found, options parse, the service listens.
 """
 
 import gc
+from importlib.metadata import version
 from pathlib import Path
 from resource import RLIM_INFINITY
 from typing import Any
@@ -423,7 +424,8 @@ def test_the_store_limits_are_said_at_start_and_shown_in_the_status(
     options.parseOptions(["--storage", str(tmp_path), *flags])
     with LoggedEvents() as logged:
         service = makeService(options, MemoryReactor())
-    assert f"store limits: {said}" in logged.messages()
+    [start] = [m for m in logged.messages() if m.startswith("blobserve ")]
+    assert f"; store limits: {said};" in start
     [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
     site = server.factory.wrappedFactory
     store = resource_at(site, b"/_blobserve/status")._store_status()
@@ -431,6 +433,58 @@ def test_the_store_limits_are_said_at_start_and_shown_in_the_status(
     resource = resource_at(site, b"/v2/")
     # Downloads reserve room with the same evictor.
     assert resource._downloads._create.keywords["evictor"].max_size == max_size
+
+
+def test_the_start_line_says_what_is_served_from_where_within_which_limits(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-Pa55\n")
+    options = Options()
+    options.parseOptions(
+        [
+            "--storage",
+            str(tmp_path / "store"),
+            "--listen",
+            "tcp:5001",
+            "--upstream",
+            "docker.io=https://registry-1.docker.io",
+            "--upstream",
+            "http://mirror.test:5000/",
+            "--upstream-username",
+            "alice",
+            "--upstream-password-file",
+            str(secret),
+            "--max-size",
+            "2G",
+            "--max-connections",
+            "99",
+            "--tag-ttl",
+            "1.5",
+        ]
+    )
+    with LoggedEvents() as logged:
+        makeService(options, MemoryReactor())
+    [start] = [m for m in logged.messages() if m.startswith("blobserve ")]
+    assert start == (
+        f"blobserve {version('blobserve')} starting: listening on tcp:5001;"
+        " upstreams docker.io=https://registry-1.docker.io with credentials,"
+        " mirror.test:5000=http://mirror.test:5000;"
+        f" storage {tmp_path / 'store'};"
+        f" store limits: --max-size {2 * 2**30} bytes, --min-free none;"
+        f" --max-blob-size {64 * 2**30} bytes, --max-connections 99,"
+        " --upstream-concurrency 16, --upstream-queue 256,"
+        " --client-timeout 60s, --tag-ttl 1.5s"
+    )
+    said = "\n".join(logged.messages())
+    for secret_word in ("s3cret-Pa55", "alice"):
+        assert secret_word not in said
+
+
+def test_an_upstream_url_with_a_password_is_refused_without_echoing_it() -> None:
+    with pytest.raises(UsageError, match="no user or password") as refused:
+        Options().parseOptions(["--upstream", "https://bob:hunter2@registry.test"])
+    assert "hunter2" not in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,23 @@ import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
@@ -33,6 +43,7 @@ from blobserve.upstream.client import (
     IUpstream,
     Manifest,
     ManifestUnknown,
+    QuietConnectionPool,
     RangeNotSatisfiable,
     RegistryUpstream,
     RepositoryUnknown,
@@ -213,6 +224,34 @@ def test_unreachable_upstream_is_an_upstream_error() -> None:
     reason = failure_of(d)
     reason.trap(UpstreamError)
     assert "unreachable" in reason.getErrorMessage()
+
+
+def test_an_upstream_that_drops_the_connection_is_said_in_words() -> None:
+    upstream, agent = controlled_upstream()
+    d = upstream.fetch_blob("busybox", DIGEST)
+    agent.requests[0][3].errback(ResponseNeverReceived([Failure(ConnectionDone())]))
+    assert failure_of(d).getErrorMessage() == (
+        "upstream registry.test unreachable: no response: connection closed"
+    )
+
+
+@implementer(IStreamClientEndpoint)
+class _StartingEndpoint:
+    """
+    Starts the factory of the connection it is asked for, as a reactor
+    does, and never connects.
+    """
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        factory.doStart()
+        return Deferred()
+
+
+def test_the_connection_pool_logs_nothing_per_connection() -> None:
+    pool = QuietConnectionPool(Clock())
+    with LoggedEvents() as logged:
+        pool.getConnection(("http", b"registry.test", 80), _StartingEndpoint())
+    assert logged.messages() == []
 
 
 def test_bearer_challenge_is_answered_with_a_token_then_cached() -> None:

@@ -1,0 +1,120 @@
+"""
+How blobserve's log is written: as Twisted's lines of text, or as one JSON
+object a line for a log shipper; and where, as twistd would write it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import IO, Any, cast
+
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    formatEvent,
+)
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+
+#: The values of C{--log-format}.
+FORMATS = ("text", "json")
+
+
+def json_line(event: LogEvent) -> str:
+    """
+    The line of JSON that says C{event}: an object with C{time} (ISO 8601,
+    UTC, to the millisecond), C{level} (C{debug}, C{info}, C{warn},
+    C{error}, C{critical}), C{namespace} (the module that logged it),
+    C{text} (the message as the text log says it), C{format} (the message
+    before its fields were put in: the same for every event of a kind),
+    C{traceback} if a failure was logged with it, and the event's own fields
+    (C{digest}, C{repository}, ...), which those names override. A field
+    JSON has no type for is written as its C{str}. A line holds no newline
+    but its last character.
+    """
+    said: dict[str, Any] = {
+        key: value for key, value in event.items() if not key.startswith("log_")
+    }
+    level = event.get("log_level")
+    said.update(
+        time=datetime.fromtimestamp(event.get("log_time", 0), timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        level=getattr(level, "name", None),
+        namespace=event.get("log_namespace"),
+        text=formatEvent(event),
+        format=event.get("log_format"),
+    )
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        said["traceback"] = failure.getTraceback()
+    return json.dumps(said, default=_as_text) + "\n"
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return str(value)
+
+
+def json_observer(out: IO[Any]) -> ILogObserver:
+    """
+    An observer writing each event to C{out} as one line of JSON (see
+    L{json_line}), flushed at once.
+    """
+    return FileLogObserver(out, json_line)
+
+
+class CannotLogThere(Exception):
+    """
+    twistd's options ask for a log that a JSON log cannot replace.
+    """
+
+
+def check_destination(twistd: Mapping[str, Any]) -> None:
+    """
+    Refuse the twistd options a JSON log cannot go with: C{--syslog} (syslog
+    has formats of its own), and C{--logfile=-} for a daemon (which has no
+    standard output; twistd refuses it for its own log too).
+
+    @raise CannotLogThere: saying why.
+    """
+    if twistd.get("syslog"):
+        raise CannotLogThere("--log-format=json cannot go to syslog (--syslog)")
+    if twistd.get("logfile") == "-" and not twistd.get("nodaemon"):
+        raise CannotLogThere("a daemon cannot log to stdout (--logfile=-)")
+
+
+def log_destination(twistd: Mapping[str, Any], stdout: IO[str]) -> IO[Any]:
+    """
+    Where twistd, run with the options C{twistd}, writes its log: C{stdout}
+    with C{--logfile=-}, or with C{--nodaemon} and no C{--logfile}; else the
+    file C{--logfile} names (C{twistd.log} by default), rotated as twistd
+    rotates it (at 1 MB, and on C{SIGUSR1} unless something else handles
+    that signal).
+    """
+    path = twistd.get("logfile") or ""
+    if path == "-" or (twistd.get("nodaemon") and not path):
+        return stdout
+    log_file: LogFile = LogFile.fromFullPath(path or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signal_number: int, frame: object) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return cast(IO[Any], log_file)
+
+
+def twistd_json_observer(twistd: Mapping[str, Any]) -> ILogObserver:
+    """
+    An observer writing JSON lines where twistd would write its text.
+    """
+    return json_observer(log_destination(twistd, sys.stdout))
