@@ -541,7 +541,8 @@ def _over(request: Request) -> bool:
     Whether C{request} can take no answer any more: its client has gone, or
     it has been answered.
     """
-    return request.channel is None or bool(request.finished)
+    # A finished request has no channel attribute left at all.
+    return bool(request.finished) or getattr(request, "channel", None) is None
 
 
 def _answer_with(

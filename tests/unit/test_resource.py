@@ -22,6 +22,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import IResource
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
 
 from blobserve.digest import Digest
 from blobserve.fetch.download import Download, Landing
@@ -981,3 +983,15 @@ def test_blobs_and_manifests_served_are_recorded_per_repository(
         ("docker.io", "library/busybox", str(DIGEST)),
         ("ghcr.io", "ghcr/thing", str(other)),
     ]
+
+
+def test_a_finished_request_is_over() -> None:
+    """
+    A request answered is over, though Twisted removes a finished request's
+    channel: what it waited for, failing late, is dropped (the check raised
+    from the errback, an unhandled error in a Deferred).
+    """
+    request = Request(DummyChannel())
+    request.method, request.clientproto = b"GET", b"HTTP/1.1"
+    request.finish()
+    assert resource_module._over(request)
