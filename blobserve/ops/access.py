@@ -116,18 +116,27 @@ class AccessLog:
 
     def exchange_ended(self, exchange: Exchange) -> None:
         digest = exchange.digest
+        path = exchange.shown_path()
+        outcome = exchange.outcome or "-"
+        short = "" if digest is None else " " + digest.short()
+        ending = " aborted" if exchange.aborted else ""
+        # The line is made here, and handed over as one field: Twisted's
+        # formatting of a message of nine fields costs a request more than
+        # everything else the access log and the metrics do for it.
+        line = (
+            f'{exchange.client} "{exchange.method} {path}" {exchange.status}'
+            f" {exchange.sent} {exchange.duration:.3f}s {outcome}{short}{ending}"
+        )
         access_log.info(
-            '{client} "{method} {path}" {status} {bytes} {duration:.3f}s'
-            " {outcome}{short_digest}{ending}",
+            "{line}",
+            line=line,
             client=exchange.client,
             method=exchange.method,
-            path=exchange.shown_path(),
+            path=path,
             status=exchange.status,
             bytes=exchange.sent,
             duration=exchange.duration,
-            outcome=exchange.outcome or "-",
+            outcome=outcome,
             digest=None if digest is None else str(digest),
-            short_digest="" if digest is None else " " + digest.short(),
             aborted=exchange.aborted,
-            ending=" aborted" if exchange.aborted else "",
         )
