@@ -22,6 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from blobserve.fetch.download import Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
+from blobserve.fetch.progress import ProgressLines, ProgressSampler
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.shutdown import GracefulStop, StopInOrder
@@ -239,6 +240,15 @@ class Options(usage.Options):
             " connections still busy after that. Downloads whose bytes have"
             " all arrived are committed; the others are kept, to be resumed"
             " after the restart.",
+            _seconds,
+        ],
+        [
+            "progress-interval",
+            None,
+            10.0,
+            "Seconds between two log lines on the progress of a download in"
+            " flight (bytes so far, rate, clients); none for a download that"
+            " ends sooner. 0 turns them off.",
             _seconds,
         ],
         [
@@ -517,6 +527,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         },
         default=default,
     )
+    slots = UpstreamSlots(
+        options["upstream-concurrency"],
+        options["upstream-queue"],
+        options["upstream-timeout"],
+        reactor,
+    )
     downloads = InFlightTable(
         partial(
             Download,
@@ -527,12 +543,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 retries=options["upstream-retries"],
                 delay=options["upstream-retry-delay"],
             ),
-            slots=UpstreamSlots(
-                options["upstream-concurrency"],
-                options["upstream-queue"],
-                options["upstream-timeout"],
-                reactor,
-            ),
+            slots=slots,
             max_size=options["max-blob-size"],
             evictor=evictor,
         )
@@ -548,8 +559,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
     )
+    progress = ProgressSampler(downloads, reactor, resource.responses_by_digest)
     status = StatusResource(
-        store, downloads, resource.responses_in_progress, evictor.status
+        store,
+        downloads,
+        resource.responses_in_progress,
+        evictor.status,
+        progress=progress,
+        slots=slots,
     )
     raise_descriptor_limit(
         descriptors_needed(options["max-connections"], options["upstream-concurrency"])
@@ -591,6 +608,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # twistd exits non-zero.
     strports.service(options["listen"], site, reactor).setServiceParent(service)
     _FreezeStartupHeap().setServiceParent(service)
+    if options["progress-interval"] > 0:
+        lines = ProgressLines(progress, options["progress-interval"], reactor)
+        lines.setServiceParent(service)
     # Started after the freeze, which would keep what the self-test makes.
     zero_copy.setServiceParent(service)
     return service

@@ -179,7 +179,14 @@ class Download:
         self._reservation: Reservation | None = None
         self._ready: OneShotEvent[Landing] = OneShotEvent()
         self._done: OneShotEvent[None] = OneShotEvent()
-        self._started_at = 0.0
+        #: When the download started, in C{clock} seconds.
+        self.started_at = 0.0
+        #: What the download does now, for the status page: C{"queued"}
+        #: (for an upstream slot), C{"connecting"} (waiting for the
+        #: upstream's answer), C{"fetching"}, C{"resuming"} (between a broken
+        #: transfer and the upstream's answer to the next), C{"committing"}
+        #: (every byte in and verified).
+        self.state = "queued"
         # What the download waits for before the upstream answers: a slot,
         # then the upstream's headers. Cancelled when every client has gone.
         # After that, the pause before a resume and the upstream's answer to
@@ -195,7 +202,7 @@ class Download:
         """
         Ask the upstream for the blob (once a slot is free). Call once.
         """
-        self._started_at = self._clock.seconds()
+        self.started_at = self._clock.seconds()
         d = Deferred.fromCoroutine(self._run())
         d.addErrback(lambda reason: log.failure("download failed", reason))
         d.addBoth(lambda _: self._end())
@@ -244,6 +251,13 @@ class Download:
             self._receiver.stop()
         return self.when_done()
 
+    @property
+    def clients_waiting(self) -> int:
+        """
+        How many clients wait for the upstream's answer (none once it came).
+        """
+        return self._ready.waiting
+
     def _end(self) -> None:
         if not self._done.happened:
             self._done.succeed_with(None)
@@ -283,6 +297,7 @@ class Download:
             except Exception:
                 self._give_up(Failure())
                 return
+        self.state = "connecting"
         try:
             await self._fetch()
         finally:
@@ -301,6 +316,7 @@ class Download:
             return
         temporary, writer = start.temporary, start.writer
         kept = False
+        self.state = "fetching"
         try:
             self.progress = writer
             if self._reservation is not None:
@@ -324,6 +340,7 @@ class Download:
             if not writer.complete:
                 await self._transfer(writer, start.response, start.skip)
             if writer.complete:
+                self.state = "committing"
                 await self._commit(temporary, writer.written)
         finally:
             if kept:
@@ -415,6 +432,7 @@ class Download:
             )
             writer.finish()
             return _Start(kept.temporary, writer, None, 0, writer.written)
+        self.state = "resuming"
         log.info(
             "resuming {digest} from byte {offset}, kept from a download from"
             " {registry}/{repository}",
@@ -528,6 +546,7 @@ class Download:
                 self._log_failure(writer)
                 return
             pause = self._retry.pause(attempt)
+            self.state = "resuming"
             log.warn(
                 "transfer of {digest} broke after {written} bytes ({reason});"
                 " resuming in {pause:g}s, attempt {attempt} of {retries}",
@@ -546,6 +565,7 @@ class Download:
                     )
                 )
                 response, skip = answer.response, answer.skip
+                self.state = "fetching"
             except Exception:
                 reason = Failure()
                 response = None
@@ -607,7 +627,7 @@ class Download:
             "committed {digest} ({size} bytes) in {seconds:.2f}s",
             digest=str(self.digest),
             size=size,
-            seconds=self._clock.seconds() - self._started_at,
+            seconds=self._clock.seconds() - self.started_at,
         )
 
     def _log_failure(self, writer: ChunkWriter) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar, cast
 
@@ -191,7 +192,8 @@ class RegistryResource(Resource):
             C{sendfile} (see L{FollowingProducer}).
         """
         super().__init__()
-        self._responses: set[FollowingProducer] = set()
+        # The blob responses being sent, and the blob each sends.
+        self._responses: dict[FollowingProducer, Digest] = {}
         self._clock = clock
         self._client_timeout = client_timeout
         self._sink_for = sink_for
@@ -205,6 +207,12 @@ class RegistryResource(Resource):
         How many blob responses are being sent now.
         """
         return len(self._responses)
+
+    def responses_by_digest(self) -> Counter[Digest]:
+        """
+        How many blob responses are being sent now, by blob.
+        """
+        return Counter(self._responses.values())
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -336,9 +344,9 @@ class RegistryResource(Resource):
         if producer is None:
             reader.close()
             return
-        self._responses.add(producer)
+        self._responses[producer] = digest
         producer.when_released().addCallback(
-            lambda _: self._responses.discard(producer)
+            lambda _: self._responses.pop(producer, None)
         )
         producer.start()
 

@@ -26,6 +26,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
+from blobserve.fetch.progress import ProgressLines
 from blobserve.serve.zerocopy_check import ZeroCopy
 from blobserve.shutdown import StopInOrder
 from blobserve.store.database import ThreadedDatabase
@@ -208,7 +209,7 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     options.parseOptions(
         ["--listen", "tcp:5555:interface=127.0.0.1", "--storage", str(tmp_path)]
     )
-    reactor = MemoryReactor()
+    reactor = MemoryReactorClock()
     service = makeService(options, reactor)
     servers = [s for s in service if isinstance(s, StreamServerEndpointService)]
     assert len(servers) == 1
@@ -312,7 +313,7 @@ def test_start_puts_the_startup_heap_out_of_the_collectors_sight(
 ) -> None:
     options = Options()
     options.parseOptions(["--storage", str(tmp_path)])
-    service = makeService(options, MemoryReactor())
+    service = makeService(options, MemoryReactorClock())
     gc.unfreeze()
     service.startService()
     try:
@@ -500,3 +501,20 @@ def test_the_limit_of_open_files_is_raised_and_a_low_one_is_said(
 def test_descriptors_needed_grow_with_the_limits() -> None:
     assert descriptors_needed(1024, 16) > 2 * 1024
     assert descriptors_needed(2048, 16) > descriptors_needed(1024, 16)
+
+
+def test_progress_lines_come_every_ten_seconds_unless_turned_off(
+    tmp_path: Path,
+) -> None:
+    def progress_lines(*arguments: str) -> list[ProgressLines]:
+        options = Options()
+        storage = tmp_path / str(len(arguments))
+        options.parseOptions(["--storage", str(storage), *arguments])
+        service = makeService(options, MemoryReactorClock())
+        return [s for s in service if isinstance(s, ProgressLines)]
+
+    [lines] = progress_lines()
+    assert lines._interval == 10.0
+    [lines] = progress_lines("--progress-interval", "2.5")
+    assert lines._interval == 2.5
+    assert progress_lines("--progress-interval=0") == []
