@@ -28,6 +28,7 @@ from twisted.web.pages import notFound
 
 from blobserve.fetch.download import NO_EVENTS, Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
+from blobserve.fetch.progress import ProgressLines, ProgressSampler
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.ops.access import AccessLog, IExchangeObserver
 from blobserve.ops.health import HealthResource, LagMonitor, store_check
@@ -281,6 +282,15 @@ class Options(usage.Options):
             " connections still busy after that. Downloads whose bytes have"
             " all arrived are committed; the others are kept, to be resumed"
             " after the restart.",
+            _seconds,
+        ],
+        [
+            "progress-interval",
+            None,
+            10.0,
+            "Seconds between two log lines on the progress of a download in"
+            " flight (bytes so far, rate, clients); none for a download that"
+            " ends sooner. 0 turns them off.",
             _seconds,
         ],
         [
@@ -695,8 +705,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
     )
+    progress = ProgressSampler(downloads, reactor, resource.following)
     status = StatusResource(
-        store, downloads, resource.responses_in_progress, evictor.status
+        store,
+        downloads,
+        resource.responses_in_progress,
+        evictor.status,
+        progress=progress,
+        slots=slots,
+        cache=None if metrics is None else metrics.cache_counts,
     )
     lag = LagMonitor(reactor)
     health = HealthResource(
@@ -778,6 +795,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             options["metrics-listen"], metrics_site, reactor
         ).setServiceParent(service)
     _FreezeStartupHeap().setServiceParent(service)
+    if options["progress-interval"] > 0:
+        lines = ProgressLines(progress, options["progress-interval"], reactor)
+        lines.setServiceParent(service)
     # Started after the freeze, which would keep what the self-test makes.
     zero_copy.setServiceParent(service)
     # Stopped first: while blobserve stops, its health check fails.

@@ -243,8 +243,14 @@ class Download:
         self._reservation: Reservation | None = None
         self._ready: OneShotEvent[Landing] = OneShotEvent()
         self._done: OneShotEvent[None] = OneShotEvent()
-        #: When the download started, on its clock.
+        #: When the download started, in C{clock} seconds.
         self.started_at = 0.0
+        #: What the download does now, for the status page: C{"queued"}
+        #: (for an upstream slot), C{"connecting"} (waiting for the
+        #: upstream's answer), C{"fetching"}, C{"resuming"} (between a broken
+        #: transfer and the upstream's answer to the next), C{"committing"}
+        #: (every byte in and verified).
+        self.state = "queued"
         # What the download waits for before the upstream answers: a slot,
         # then the upstream's headers. Cancelled when every client has gone.
         # After that, the pause before a resume and the upstream's answer to
@@ -325,6 +331,13 @@ class Download:
             return 0
         return self.progress.written - self._kept_bytes
 
+    @property
+    def clients_waiting(self) -> int:
+        """
+        How many clients wait for the upstream's answer (none once it came).
+        """
+        return self._ready.waiting
+
     def _end(self) -> None:
         if not self._done.happened:
             self._events.ended(
@@ -367,6 +380,7 @@ class Download:
             except Exception:
                 self._give_up(Failure())
                 return
+        self.state = "connecting"
         try:
             await self._fetch()
         finally:
@@ -385,6 +399,7 @@ class Download:
             return
         temporary, writer = start.temporary, start.writer
         kept = False
+        self.state = "fetching"
         try:
             self.progress = writer
             if self._reservation is not None:
@@ -409,6 +424,7 @@ class Download:
             if not writer.complete:
                 await self._transfer(writer, start.response, start.skip)
             if writer.complete:
+                self.state = "committing"
                 await self._commit(temporary, writer.written)
         finally:
             if kept:
@@ -501,6 +517,7 @@ class Download:
             )
             writer.finish()
             return _Start(kept.temporary, writer, None, 0, writer.written)
+        self.state = "resuming"
         log.info(
             "resuming {digest} from byte {offset}, kept from a download from"
             " {registry}/{repository}",
@@ -622,6 +639,7 @@ class Download:
                 return
             pause = self._retry.pause(attempt)
             self._events.resumed(self, "broken")
+            self.state = "resuming"
             log.warn(
                 "transfer of {digest} of {repository} from {upstream} broke after"
                 " {written} bytes ({reason}); resuming in {pause:g}s, attempt"
@@ -643,6 +661,7 @@ class Download:
                     )
                 )
                 response, skip = answer.response, answer.skip
+                self.state = "fetching"
             except Exception:
                 reason = Failure()
                 response = None

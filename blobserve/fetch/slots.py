@@ -57,6 +57,13 @@ class UpstreamSlots:
         return len(self._semaphore.waiting)
 
     @property
+    def limit(self) -> int:
+        """
+        How many slots there are.
+        """
+        return self._semaphore.limit
+
+    @property
     def taken(self) -> int:
         """
         How many slots are taken.

@@ -97,6 +97,10 @@ class Metrics:
     _resumes: Counter = field(init=False)
     _digest_failures: Counter = field(init=False)
     _retries_exhausted: Counter = field(init=False)
+    # Blob and manifest requests by cache outcome, for the status page.
+    _outcomes: dict[str, int] = field(
+        factory=lambda: dict.fromkeys(OUTCOMES, 0), init=False
+    )
     # Label children by label values: labels() costs a lock and a lookup.
     _children: dict[tuple[Any, ...], Any] = field(factory=dict, init=False)
 
@@ -210,6 +214,7 @@ class Metrics:
         outcome = exchange.outcome
         if outcome is not None:
             self._child(self._cache, route, outcome).inc()
+            self._outcomes[outcome] += 1
         if exchange.sent:
             self._child(self._sent, outcome or "none").inc(exchange.sent)
         if exchange.aborted:
@@ -219,6 +224,19 @@ class Metrics:
             self._child(self._first_byte_seconds, outcome or "none").observe(
                 exchange.first_byte
             )
+
+    def cache_counts(self) -> dict[str, int]:
+        """
+        Blob and manifest requests since start by what the cache did, as
+        the status page shows them: C{hits}, C{misses}, C{joins}, C{stale}.
+        """
+        counts = self._outcomes
+        return {
+            "hits": counts["hit"],
+            "misses": counts["miss"],
+            "joins": counts["join"],
+            "stale": counts["stale"],
+        }
 
     # IDownloadEvents
 

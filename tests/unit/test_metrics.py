@@ -239,6 +239,13 @@ def test_a_miss_joined_then_hits_a_resume_and_a_stale_tag_are_counted_exactly(
         sample("blobserve_blob_first_byte_seconds_sum", outcome="join"): 4,
     }
     assert {key: samples.get(key) for key in expected} == expected
+    # The status page's figures, blobs and manifests together.
+    assert served.metrics.cache_counts() == {
+        "hits": 2,
+        "misses": 2,
+        "joins": 2,
+        "stale": 1,
+    }
 
 
 def test_retries_spent_and_digest_failures_are_counted(tmp_path: Path) -> None:

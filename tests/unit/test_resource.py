@@ -28,6 +28,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from blobserve.digest import Digest
 from blobserve.fetch.download import Download, Landing
 from blobserve.fetch.inflight import InFlightTable
+from blobserve.fetch.progress import ProgressSampler
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
@@ -104,14 +105,20 @@ class Registry:
 
 
 def registry_for(
-    tmp_path: Path, clock: Clock, store_size: int | None = None, **download: Any
+    tmp_path: Path,
+    clock: Clock,
+    store_size: int | None = None,
+    cache: Callable[[], dict[str, int]] | None = None,
+    run_blocking: Callable[..., Deferred[Any]] | None = None,
+    **download: Any,
 ) -> Registry:
     """
     A registry whose downloads get the options in C{download}; with
     C{store_size}, its store has an evictor with that limit, and its status
-    page says so.
+    page says so; its status page shows the counts C{cache} gives, and the
+    store's blocking work goes to C{run_blocking}.
     """
-    store = store_at(str(tmp_path))
+    store = store_at(str(tmp_path), run_blocking)
     upstream = FakeUpstream()
     other = FakeUpstream()
     evictor = None if store_size is None else Evictor(store, store_size)
@@ -126,6 +133,9 @@ def registry_for(
         table,
         resource.responses_in_progress,
         store_status=None if evictor is None else evictor.status,
+        progress=ProgressSampler(table, clock, resource.following),
+        slots=download.get("slots"),
+        cache=cache,
     )
     served = site_root(resource, {b"status": status})
     return Registry(store, upstream, other, table, resource, tmp_path, served)
@@ -513,6 +523,7 @@ def test_status_says_what_the_store_holds(tmp_path: Path) -> None:
         "observers": 0,
         "responses": 0,
         "partials": {"count": 0, "bytes": 0},
+        "in_flight": [],
     }
     assert store["size"] == len(DATA)
     assert store["max_size"] == 10 * len(DATA)

@@ -28,6 +28,7 @@ from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 from twisted.web.wsgi import WSGIResource
 
+from blobserve.fetch.progress import ProgressLines
 from blobserve.ops.access import AccessLog
 from blobserve.ops.health import HealthResource
 from blobserve.ops.metrics import Metrics
@@ -52,6 +53,21 @@ from blobserve.web.site import RegistrySite
 from blobserve.web.status import StatusResource
 
 from fakes import LoggedEvents, has_fired, result_of
+
+
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """
+    A memory reactor that takes the results of work done in threads (the
+    store's index, its start-up checks) and keeps them, undelivered: the
+    tests of the wiring never run that work to its end.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: list[object] = []
+
+    def callFromThread(self, f: Any, *args: object, **kwargs: object) -> None:
+        self.from_threads.append(f)
 
 
 def resource_at(site: Site, path: bytes) -> Any:
@@ -214,7 +230,7 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     options.parseOptions(
         ["--listen", "tcp:5555:interface=127.0.0.1", "--storage", str(tmp_path)]
     )
-    reactor = MemoryReactorClock()
+    reactor = ThreadedMemoryReactor()
     service = makeService(options, reactor)
     servers = [s for s in service if isinstance(s, StreamServerEndpointService)]
     assert len(servers) == 1
@@ -233,21 +249,21 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     service.stopService()
 
 
-def sites_of(
-    flags: list[str], tmp_path: Path
-) -> tuple[Site, list[tuple[int, Any, int, str]]]:
+def sites_of(flags: list[str], tmp_path: Path) -> tuple[Site, dict[str, Any]]:
     """
-    The main site of the service C{flags} make, and every listener's port,
-    factory, backlog and interface once it started.
+    The main site of the service C{flags} make, and the factory of each of
+    its listeners by endpoint, without starting it.
     """
     options = Options()
     options.parseOptions(["--storage", str(tmp_path), *flags])
-    reactor = MemoryReactorClock()
-    service = makeService(options, reactor)
-    service.startService()
-    service.stopService()
-    main: Site = reactor.tcpServers[0][1].wrappedFactory  # type: ignore[attr-defined]
-    return main, reactor.tcpServers
+    service = makeService(options, ThreadedMemoryReactor())
+    listeners = {
+        f"{s.endpoint._port}:{s.endpoint._interface}": s.factory
+        for s in service
+        if isinstance(s, StreamServerEndpointService)
+    }
+    main: Site = next(iter(listeners.values())).wrappedFactory
+    return main, listeners
 
 
 def test_metrics_and_the_access_log_are_on_by_default(tmp_path: Path) -> None:
@@ -255,6 +271,10 @@ def test_metrics_and_the_access_log_are_on_by_default(tmp_path: Path) -> None:
     assert isinstance(site, RegistrySite)
     assert [type(o) for o in site.observers] == [AccessLog, Metrics]
     assert isinstance(resource_at(site, b"/metrics"), WSGIResource)
+    # The status page shows the metrics' cache counts.
+    metrics = site.observers[1]
+    assert isinstance(metrics, Metrics)
+    assert resource_at(site, b"/_blobserve/status")._cache == metrics.cache_counts
 
 
 def test_metrics_may_listen_apart(tmp_path: Path) -> None:
@@ -262,8 +282,7 @@ def test_metrics_may_listen_apart(tmp_path: Path) -> None:
         ["--metrics-listen", "tcp:9102:interface=127.0.0.1"], tmp_path
     )
     assert not isinstance(resource_at(site, b"/metrics"), WSGIResource)
-    [(_, metrics_site, _, interface)] = [s for s in servers if s[0] == 9102]
-    assert interface == "127.0.0.1"
+    metrics_site = servers["9102:127.0.0.1"]
     assert isinstance(resource_at(metrics_site, b"/metrics"), WSGIResource)
     assert not isinstance(resource_at(metrics_site, b"/v2/"), RegistryResource)
 
@@ -366,7 +385,7 @@ def test_start_puts_the_startup_heap_out_of_the_collectors_sight(
 ) -> None:
     options = Options()
     options.parseOptions(["--storage", str(tmp_path)])
-    service = makeService(options, MemoryReactorClock())
+    service = makeService(options, ThreadedMemoryReactor())
     gc.unfreeze()
     service.startService()
     try:
@@ -381,7 +400,7 @@ def test_service_sends_with_sendfile_only_once_its_self_test_has_passed(
 ) -> None:
     options = Options()
     options.parseOptions(["--storage", str(tmp_path)])
-    reactor = MemoryReactorClock()
+    reactor = ThreadedMemoryReactor()
     service = makeService(options, reactor)
     [zero_copy] = [s for s in service if isinstance(s, ZeroCopy)]
     [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
@@ -520,7 +539,7 @@ def served_site(
     """
     options = Options()
     options.parseOptions(["--storage", str(tmp_path), *flags])
-    reactor = MemoryReactorClock()
+    reactor = ThreadedMemoryReactor()
     service = makeService(options, reactor)
     service.startService()
     factory: IProtocolFactory = reactor.tcpServers[0][1]
@@ -607,3 +626,20 @@ def test_the_limit_of_open_files_is_raised_and_a_low_one_is_said(
 def test_descriptors_needed_grow_with_the_limits() -> None:
     assert descriptors_needed(1024, 16) > 2 * 1024
     assert descriptors_needed(2048, 16) > descriptors_needed(1024, 16)
+
+
+def test_progress_lines_come_every_ten_seconds_unless_turned_off(
+    tmp_path: Path,
+) -> None:
+    def progress_lines(*arguments: str) -> list[ProgressLines]:
+        options = Options()
+        storage = tmp_path / str(len(arguments))
+        options.parseOptions(["--storage", str(storage), *arguments])
+        service = makeService(options, ThreadedMemoryReactor())
+        return [s for s in service if isinstance(s, ProgressLines)]
+
+    [lines] = progress_lines()
+    assert lines._interval == 10.0
+    [lines] = progress_lines("--progress-interval", "2.5")
+    assert lines._interval == 2.5
+    assert progress_lines("--progress-interval=0") == []
