@@ -602,6 +602,11 @@ def _log_start(options: Options) -> None:
         )
         for registry, url in registries.items()
     )
+    listen = options["listen"]
+    if options["no-metrics"]:
+        listen += " (no metrics)"
+    elif options["metrics-listen"]:
+        listen += f", metrics on {options['metrics-listen']}"
     log.info(
         "blobserve {version} starting: listening on {listen}; upstreams"
         " {upstreams}; storage {storage}; store limits: --max-size {max_size},"
@@ -610,7 +615,7 @@ def _log_start(options: Options) -> None:
         " {upstream_concurrency}, --upstream-queue {upstream_queue},"
         " --client-timeout {client_timeout:g}s, --tag-ttl {tag_ttl:g}s",
         version=_version(),
-        listen=options["listen"],
+        listen=listen,
         upstreams=upstreams,
         storage=os.path.abspath(options["storage"]),
         max_size=_bytes_or(options["max-size"], "none (no limit)"),

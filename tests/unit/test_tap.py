@@ -480,13 +480,16 @@ def test_the_start_line_says_what_is_served_from_where_within_which_limits(
             "99",
             "--tag-ttl",
             "1.5",
+            "--metrics-listen",
+            "tcp:9102",
         ]
     )
     with LoggedEvents() as logged:
         makeService(options, MemoryReactor())
     [start] = [m for m in logged.messages() if m.startswith("blobserve ")]
     assert start == (
-        f"blobserve {version('blobserve')} starting: listening on tcp:5001;"
+        f"blobserve {version('blobserve')} starting: listening on tcp:5001,"
+        " metrics on tcp:9102;"
         " upstreams docker.io=https://registry-1.docker.io with credentials,"
         " mirror.test:5000=http://mirror.test:5000;"
         f" storage {tmp_path / 'store'};"
