@@ -14,12 +14,10 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from prometheus_client import disable_created_metrics
-from prometheus_client.twisted import MetricsResource
 from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -38,7 +36,7 @@ from blobserve.ops.logs import (
     check_destination,
     twistd_json_observer,
 )
-from blobserve.ops.metrics import Figures, Metrics
+from blobserve.ops.metrics import Figures, Metrics, MetricsPage
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.shutdown import GracefulStop, StopInOrder
 from blobserve.store.database import ThreadedDatabase
@@ -57,10 +55,13 @@ from blobserve.upstream.client import (
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
-from blobserve.web.site import IConnections, RegistrySite, registry_site
+from blobserve.web.site import IConnections, registry_site
 from blobserve.web.status import StatusResource
 
 log = Logger()
+
+#: How many connections --metrics-listen takes at once.
+METRICS_CONNECTIONS = 16
 
 #: The environment variable that may hold the upstream password.
 PASSWORD_VARIABLE = "BLOBSERVE_UPSTREAM_PASSWORD"
@@ -743,10 +744,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 slots=(slots.taken, slots.waiting),
             )
 
-        # Scrapes are answered in a thread of the reactor's pool; what they
-        # read of blobserve is read in the reactor's thread.
-        metrics.watch(partial(blockingCallFromThread, reactor, figures))
-        metrics_page = MetricsResource(metrics.registry)
+        metrics.watch(figures)
+        metrics_page = MetricsPage(metrics.registry)
     site = registry_site(
         site_root(
             resource,
@@ -793,8 +792,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # twistd exits non-zero.
     strports.service(options["listen"], site, reactor).setServiceParent(service)
     if options["metrics-listen"] and metrics_page is not None:
-        metrics_site = RegistrySite(
-            site_root(notFound(), {}, metrics_page), reactor=reactor
+        # Within the same bounds as the registry's site, but a few
+        # connections: scrapers are few.
+        metrics_site = registry_site(
+            site_root(notFound(), {}, metrics_page),
+            timeout=options["client-timeout"],
+            max_connections=METRICS_CONNECTIONS,
+            reactor=reactor,
         )
         strports.service(
             options["metrics-listen"], metrics_site, reactor

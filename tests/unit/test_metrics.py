@@ -24,7 +24,7 @@ from blobserve.digest import Digest
 from blobserve.fetch.download import Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
 from blobserve.ops.access import AccessLog, Exchange
-from blobserve.ops.metrics import Figures, Metrics
+from blobserve.ops.metrics import Figures, Metrics, MetricsPage
 from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream.client import Manifest, ManifestInfo, UpstreamError, Upstreams
@@ -63,12 +63,17 @@ class Served:
     metrics: Metrics
     site: RegistrySite
 
-    def get(self, path: str = BLOB, method: str = "GET") -> Connection:
+    def get(
+        self,
+        path: str = BLOB,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+    ) -> Connection:
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = ClientTransport()
         channel.makeConnection(transport)
         connection = Connection(channel, transport)
-        connection.request(method, path)
+        connection.request(method, path, headers)
         return connection
 
     def answer(self, status: int = 200, start: int = 0) -> FakeResponse:
@@ -128,7 +133,7 @@ def served_at(tmp_path: Path) -> Served:
         )
     )
     factory = registry_site(
-        site_root(resource, {}),
+        site_root(resource, {}, MetricsPage(metrics.registry)),
         timeout=60,
         reactor=clock,
         observers=(metrics, AccessLog()),
@@ -357,3 +362,18 @@ def test_the_logged_path_hides_secrets_and_escapes_what_is_not_printable(
 ) -> None:
     exchange = Exchange(client="127.0.0.1", method="GET", uri=uri, started=0)
     assert exchange.shown_path() == shown
+
+
+def test_the_metrics_page_is_rendered_at_once_in_either_format(served: Served) -> None:
+    served.get("/v2/")
+    status, headers, body = served.get("/metrics").response()
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=")
+    assert headers["cache-control"] == "no-store"
+    families = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {"blobserve_http_requests", "blobserve_downloads_in_flight"} <= families
+    openmetrics = served.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    ).response()
+    assert openmetrics[1]["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics[2].endswith(b"# EOF\n")

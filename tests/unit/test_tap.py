@@ -26,12 +26,11 @@ from twisted.python.usage import UsageError
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
-from twisted.web.wsgi import WSGIResource
 
 from blobserve.fetch.progress import ProgressLines
 from blobserve.ops.access import AccessLog
 from blobserve.ops.health import HealthResource
-from blobserve.ops.metrics import Metrics
+from blobserve.ops.metrics import Metrics, MetricsPage
 from blobserve.serve.zerocopy_check import ZeroCopy
 from blobserve.shutdown import StopInOrder
 from blobserve.store.database import ThreadedDatabase
@@ -270,7 +269,7 @@ def test_metrics_and_the_access_log_are_on_by_default(tmp_path: Path) -> None:
     site, _ = sites_of([], tmp_path)
     assert isinstance(site, RegistrySite)
     assert [type(o) for o in site.observers] == [AccessLog, Metrics]
-    assert isinstance(resource_at(site, b"/metrics"), WSGIResource)
+    assert isinstance(resource_at(site, b"/metrics"), MetricsPage)
     # The status page shows the metrics' cache counts.
     metrics = site.observers[1]
     assert isinstance(metrics, Metrics)
@@ -281,9 +280,9 @@ def test_metrics_may_listen_apart(tmp_path: Path) -> None:
     site, servers = sites_of(
         ["--metrics-listen", "tcp:9102:interface=127.0.0.1"], tmp_path
     )
-    assert not isinstance(resource_at(site, b"/metrics"), WSGIResource)
-    metrics_site = servers["9102:127.0.0.1"]
-    assert isinstance(resource_at(metrics_site, b"/metrics"), WSGIResource)
+    assert not isinstance(resource_at(site, b"/metrics"), MetricsPage)
+    metrics_site = servers["9102:127.0.0.1"].wrappedFactory
+    assert isinstance(resource_at(metrics_site, b"/metrics"), MetricsPage)
     assert not isinstance(resource_at(metrics_site, b"/v2/"), RegistryResource)
 
 
@@ -291,7 +290,7 @@ def test_metrics_and_the_access_log_may_be_turned_off(tmp_path: Path) -> None:
     site, _ = sites_of(["--no-metrics", "--no-access-log"], tmp_path)
     assert isinstance(site, RegistrySite)
     assert site.observers == ()
-    assert not isinstance(resource_at(site, b"/metrics"), WSGIResource)
+    assert not isinstance(resource_at(site, b"/metrics"), MetricsPage)
 
 
 def test_metrics_listen_without_metrics_is_a_usage_error() -> None:
