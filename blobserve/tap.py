@@ -55,7 +55,7 @@ from blobserve.upstream.client import (
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
-from blobserve.web.site import IConnections, registry_site
+from blobserve.web.site import IConnectionCounts, IConnections, registry_site
 from blobserve.web.status import StatusResource
 
 log = Logger()
@@ -742,6 +742,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 responses=resource.responses_in_progress(),
                 store=evictor.status(),
                 slots=(slots.taken, slots.waiting),
+                connections=IConnectionCounts(site).figures(),
             )
 
         metrics.watch(figures)

@@ -6,8 +6,9 @@ ended, however it ended.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote, unquote_plus
 
 from attrs import define
 from twisted.logger import Logger
@@ -24,6 +25,10 @@ _PLAIN_PARAMETERS = {"ns", "n", "last", "artifactType", "digest"}
 
 #: The access log's own namespace, to route or filter its lines.
 access_log = Logger(namespace="blobserve.access")
+
+#: The user and password of an absolute request target (C{GET
+#: http://user:password@host/v2/}).
+_USERINFO = re.compile(rb"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
 
 #: The most of a path the access log shows.
 _PATH_LIMIT = 512
@@ -76,23 +81,36 @@ class Exchange:
 
     def shown_path(self) -> str:
         """
-        The path and query, fit for a log: the values of query parameters
-        that may be secrets replaced by C{***}, bytes outside printable
-        ASCII escaped, and at most L{_PATH_LIMIT} characters.
+        The path and query, fit for a log (see L{shown_uri}).
         """
-        path, separator, query = self.uri.partition(b"?")
-        shown = quote(path.decode("latin-1"), safe="/:@!$&'()*+,;=-._~")
-        if separator:
-            parameters = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-            shown += "?" + "&".join(
-                quote(name, safe="")
-                + "="
-                + (quote(value, safe=":/") if name in _PLAIN_PARAMETERS else "***")
-                for name, value in parameters
+        return shown_uri(self.uri)
+
+
+def shown_uri(uri: bytes) -> str:
+    """
+    A request target fit for a log: without the user and password of an
+    absolute URI, the values of query parameters that may be secrets
+    replaced by C{***} (parameters split at C{&} and C{;} alike), bytes
+    outside printable ASCII escaped, and at most L{_PATH_LIMIT} characters.
+    """
+    path, separator, query = uri.partition(b"?")
+    path = _USERINFO.sub(rb"\1", path)
+    shown = quote(path.decode("latin-1"), safe="/:@!$&'()*+,;=-._~")
+    if separator:
+        said = []
+        for parameter in re.split(r"[&;]", query.decode("latin-1")):
+            name, equals, value = (
+                unquote_plus(part) for part in parameter.partition("=")
             )
-        if len(shown) > _PATH_LIMIT:
-            shown = shown[:_PATH_LIMIT] + "..."
-        return shown
+            if name in _PLAIN_PARAMETERS:
+                value = quote(value, safe=":/")
+            elif value or equals:
+                value = "***"
+            said.append(quote(name, safe="") + ("=" if equals else "") + value)
+        shown += "?" + "&".join(said)
+    if len(shown) > _PATH_LIMIT:
+        shown = shown[:_PATH_LIMIT] + "..."
+    return shown
 
 
 class IExchangeObserver(Interface):

@@ -53,7 +53,18 @@ def json_line(event: LogEvent) -> str:
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         said["traceback"] = failure.getTraceback()
-    return json.dumps(said, default=_as_text) + "\n"
+    try:
+        return json.dumps(said, default=_as_text) + "\n"
+    except (TypeError, ValueError):
+        # A field JSON cannot hold even as text (a mapping with keys that
+        # are not strings, a cycle): the event is said without its fields,
+        # rather than lost (this observer may be the only one).
+        plain = {key: said[key] for key in _STANDARD if key in said}
+        return json.dumps(plain, default=_as_text) + "\n"
+
+
+#: The keys every line has, whatever the event's own fields.
+_STANDARD = ("time", "level", "namespace", "text", "format", "traceback")
 
 
 def _as_text(value: object) -> str:

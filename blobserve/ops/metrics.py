@@ -63,6 +63,9 @@ class Figures:
     @ivar responses: blob responses in progress.
     @ivar store: the store's figures (see L{Evictor.status}), if known.
     @ivar slots: upstream slots taken and downloads waiting for one.
+    @ivar connections: client connections C{open} now, C{refused} (over
+        C{--max-connections}) and C{dropped} (no complete request in time)
+        since start.
     """
 
     downloads: list[Download]
@@ -70,6 +73,7 @@ class Figures:
     responses: int
     store: Mapping[str, int | None] | None
     slots: tuple[int, int] | None
+    connections: Mapping[str, int] | None = None
 
 
 @implementer(IExchangeObserver, IDownloadEvents)
@@ -399,6 +403,24 @@ class _Figures(Collector):
                 "Downloads waiting for an upstream slot (--upstream-queue).",
                 value=waiting,
             )
+        connections = figures.connections
+        if connections is not None:
+            yield GaugeMetricFamily(
+                "blobserve_connections_open",
+                "Client connections open now.",
+                value=connections["open"],
+            )
+            yield CounterMetricFamily(
+                "blobserve_connections_refused",
+                "Client connections refused at once, over --max-connections.",
+                value=connections["refused"],
+            )
+            yield CounterMetricFamily(
+                "blobserve_connections_dropped",
+                "Client connections dropped because no complete request came"
+                " within --client-timeout of its first byte.",
+                value=connections["dropped"],
+            )
         store = figures.store
         if store is None:
             return
@@ -414,5 +436,10 @@ class _Figures(Collector):
 
 #: What describe() reports: every family that a scrape may yield.
 _NO_FIGURES = Figures(
-    [], 0, 0, dict.fromkeys([*_STORE_GAUGES, *_STORE_COUNTERS], 0), (0, 0)
+    [],
+    0,
+    0,
+    dict.fromkeys([*_STORE_GAUGES, *_STORE_COUNTERS], 0),
+    (0, 0),
+    {"open": 0, "refused": 0, "dropped": 0},
 )

@@ -268,7 +268,10 @@ class ManifestCache:
             return _info(stored)
         if info.digest is not None:
             self._tags[key] = TagRecord(info.digest, now)
-        note("miss")
+        # As for a GET: a hit if the upstream was asked only whether the tag
+        # moved, and the manifest it points to is stored.
+        known = info.digest is not None and self._store.media_type(info.digest)
+        note("hit" if known else "miss")
         return info
 
     async def _fetch(

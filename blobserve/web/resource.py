@@ -24,7 +24,7 @@ from blobserve.fetch.download import Landing
 from blobserve.fetch.inflight import IInFlightTable
 from blobserve.fetch.slots import QueueFull
 from blobserve.fetch.writer import BlobTooLarge, IBlobProgress
-from blobserve.ops.access import Exchange
+from blobserve.ops.access import Exchange, shown_uri
 from blobserve.serve.producer import CompleteBlob, FollowingProducer
 from blobserve.serve.zerocopy import IZeroCopySink, SocketSink
 from blobserve.store.eviction import StoreFull
@@ -567,7 +567,7 @@ def _finish_with_error(request: Request, reason: Failure) -> None:
     """
     if _over(request):
         return  # the client has gone, or has its answer
-    asked = f"{request.method.decode('latin-1')} {request.uri.decode('latin-1')}"
+    asked = f"{request.method.decode('latin-1')} {shown_uri(request.uri)}"
     if request.startedWriting:
         log.warn(
             "cutting off the response to {asked}: {reason}",

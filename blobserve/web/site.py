@@ -274,6 +274,9 @@ class _BoundedChannel(HTTPChannel):
 
     def _deadline_passed(self) -> None:
         self._deadline = None
+        site = getattr(self, "site", None)
+        if isinstance(site, RegistrySite):
+            site.dropped_requests += 1
         transport = cast(ITCPTransport, self.transport)
         log.info(
             "dropped {peer}: no complete request {seconds}s after its first byte",
@@ -334,7 +337,19 @@ class IConnections(Interface):
         """
 
 
-@implementer(IConnections)
+class IConnectionCounts(Interface):
+    """
+    What became of a server's client connections, for the metrics.
+    """
+
+    def figures() -> dict[str, int]:
+        """
+        How many connections are C{open} now, and how many were C{refused}
+        and C{dropped} before they made a request.
+        """
+
+
+@implementer(IConnections, IConnectionCounts)
 class _ConnectionLimit(WrappingFactory):
     """
     Wraps the site's connections, and counts them: a connection beyond
@@ -349,6 +364,8 @@ class _ConnectionLimit(WrappingFactory):
         super().__init__(site)
         self.limit = limit
         self._refused = 0
+        #: Connections refused since start.
+        self.refused_total = 0
         self._drained: OneShotEvent[None] | None = None
 
     def drain(self) -> Deferred[None]:
@@ -363,6 +380,19 @@ class _ConnectionLimit(WrappingFactory):
         if self._drained is None:
             self._drained = OneShotEvent()
         return self._drained.observe()
+
+    def figures(self) -> dict[str, int]:
+        """
+        Connections open now, refused and dropped since start (for the
+        metrics: what never became a request an observer is told of).
+        """
+        site = self.wrappedFactory
+        dropped = site.dropped_requests if isinstance(site, RegistrySite) else 0
+        return {
+            "open": len(self.protocols),
+            "refused": self.refused_total,
+            "dropped": dropped,
+        }
 
     def cut(self) -> int:
         wrappers = list(self.protocols)
@@ -380,6 +410,7 @@ class _ConnectionLimit(WrappingFactory):
                 limit=self.limit,
             )
         self._refused += 1
+        self.refused_total += 1
         return _Overloaded()
 
     def unregisterProtocol(self, p: ProtocolWrapper) -> None:
@@ -407,6 +438,9 @@ class RegistrySite(Site):
     """
 
     observers: tuple[IExchangeObserver, ...] = ()
+    #: Connections dropped since start because no complete request came
+    #: within the deadline: they never reach the observers.
+    dropped_requests = 0
     # No "Starting factory" line each time it listens.
     noisy = False
 

@@ -71,6 +71,15 @@ def test_fields_json_has_no_type_for_are_their_text() -> None:
     assert (said["what"], said["raw"]) == ("/x", "\xff")
 
 
+def test_an_event_whose_fields_json_cannot_hold_is_said_without_them() -> None:
+    cycle: list[object] = []
+    cycle.append(cycle)
+    for fields in ({"headers": {b"key": b"value"}}, {"cycle": cycle}):
+        said = json.loads(json_line(event(format="asked {n}", n=3, **fields)))
+        assert said["text"] == "asked 3"
+        assert "headers" not in said and "n" not in said
+
+
 @pytest.fixture
 def usr1() -> Iterator[None]:
     """

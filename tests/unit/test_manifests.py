@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from attrs import define
@@ -243,3 +244,51 @@ def test_caller_leaving_a_shared_tag_resolution_leaves_it_to_the_others(
     subject.upstream.manifest_fetches[-1][3].callback(V2)
     assert result_of(staying) == V2
     assert subject.cache._tags[next(iter(subject.cache._tags))].digest == V2.digest
+
+
+def test_each_caller_is_told_what_the_cache_did_for_it(subject: Cache) -> None:
+    said: list[tuple[str, str]] = []
+
+    def asking(who: str, method: str = "get") -> Deferred[Any]:
+        ask = subject.cache.get if method == "get" else subject.cache.head
+        d: Deferred[Any] = ask(
+            "docker.io",
+            subject.upstream,
+            "library/x",
+            "latest",
+            ACCEPT,
+            lambda outcome: said.append((who, outcome)),
+        )
+        return d
+
+    first, second = asking("first"), asking("second")
+    subject.upstream.manifest_fetches[-1][3].callback(V1)
+    assert has_fired(first) and has_fired(second)
+    asking("fresh")
+    asking("fresh head", "head")
+    subject.clock.advance(60)
+    # Past the TTL the upstream says the tag still points to a stored
+    # manifest: a hit, for a HEAD as for a GET.
+    revalidated = asking("revalidated head", "head")
+    subject.upstream.manifest_stats[-1][3].callback(
+        ManifestInfo(V1.digest, INDEX_TYPE, len(V1.content))
+    )
+    assert has_fired(revalidated)
+    subject.clock.advance(60)
+    stale = asking("stale")
+    subject.upstream.manifest_stats[-1][3].errback(UpstreamError("unreachable"))
+    assert has_fired(stale)
+    moved = asking("moved head", "head")
+    subject.upstream.manifest_stats[-1][3].callback(
+        ManifestInfo(V2.digest, INDEX_TYPE, len(V2.content))
+    )
+    assert has_fired(moved)
+    assert said == [
+        ("first", "miss"),
+        ("second", "join"),
+        ("fresh", "hit"),
+        ("fresh head", "hit"),
+        ("revalidated head", "hit"),
+        ("stale", "stale"),
+        ("moved head", "miss"),
+    ]

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -31,7 +32,7 @@ from blobserve.upstream.client import Manifest, ManifestInfo, UpstreamError, Ups
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
-from blobserve.web.site import RegistrySite, registry_site
+from blobserve.web.site import IConnectionCounts, RegistrySite, registry_site
 
 from fakes import (
     ClientTransport,
@@ -61,7 +62,8 @@ class Served:
     upstream: FakeUpstream
     clock: Clock
     metrics: Metrics
-    site: RegistrySite
+    #: The site, behind its connection limit.
+    factory: WrappingFactory
 
     def get(
         self,
@@ -69,7 +71,7 @@ class Served:
         method: str = "GET",
         headers: dict[str, str] | None = None,
     ) -> Connection:
-        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        channel = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = ClientTransport()
         channel.makeConnection(transport)
         connection = Connection(channel, transport)
@@ -123,6 +125,12 @@ def served_at(tmp_path: Path) -> Served:
         clock=clock,
         sink_for=lambda request: None,
     )
+    factory = registry_site(
+        site_root(resource, {}, MetricsPage(metrics.registry)),
+        timeout=60,
+        reactor=clock,
+        observers=(metrics, AccessLog()),
+    )
     metrics.watch(
         lambda: Figures(
             downloads=list(table),
@@ -130,17 +138,11 @@ def served_at(tmp_path: Path) -> Served:
             responses=resource.responses_in_progress(),
             store=evictor.status(),
             slots=None,
+            connections=IConnectionCounts(factory).figures(),
         )
     )
-    factory = registry_site(
-        site_root(resource, {}, MetricsPage(metrics.registry)),
-        timeout=60,
-        reactor=clock,
-        observers=(metrics, AccessLog()),
-    )
-    site = factory.wrappedFactory
-    assert isinstance(site, RegistrySite)
-    return Served(store, upstream, clock, metrics, site)
+    assert isinstance(factory.wrappedFactory, RegistrySite)
+    return Served(store, upstream, clock, metrics, factory)
 
 
 @pytest.fixture
@@ -235,6 +237,10 @@ def test_a_miss_joined_then_hits_a_resume_and_a_stale_tag_are_counted_exactly(
         sample("blobserve_store_blobs"): 2,
         sample("blobserve_store_bytes"): len(DATA) + len(MANIFEST),
         sample("blobserve_store_limit_bytes"): 100 * len(DATA),
+        # Built, never closed: every client of the test's.
+        sample("blobserve_connections_open"): 7,
+        sample("blobserve_connections_refused_total"): 0,
+        sample("blobserve_connections_dropped_total"): 0,
         sample("blobserve_blob_first_byte_seconds_count", outcome="miss"): 1,
         sample("blobserve_blob_first_byte_seconds_count", outcome="join"): 2,
         sample("blobserve_blob_first_byte_seconds_count", outcome="hit"): 2,
@@ -354,6 +360,9 @@ def test_a_manifest_head_and_a_blob_head_note_their_outcome(served: Served) -> N
             "/v2/a?token=***&X-Amz-Signature=***",
         ),
         (b"/v2/\x1b[31m\n", "/v2/%1B%5B31m%0A"),
+        (b"/v2/a?ns=x;token=s3cret", "/v2/a?ns=x&token=***"),
+        (b"/v2/a?token", "/v2/a?token"),
+        (b"http://u:s3cret@mirror/v2/?t=1", "http://mirror/v2/?t=***"),
         (b"/" + b"a" * 2000, "/" + "a" * 511 + "..."),
     ],
 )
@@ -377,3 +386,16 @@ def test_the_metrics_page_is_rendered_at_once_in_either_format(served: Served) -
     ).response()
     assert openmetrics[1]["content-type"].startswith("application/openmetrics-text")
     assert openmetrics[2].endswith(b"# EOF\n")
+
+
+def test_error_lines_hide_query_secrets_as_the_access_log_does(served: Served) -> None:
+    with LoggedEvents() as logged:
+        client = served.get(TAG + "?ns=docker.io&token=s3cret")
+        _, _, _, fetched = served.upstream.manifest_fetches[-1]
+        fetched.errback(OSError(28, "No space left on device"))
+        assert client.response()[0] == 503
+    [line] = [m for m in logged.messages() if m.startswith("storage error")]
+    assert line == (
+        f"storage error answering GET {TAG}?ns=docker.io&token=***:"
+        " [Errno 28] No space left on device"
+    )

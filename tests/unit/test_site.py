@@ -19,7 +19,12 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from blobserve.web.site import MAX_IGNORED_BODY, IConnections, registry_site
+from blobserve.web.site import (
+    MAX_IGNORED_BODY,
+    IConnectionCounts,
+    IConnections,
+    registry_site,
+)
 
 from fakes import LoggedEvents
 
@@ -55,6 +60,7 @@ class Connection:
     """
 
     def __init__(self, factory: WrappingFactory) -> None:
+        self.factory = factory
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
         assert protocol is not None
         self.protocol: Protocol = protocol
@@ -70,6 +76,9 @@ class Connection:
 
     def close(self) -> None:
         self.protocol.connectionLost(Failure(ConnectionError("gone")))
+
+    def factory_figures(self) -> dict[str, int]:
+        return IConnectionCounts(self.factory).figures()
 
 
 def site(
@@ -240,6 +249,7 @@ def test_a_request_dribbled_a_byte_a_second_is_cut_off_at_the_deadline() -> None
     assert connection.transport.disconnected
     assert seconds == TIMEOUT
     assert connection.received() == b""
+    assert connection.factory_figures()["dropped"] == 1
 
 
 def test_a_request_sent_within_the_deadline_is_served() -> None:
@@ -314,6 +324,12 @@ def test_connections_beyond_the_limit_are_answered_503_and_closed() -> None:
     fourth = Connection(factory)
     fourth.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert fourth.received().endswith(b"hello")
+    # Counted for the metrics, though no request of theirs was.
+    assert IConnectionCounts(factory).figures() == {
+        "open": 2,
+        "refused": 1,
+        "dropped": 0,
+    }
 
 
 def test_draining_closes_idle_connections_now_and_busy_ones_after_their_response() -> (
