@@ -52,6 +52,7 @@ from blobserve.upstream.client import (
     RegistryUpstream,
     Upstreams,
 )
+from blobserve.upstream.credentials import UnusableCredentials, read_credentials
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
@@ -318,6 +319,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["upstreams"] = {}
+        self["upstream-credentials"] = {}
 
     def opt_upstream(self, value: str) -> None:
         registry, url = parse_upstream(value)
@@ -333,10 +335,27 @@ class Options(usage.Options):
     )
     opt_u = opt_upstream
 
+    def opt_upstream_credentials(self, value: str) -> None:
+        registry, separator, path = value.partition("=")
+        if not separator or not registry or not path:
+            raise usage.UsageError(
+                f"--upstream-credentials needs REGISTRY=FILE, not {value[:80]!r}"
+            )
+        if registry in self["upstream-credentials"]:
+            raise usage.UsageError(f"--upstream-credentials given twice for {registry}")
+        self["upstream-credentials"][registry] = path
+
+    opt_upstream_credentials.__doc__ = (
+        "REGISTRY=FILE: the credentials for the --upstream named REGISTRY, from"
+        " FILE: user:password on one line, or a docker config.json (its auths"
+        " entry for the registry); repeat for more registries."
+    )
+
     def postOptions(self) -> None:
         if not self["upstreams"]:
             self["upstreams"] = {DEFAULT_REGISTRY: DEFAULT_UPSTREAM}
         self["credentials"] = self._credentials()
+        self["registry-credentials"] = self._registry_credentials()
         if self["no-metrics"] and self["metrics-listen"]:
             raise usage.UsageError("--metrics-listen serves metrics: drop --no-metrics")
         if isinstance(self["max-blob-size"], str):  # the default is not coerced
@@ -380,6 +399,35 @@ class Options(usage.Options):
                 f" or {PASSWORD_VARIABLE} in the environment"
             )
         return Credentials(username, password)
+
+    def _registry_credentials(self) -> dict[str, Credentials]:
+        """
+        The credentials of each registry that has some: the default's from
+        C{--upstream-username}, any's from C{--upstream-credentials}.
+        """
+        upstreams = self["upstreams"]
+        found: dict[str, Credentials] = {}
+        if self["credentials"] is not None:
+            found[next(iter(upstreams))] = self["credentials"]
+        for registry, path in self["upstream-credentials"].items():
+            if registry not in upstreams:
+                raise usage.UsageError(
+                    f"--upstream-credentials names {registry!r}, which no"
+                    " --upstream mirrors"
+                )
+            if registry in found:
+                raise usage.UsageError(
+                    f"--upstream-credentials for {registry!r}, the default"
+                    " upstream, which --upstream-username gives credentials to"
+                )
+            names = (registry, urlsplit(upstreams[registry]).netloc)
+            try:
+                found[registry] = read_credentials(path, names)
+            except UnusableCredentials as e:
+                raise usage.UsageError(
+                    f"--upstream-credentials for {registry}: {path} {e}"
+                ) from None
+        return found
 
 
 def parse_upstream(value: str) -> tuple[str, str]:
@@ -592,16 +640,10 @@ def _log_start(options: Options) -> None:
     Say in one line what blobserve serves, from where, and within which
     limits. Of the credentials it says only that there are some.
     """
-    registries = options["upstreams"]
-    default = next(iter(registries))
+    credentials = options["registry-credentials"]
     upstreams = ", ".join(
-        f"{registry}={url}"
-        + (
-            " with credentials"
-            if registry == default and options["credentials"] is not None
-            else ""
-        )
-        for registry, url in registries.items()
+        f"{registry}={url}" + (" with credentials" if registry in credentials else "")
+        for registry, url in options["upstreams"].items()
     )
     listen = options["listen"]
     if options["no-metrics"]:
@@ -669,7 +711,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 client,
                 reactor,
                 timeout=options["upstream-timeout"],
-                credentials=options["credentials"] if registry == default else None,
+                credentials=options["registry-credentials"].get(registry),
                 events=(
                     NO_ANSWERS if metrics is None else metrics.upstream_events(registry)
                 ),
@@ -747,12 +789,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
         metrics.watch(figures)
         metrics_page = MetricsPage(metrics.registry)
+    root = site_root(
+        resource,
+        {b"status": status, b"health": health},
+        None if options["metrics-listen"] else metrics_page,
+    )
     site = registry_site(
-        site_root(
-            resource,
-            {b"status": status, b"health": health},
-            None if options["metrics-listen"] else metrics_page,
-        ),
+        root,
         timeout=options["client-timeout"],
         max_connections=options["max-connections"],
         reactor=reactor,

@@ -40,6 +40,7 @@ from blobserve.store.lock import StoreLock, StoreLocked
 from blobserve.tap import (
     PASSWORD_VARIABLE,
     Options,
+    _log_start,
     _StoreIndexService,
     descriptors_needed,
     makeService,
@@ -645,3 +646,99 @@ def test_progress_lines_come_every_ten_seconds_unless_turned_off(
     [lines] = progress_lines("--progress-interval", "2.5")
     assert lines._interval == 2.5
     assert progress_lines("--progress-interval=0") == []
+
+
+def test_upstream_credentials_for_each_registry(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    first.write_text("bob:one\n")
+    second = tmp_path / "config.json"
+    second.write_text(
+        '{"auths": {"https://ghcr.io": {"username": "eve", "password": "two"}}}'
+    )
+    options = Options()
+    options.parseOptions(
+        [
+            "--upstream=mirror.test=http://127.0.0.1:5100",
+            "--upstream=https://ghcr.io",
+            "--upstream=https://quay.io",
+            f"--upstream-credentials=mirror.test={first}",
+            f"--upstream-credentials=ghcr.io={second}",
+        ]
+    )
+    assert options["registry-credentials"] == {
+        "mirror.test": Credentials("bob", "one"),
+        "ghcr.io": Credentials("eve", "two"),
+    }
+
+
+def test_upstream_username_stays_the_default_registrys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSWORD_VARIABLE, "s3cret")
+    other = tmp_path / "other"
+    other.write_text("bob:one")
+    options = Options()
+    options.parseOptions(
+        [
+            "--upstream=https://ghcr.io",
+            "--upstream-username=alice",
+            "--upstream=https://quay.io",
+            f"--upstream-credentials=quay.io={other}",
+        ]
+    )
+    assert options["registry-credentials"] == {
+        "ghcr.io": Credentials("alice", "s3cret"),
+        "quay.io": Credentials("bob", "one"),
+    }
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--upstream-credentials=nowhere.test={file}"],
+        ["--upstream-credentials={file}"],
+        ["--upstream-credentials=docker.io=/nonexistent"],
+        ["--upstream-credentials=docker.io={empty}"],
+        [
+            "--upstream-credentials=docker.io={file}",
+            "--upstream-credentials=docker.io={file}",
+        ],
+        [
+            "--upstream-username=alice",
+            "--upstream-password-file={file}",
+            "--upstream-credentials=docker.io={file}",
+        ],
+    ],
+)
+def test_unusable_upstream_credentials_are_usage_errors(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("bob:s3cret\n")
+    empty = tmp_path / "empty"
+    empty.write_text("s3cret\n")
+    with pytest.raises(UsageError) as raised:
+        Options().parseOptions([a.format(file=secret, empty=empty) for a in argv])
+    assert "s3cret" not in str(raised.value)
+
+
+def test_start_line_says_which_registries_have_credentials(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("bob:s3cret\n")
+    options = Options()
+    options.parseOptions(
+        [
+            "--upstream=https://ghcr.io",
+            "--upstream=https://quay.io",
+            "--upstream=https://gcr.io",
+            f"--upstream-credentials=quay.io={secret}",
+            f"--upstream-credentials=gcr.io={secret}",
+        ]
+    )
+    with LoggedEvents() as logged:
+        _log_start(options)
+    [line] = logged.messages()
+    assert "ghcr.io=https://ghcr.io," in line
+    assert "quay.io=https://quay.io with credentials" in line
+    assert "gcr.io=https://gcr.io with credentials" in line
+    assert "s3cret" not in line
