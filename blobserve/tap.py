@@ -16,8 +16,10 @@ from urllib.parse import urlsplit
 from prometheus_client import disable_created_metrics
 from treq.client import HTTPClient
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -53,9 +55,16 @@ from blobserve.upstream.client import (
     Upstreams,
 )
 from blobserve.upstream.credentials import UnusableCredentials, read_credentials
+from blobserve.web.clientauth import (
+    ClientAuthenticator,
+    ClientAuthGate,
+    UnusableHtpasswd,
+    htpasswd_reloader,
+    read_htpasswd,
+)
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
-from blobserve.web.root import site_root
+from blobserve.web.root import OPEN_PATHS, site_root
 from blobserve.web.site import IConnectionCounts, IConnections, registry_site
 from blobserve.web.status import StatusResource
 
@@ -63,6 +72,9 @@ log = Logger()
 
 #: How many connections --metrics-listen takes at once.
 METRICS_CONNECTIONS = 16
+
+#: Seconds between two looks at whether the --htpasswd file changed.
+HTPASSWD_CHECK_INTERVAL = 5.0
 
 #: The environment variable that may hold the upstream password.
 PASSWORD_VARIABLE = "BLOBSERVE_UPSTREAM_PASSWORD"
@@ -169,6 +181,15 @@ class Options(usage.Options):
             None,
             None,
             "A file holding the password for --upstream-username.",
+        ],
+        [
+            "htpasswd",
+            None,
+            None,
+            "Make clients authenticate with HTTP Basic, as a user of this"
+            " htpasswd file of bcrypt entries (htpasswd -B), on every path but"
+            " /_blobserve/health and /metrics. The file is read again when it"
+            " changes.",
         ],
         [
             "upstream-retries",
@@ -356,6 +377,12 @@ class Options(usage.Options):
             self["upstreams"] = {DEFAULT_REGISTRY: DEFAULT_UPSTREAM}
         self["credentials"] = self._credentials()
         self["registry-credentials"] = self._registry_credentials()
+        self["htpasswd-users"] = None
+        if self["htpasswd"] is not None:
+            try:
+                self["htpasswd-users"] = read_htpasswd(self["htpasswd"])
+            except UnusableHtpasswd as e:
+                raise usage.UsageError(f"--htpasswd {self['htpasswd']} {e}") from None
         if self["no-metrics"] and self["metrics-listen"]:
             raise usage.UsageError("--metrics-listen serves metrics: drop --no-metrics")
         if isinstance(self["max-blob-size"], str):  # the default is not coerced
@@ -650,6 +677,11 @@ def _log_start(options: Options) -> None:
         listen += " (no metrics)"
     elif options["metrics-listen"]:
         listen += f", metrics on {options['metrics-listen']}"
+    if options["htpasswd-users"] is not None:
+        listen += (
+            f", clients authenticate as one of {len(options['htpasswd-users'])}"
+            f" users of {options['htpasswd']}"
+        )
     log.info(
         "blobserve {version} starting: listening on {listen}; upstreams"
         " {upstreams}; storage {storage}; store limits: --max-size {max_size},"
@@ -794,6 +826,17 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         {b"status": status, b"health": health},
         None if options["metrics-listen"] else metrics_page,
     )
+    reload_htpasswd = None
+    if options["htpasswd-users"] is not None:
+
+        def run_blocking(f: Callable[..., object], *args: object) -> Deferred[Any]:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+        authenticator = ClientAuthenticator(
+            options["htpasswd-users"], reactor, run_blocking
+        )
+        root = ClientAuthGate(root, authenticator, OPEN_PATHS)
+        reload_htpasswd = htpasswd_reloader(options["htpasswd"], authenticator)
     site = registry_site(
         root,
         timeout=options["client-timeout"],
@@ -847,6 +890,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         strports.service(
             options["metrics-listen"], metrics_site, reactor
         ).setServiceParent(service)
+    if reload_htpasswd is not None:
+        reloads = TimerService(HTPASSWD_CHECK_INTERVAL, reload_htpasswd)
+        reloads.clock = reactor
+        reloads.setServiceParent(service)
     _FreezeStartupHeap().setServiceParent(service)
     if options["progress-interval"] > 0:
         lines = ProgressLines(progress, options["progress-interval"], reactor)

@@ -8,6 +8,7 @@ from pathlib import Path
 from resource import RLIM_INFINITY
 from typing import Any
 
+import bcrypt
 import pytest
 import pytest_twisted
 from hypothesis import given
@@ -48,6 +49,7 @@ from blobserve.tap import (
     raise_descriptor_limit,
 )
 from blobserve.upstream.auth import Credentials
+from blobserve.web.clientauth import ClientAuthGate
 from blobserve.web.resource import RegistryResource
 from blobserve.web.site import RegistrySite
 from blobserve.web.status import StatusResource
@@ -742,3 +744,46 @@ def test_start_line_says_which_registries_have_credentials(tmp_path: Path) -> No
     assert "quay.io=https://quay.io with credentials" in line
     assert "gcr.io=https://gcr.io with credentials" in line
     assert "s3cret" not in line
+
+
+def test_htpasswd_puts_client_authentication_before_all_but_open_paths(
+    tmp_path: Path,
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4)).decode()
+    htpasswd.write_text(f"alice:$2y${hashed[4:]}\n")
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path), f"--htpasswd={htpasswd}"])
+    with LoggedEvents() as logged:
+        service = makeService(options, MemoryReactorClock())
+    [start] = [m for m in logged.messages() if m.startswith("blobserve ")]
+    assert f"clients authenticate as one of 1 users of {htpasswd}" in start
+    [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    site = server.factory.wrappedFactory
+    assert isinstance(site.resource, ClientAuthGate)
+
+    def request_for(path: bytes) -> DummyRequest:
+        request = DummyRequest(path.split(b"/")[1:])
+        request.path = path  # type: ignore[attr-defined]
+        return request
+
+    health = site.getResourceFor(request_for(b"/_blobserve/health"))
+    assert isinstance(health, HealthResource)
+    assert isinstance(site.getResourceFor(request_for(b"/metrics")), MetricsPage)
+    for path in (b"/v2/", b"/_blobserve/status", b"/_blobserve/health/"):
+        request = request_for(path)
+        refusal = site.getResourceFor(request)
+        assert not isinstance(refusal, RegistryResource | StatusResource), path
+        refusal.render(request)
+        assert request.responseCode == 401, path
+
+
+@pytest.mark.parametrize("content", [None, "alice:$apr1$x$y\n", ""])
+def test_unusable_htpasswd_is_a_usage_error(
+    tmp_path: Path, content: str | None
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    if content is not None:
+        htpasswd.write_text(content)
+    with pytest.raises(UsageError, match="--htpasswd"):
+        Options().parseOptions([f"--htpasswd={htpasswd}"])
