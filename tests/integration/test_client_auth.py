@@ -42,9 +42,11 @@ def htpasswd(directory: Path) -> Path:
 async def ask(
     url: str, credentials: str | None = None, method: str = "GET"
 ) -> tuple[int, Headers, bytes]:
-    headers = {}
+    headers = Headers()
     if credentials is not None:
-        headers[b"Authorization"] = [b"Basic " + base64.b64encode(credentials.encode())]
+        headers.addRawHeader(
+            b"Authorization", b"Basic " + base64.b64encode(credentials.encode())
+        )
     response = await treq.request(
         method, url, headers=headers, timeout=DEADLINE, persistent=False
     )
