@@ -15,6 +15,7 @@ setup(
     ],
     install_requires=[
         "attrs>=23.1",
+        "bcrypt>=4",
         "prometheus_client>=0.20",
         "treq>=24.9",
         "twisted>=24.7",

@@ -16,8 +16,10 @@ from urllib.parse import urlsplit
 from prometheus_client import disable_created_metrics
 from treq.client import HTTPClient
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -52,9 +54,17 @@ from blobserve.upstream.client import (
     RegistryUpstream,
     Upstreams,
 )
+from blobserve.upstream.credentials import UnusableCredentials, read_credentials
+from blobserve.web.clientauth import (
+    ClientAuthenticator,
+    ClientAuthGate,
+    UnusableHtpasswd,
+    htpasswd_reloader,
+    read_htpasswd,
+)
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
-from blobserve.web.root import site_root
+from blobserve.web.root import OPEN_PATHS, site_root
 from blobserve.web.site import IConnectionCounts, IConnections, registry_site
 from blobserve.web.status import StatusResource
 
@@ -62,6 +72,9 @@ log = Logger()
 
 #: How many connections --metrics-listen takes at once.
 METRICS_CONNECTIONS = 16
+
+#: Seconds between two looks at whether the --htpasswd file changed.
+HTPASSWD_CHECK_INTERVAL = 5.0
 
 #: The environment variable that may hold the upstream password.
 PASSWORD_VARIABLE = "BLOBSERVE_UPSTREAM_PASSWORD"
@@ -168,6 +181,15 @@ class Options(usage.Options):
             None,
             None,
             "A file holding the password for --upstream-username.",
+        ],
+        [
+            "htpasswd",
+            None,
+            None,
+            "Make clients authenticate with HTTP Basic, as a user of this"
+            " htpasswd file of bcrypt entries (htpasswd -B), on every path but"
+            " /_blobserve/health and /metrics. The file is read again when it"
+            " changes.",
         ],
         [
             "upstream-retries",
@@ -318,6 +340,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["upstreams"] = {}
+        self["upstream-credentials"] = {}
 
     def opt_upstream(self, value: str) -> None:
         registry, url = parse_upstream(value)
@@ -333,10 +356,33 @@ class Options(usage.Options):
     )
     opt_u = opt_upstream
 
+    def opt_upstream_credentials(self, value: str) -> None:
+        registry, separator, path = value.partition("=")
+        if not separator or not registry or not path:
+            raise usage.UsageError(
+                f"--upstream-credentials needs REGISTRY=FILE, not {value[:80]!r}"
+            )
+        if registry in self["upstream-credentials"]:
+            raise usage.UsageError(f"--upstream-credentials given twice for {registry}")
+        self["upstream-credentials"][registry] = path
+
+    opt_upstream_credentials.__doc__ = (
+        "REGISTRY=FILE: the credentials for the --upstream named REGISTRY, from"
+        " FILE: user:password on one line, or a docker config.json (its auths"
+        " entry for the registry); repeat for more registries."
+    )
+
     def postOptions(self) -> None:
         if not self["upstreams"]:
             self["upstreams"] = {DEFAULT_REGISTRY: DEFAULT_UPSTREAM}
         self["credentials"] = self._credentials()
+        self["registry-credentials"] = self._registry_credentials()
+        self["htpasswd-users"] = None
+        if self["htpasswd"] is not None:
+            try:
+                self["htpasswd-users"] = read_htpasswd(self["htpasswd"])
+            except UnusableHtpasswd as e:
+                raise usage.UsageError(f"--htpasswd {self['htpasswd']} {e}") from None
         if self["no-metrics"] and self["metrics-listen"]:
             raise usage.UsageError("--metrics-listen serves metrics: drop --no-metrics")
         if isinstance(self["max-blob-size"], str):  # the default is not coerced
@@ -380,6 +426,35 @@ class Options(usage.Options):
                 f" or {PASSWORD_VARIABLE} in the environment"
             )
         return Credentials(username, password)
+
+    def _registry_credentials(self) -> dict[str, Credentials]:
+        """
+        The credentials of each registry that has some: the default's from
+        C{--upstream-username}, any's from C{--upstream-credentials}.
+        """
+        upstreams = self["upstreams"]
+        found: dict[str, Credentials] = {}
+        if self["credentials"] is not None:
+            found[next(iter(upstreams))] = self["credentials"]
+        for registry, path in self["upstream-credentials"].items():
+            if registry not in upstreams:
+                raise usage.UsageError(
+                    f"--upstream-credentials names {registry!r}, which no"
+                    " --upstream mirrors"
+                )
+            if registry in found:
+                raise usage.UsageError(
+                    f"--upstream-credentials for {registry!r}, the default"
+                    " upstream, which --upstream-username gives credentials to"
+                )
+            names = (registry, urlsplit(upstreams[registry]).netloc)
+            try:
+                found[registry] = read_credentials(path, names)
+            except UnusableCredentials as e:
+                raise usage.UsageError(
+                    f"--upstream-credentials for {registry}: {path} {e}"
+                ) from None
+        return found
 
 
 def parse_upstream(value: str) -> tuple[str, str]:
@@ -592,22 +667,21 @@ def _log_start(options: Options) -> None:
     Say in one line what blobserve serves, from where, and within which
     limits. Of the credentials it says only that there are some.
     """
-    registries = options["upstreams"]
-    default = next(iter(registries))
+    credentials = options["registry-credentials"]
     upstreams = ", ".join(
-        f"{registry}={url}"
-        + (
-            " with credentials"
-            if registry == default and options["credentials"] is not None
-            else ""
-        )
-        for registry, url in registries.items()
+        f"{registry}={url}" + (" with credentials" if registry in credentials else "")
+        for registry, url in options["upstreams"].items()
     )
     listen = options["listen"]
     if options["no-metrics"]:
         listen += " (no metrics)"
     elif options["metrics-listen"]:
         listen += f", metrics on {options['metrics-listen']}"
+    if options["htpasswd-users"] is not None:
+        listen += (
+            f", clients authenticate as one of {len(options['htpasswd-users'])}"
+            f" users of {options['htpasswd']}"
+        )
     log.info(
         "blobserve {version} starting: listening on {listen}; upstreams"
         " {upstreams}; storage {storage}; store limits: --max-size {max_size},"
@@ -669,7 +743,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 client,
                 reactor,
                 timeout=options["upstream-timeout"],
-                credentials=options["credentials"] if registry == default else None,
+                credentials=options["registry-credentials"].get(registry),
                 events=(
                     NO_ANSWERS if metrics is None else metrics.upstream_events(registry)
                 ),
@@ -747,12 +821,24 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
         metrics.watch(figures)
         metrics_page = MetricsPage(metrics.registry)
+    root = site_root(
+        resource,
+        {b"status": status, b"health": health},
+        None if options["metrics-listen"] else metrics_page,
+    )
+    reload_htpasswd = None
+    if options["htpasswd-users"] is not None:
+
+        def run_blocking(f: Callable[..., object], *args: object) -> Deferred[Any]:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+        authenticator = ClientAuthenticator(
+            options["htpasswd-users"], reactor, run_blocking
+        )
+        root = ClientAuthGate(root, authenticator, OPEN_PATHS)
+        reload_htpasswd = htpasswd_reloader(options["htpasswd"], authenticator)
     site = registry_site(
-        site_root(
-            resource,
-            {b"status": status, b"health": health},
-            None if options["metrics-listen"] else metrics_page,
-        ),
+        root,
         timeout=options["client-timeout"],
         max_connections=options["max-connections"],
         reactor=reactor,
@@ -804,6 +890,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         strports.service(
             options["metrics-listen"], metrics_site, reactor
         ).setServiceParent(service)
+    if reload_htpasswd is not None:
+        reloads = TimerService(HTPASSWD_CHECK_INTERVAL, reload_htpasswd)
+        reloads.clock = reactor
+        reloads.setServiceParent(service)
     _FreezeStartupHeap().setServiceParent(service)
     if options["progress-interval"] > 0:
         lines = ProgressLines(progress, options["progress-interval"], reactor)

@@ -13,6 +13,11 @@ from twisted.web.server import Request
 #: The prefix of the operator's pages (status, health).
 OPERATOR_PREFIX = b"_blobserve"
 
+#: The paths served without client authentication (--htpasswd): health
+#: checks and scrapers carry no credentials. The status page is not among
+#: them: it names repositories.
+OPEN_PATHS = frozenset({b"/" + OPERATOR_PREFIX + b"/health", b"/metrics"})
+
 
 class _Routes(Resource):
     """

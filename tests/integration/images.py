@@ -156,15 +156,22 @@ async def push_image(
 
 
 async def pull_image(
-    source: str, destination: Path, all_platforms: bool = False, kind: str = "oci"
+    source: str,
+    destination: Path,
+    all_platforms: bool = False,
+    kind: str = "oci",
+    credentials: str | None = None,
 ) -> None:
     """
     Copy C{source} (host:port/repository:tag) with skopeo into an OCI layout,
-    or with C{kind="dir"} into a plain directory.
+    or with C{kind="dir"} into a plain directory; with C{credentials}
+    (C{user:password}) if given.
     """
     args = ["copy", "--src-tls-verify=false", "--preserve-digests"]
     if all_platforms:
         args.append("--all")
+    if credentials:
+        args += ["--src-creds", credentials]
     target = f"oci:{destination}:pulled" if kind == "oci" else f"dir:{destination}"
     await skopeo(*args, f"docker://{source}", target)
 

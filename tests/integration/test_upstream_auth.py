@@ -8,10 +8,12 @@ where they belong; and upstream refusals told to clients as what they are.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import bcrypt
 import pytest
 import pytest_twisted
 import treq
@@ -376,3 +378,113 @@ async def test_redirect_to_storage_carries_no_registry_credentials(
     assert front.redirects == len(image.blob_digests)
     assert len(storage.authorizations) == len(image.blob_digests)
     assert storage.authorizations == [None] * len(image.blob_digests)
+
+
+OTHER_USER = "bob"
+OTHER_PASSWORD = "another Secret for the second registry"
+
+
+@pytest.fixture
+def other_basic_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
+    """
+    A second htpasswd registry, whose only user is not L{USER}.
+    """
+    directory = tmp_path / "other-registry"
+    directory.mkdir()
+    hashed = bcrypt.hashpw(OTHER_PASSWORD.encode(), bcrypt.gensalt(rounds=4))
+    (directory / "htpasswd").write_bytes(OTHER_USER.encode() + b":" + hashed + b"\n")
+    registry = RegistryProcess(
+        directory,
+        auth=(
+            "auth:\n  htpasswd:\n    realm: blobserve-other\n"
+            f"    path: {directory / 'htpasswd'}\n"
+        ),
+    )
+    yield registry
+    registry.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_upstream_gets_its_own_credentials(
+    tmp_path: Path,
+    basic_registry: RegistryProcess,
+    other_basic_registry: RegistryProcess,
+) -> None:
+    other_pair = f"{OTHER_USER}:{OTHER_PASSWORD}"
+    first = await push_image(
+        tmp_path,
+        f"127.0.0.1:{basic_registry.port}",
+        "auth/first",
+        "v1",
+        credentials=CREDENTIALS,
+    )
+    second = await push_image(
+        tmp_path,
+        f"127.0.0.1:{other_basic_registry.port}",
+        "auth/second",
+        "v1",
+        credentials=other_pair,
+    )
+    line = tmp_path / "first-credentials"
+    line.write_text(CREDENTIALS + "\n")
+    other = f"127.0.0.1:{other_basic_registry.port}"
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    f"http://{other}": {
+                        "auth": base64.b64encode(other_pair.encode()).decode()
+                    },
+                    "elsewhere.test": {"auth": BASIC.decode()[6:]},
+                }
+            }
+        )
+    )
+    server = BlobserveProcess(
+        tmp_path,
+        "",
+        tmp_path / "storage",
+        flags=[
+            "--listen=tcp:0:interface=127.0.0.1",
+            f"--storage={tmp_path / 'storage'}",
+            f"--upstream=first={basic_registry.url}",
+            f"--upstream={other_basic_registry.url}",
+            f"--upstream-credentials=first={line}",
+            f"--upstream-credentials={other}={config}",
+        ],
+    )
+    await server.start()
+    try:
+        pulled = {}
+        for image, ns in ((first, "first"), (second, other)):
+            name = image.reference.partition(":")[0]
+            response = await treq.get(
+                f"{server.url}/v2/{name}/manifests/v1?ns={ns}",
+                headers=Headers(
+                    {b"Accept": [b"application/vnd.oci.image.manifest.v1+json"]}
+                ),
+                timeout=DEADLINE,
+                persistent=False,
+            )
+            await response.content()
+            digests = {response.headers.getRawHeaders(b"Docker-Content-Digest")[0]}
+            for digest in sorted(image.blob_digests):
+                url = f"{server.url}/v2/{name}/blobs/{digest}?ns={ns}"
+                response = await treq.get(url, timeout=DEADLINE, persistent=False)
+                body = await response.content()
+                assert response.code == 200, (ns, digest)
+                digests.add(b"sha256:" + hashlib.sha256(body).hexdigest().encode())
+            pulled[ns] = digests
+    finally:
+        server.stop()
+    assert pulled["first"] == {
+        d.encode() for d in first.blob_digests | {first.manifest_digest}
+    }
+    assert pulled[other] == {
+        d.encode() for d in second.blob_digests | {second.manifest_digest}
+    }
+    log = server.log.read_text()
+    assert f"first={basic_registry.url} with credentials" in log
+    assert f"{other}={other_basic_registry.url} with credentials" in log
+    assert OTHER_PASSWORD not in log

@@ -8,6 +8,7 @@ from pathlib import Path
 from resource import RLIM_INFINITY
 from typing import Any
 
+import bcrypt
 import pytest
 import pytest_twisted
 from hypothesis import given
@@ -40,6 +41,7 @@ from blobserve.store.lock import StoreLock, StoreLocked
 from blobserve.tap import (
     PASSWORD_VARIABLE,
     Options,
+    _log_start,
     _StoreIndexService,
     descriptors_needed,
     makeService,
@@ -47,6 +49,7 @@ from blobserve.tap import (
     raise_descriptor_limit,
 )
 from blobserve.upstream.auth import Credentials
+from blobserve.web.clientauth import ClientAuthGate
 from blobserve.web.resource import RegistryResource
 from blobserve.web.site import RegistrySite
 from blobserve.web.status import StatusResource
@@ -645,3 +648,142 @@ def test_progress_lines_come_every_ten_seconds_unless_turned_off(
     [lines] = progress_lines("--progress-interval", "2.5")
     assert lines._interval == 2.5
     assert progress_lines("--progress-interval=0") == []
+
+
+def test_upstream_credentials_for_each_registry(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    first.write_text("bob:one\n")
+    second = tmp_path / "config.json"
+    second.write_text(
+        '{"auths": {"https://ghcr.io": {"username": "eve", "password": "two"}}}'
+    )
+    options = Options()
+    options.parseOptions(
+        [
+            "--upstream=mirror.test=http://127.0.0.1:5100",
+            "--upstream=https://ghcr.io",
+            "--upstream=https://quay.io",
+            f"--upstream-credentials=mirror.test={first}",
+            f"--upstream-credentials=ghcr.io={second}",
+        ]
+    )
+    assert options["registry-credentials"] == {
+        "mirror.test": Credentials("bob", "one"),
+        "ghcr.io": Credentials("eve", "two"),
+    }
+
+
+def test_upstream_username_stays_the_default_registrys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSWORD_VARIABLE, "s3cret")
+    other = tmp_path / "other"
+    other.write_text("bob:one")
+    options = Options()
+    options.parseOptions(
+        [
+            "--upstream=https://ghcr.io",
+            "--upstream-username=alice",
+            "--upstream=https://quay.io",
+            f"--upstream-credentials=quay.io={other}",
+        ]
+    )
+    assert options["registry-credentials"] == {
+        "ghcr.io": Credentials("alice", "s3cret"),
+        "quay.io": Credentials("bob", "one"),
+    }
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--upstream-credentials=nowhere.test={file}"],
+        ["--upstream-credentials={file}"],
+        ["--upstream-credentials=docker.io=/nonexistent"],
+        ["--upstream-credentials=docker.io={empty}"],
+        [
+            "--upstream-credentials=docker.io={file}",
+            "--upstream-credentials=docker.io={file}",
+        ],
+        [
+            "--upstream-username=alice",
+            "--upstream-password-file={file}",
+            "--upstream-credentials=docker.io={file}",
+        ],
+    ],
+)
+def test_unusable_upstream_credentials_are_usage_errors(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("bob:s3cret\n")
+    empty = tmp_path / "empty"
+    empty.write_text("s3cret\n")
+    with pytest.raises(UsageError) as raised:
+        Options().parseOptions([a.format(file=secret, empty=empty) for a in argv])
+    assert "s3cret" not in str(raised.value)
+
+
+def test_start_line_says_which_registries_have_credentials(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("bob:s3cret\n")
+    options = Options()
+    options.parseOptions(
+        [
+            "--upstream=https://ghcr.io",
+            "--upstream=https://quay.io",
+            "--upstream=https://gcr.io",
+            f"--upstream-credentials=quay.io={secret}",
+            f"--upstream-credentials=gcr.io={secret}",
+        ]
+    )
+    with LoggedEvents() as logged:
+        _log_start(options)
+    [line] = logged.messages()
+    assert "ghcr.io=https://ghcr.io," in line
+    assert "quay.io=https://quay.io with credentials" in line
+    assert "gcr.io=https://gcr.io with credentials" in line
+    assert "s3cret" not in line
+
+
+def test_htpasswd_puts_client_authentication_before_all_but_open_paths(
+    tmp_path: Path,
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4)).decode()
+    htpasswd.write_text(f"alice:$2y${hashed[4:]}\n")
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path), f"--htpasswd={htpasswd}"])
+    with LoggedEvents() as logged:
+        service = makeService(options, MemoryReactorClock())
+    [start] = [m for m in logged.messages() if m.startswith("blobserve ")]
+    assert f"clients authenticate as one of 1 users of {htpasswd}" in start
+    [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    site = server.factory.wrappedFactory
+    assert isinstance(site.resource, ClientAuthGate)
+
+    def request_for(path: bytes) -> DummyRequest:
+        request = DummyRequest(path.split(b"/")[1:])
+        request.path = path  # type: ignore[attr-defined]
+        return request
+
+    health = site.getResourceFor(request_for(b"/_blobserve/health"))
+    assert isinstance(health, HealthResource)
+    assert isinstance(site.getResourceFor(request_for(b"/metrics")), MetricsPage)
+    for path in (b"/v2/", b"/_blobserve/status", b"/_blobserve/health/"):
+        request = request_for(path)
+        refusal = site.getResourceFor(request)
+        assert not isinstance(refusal, RegistryResource | StatusResource), path
+        refusal.render(request)
+        assert request.responseCode == 401, path
+
+
+@pytest.mark.parametrize("content", [None, "alice:$apr1$x$y\n", ""])
+def test_unusable_htpasswd_is_a_usage_error(
+    tmp_path: Path, content: str | None
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    if content is not None:
+        htpasswd.write_text(content)
+    with pytest.raises(UsageError, match="--htpasswd"):
+        Options().parseOptions([f"--htpasswd={htpasswd}"])
