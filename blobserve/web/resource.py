@@ -252,7 +252,10 @@ class RegistryResource(Resource):
             return self._get_manifest(request, name, reference)
         match = _BLOB_PATH.fullmatch(path)
         if match is None:
-            raise OCIError(404, "NOT_FOUND", "no such endpoint")
+            # 404 says that nothing is here; the spec has no code for an
+            # unknown endpoint, and UNSUPPORTED claims less than NAME_UNKNOWN,
+            # which would say that a repository does not exist.
+            raise OCIError(404, "UNSUPPORTED", "no such endpoint")
         _note(request, "blob")
         name, digest = _parse_blob_path(match)
         _note(request, digest=digest)
@@ -398,11 +401,11 @@ class RegistryResource(Resource):
         if length is not None:
             try:
                 byte_range = parse_range(_header(request, b"range"), length)
-            except UnsatisfiableRange as e:
+            except UnsatisfiableRange:
+                # The spec has no error code for it: no body, only the length.
+                request.setResponseCode(416)
                 request.setHeader(b"Content-Range", b"bytes */%d" % length)
-                request.write(
-                    write_error(request, OCIError(416, "RANGE_INVALID", str(e)))
-                )
+                request.setHeader(b"Content-Length", b"0")
                 request.finish()
                 return None
         _blob_headers(request, digest, length)
@@ -508,15 +511,15 @@ def _accept(request: Request) -> list[str]:
 def _parse_manifest_path(match: re.Match[bytes]) -> tuple[str, str]:
     name = _parse_name(match["name"])
     reference = match["reference"].decode("latin-1")
-    if ":" in reference:
-        try:
-            return name, str(Digest.parse(reference))
-        except InvalidDigest as e:
-            raise OCIError(400, "DIGEST_INVALID", str(e)) from None
+    # Neither a tag nor a digest names no manifest: 404, as the spec's
+    # conformance suite expects, without asking the upstream.
     try:
+        if ":" in reference:
+            return name, str(Digest.parse(reference))
         return name, parse_tag(reference)
-    except InvalidTag as e:
-        raise OCIError(400, "TAG_INVALID", str(e)) from None
+    except (InvalidDigest, InvalidTag) as e:
+        message = f"manifest unknown: neither a tag nor a digest ({e})"
+        raise OCIError(404, "MANIFEST_UNKNOWN", message) from None
 
 
 def _parse_name(raw: bytes) -> str:
