@@ -42,6 +42,7 @@ from blobserve.upstream.client import (
     UpstreamRefused,
     Upstreams,
 )
+from blobserve.web.conditional import not_modified, range_allowed
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.names import InvalidName, InvalidTag, parse_name, parse_tag
 from blobserve.web.ranges import UnsatisfiableRange, parse_range
@@ -252,11 +253,16 @@ class RegistryResource(Resource):
             return self._get_manifest(request, name, reference)
         match = _BLOB_PATH.fullmatch(path)
         if match is None:
-            raise OCIError(404, "NOT_FOUND", "no such endpoint")
+            # 404 says that nothing is here; the spec has no code for an
+            # unknown endpoint, and UNSUPPORTED claims less than NAME_UNKNOWN,
+            # which would say that a repository does not exist.
+            raise OCIError(404, "UNSUPPORTED", "no such endpoint")
         _note(request, "blob")
         name, digest = _parse_blob_path(match)
         _note(request, digest=digest)
-        if request.method == b"HEAD":
+        if request.method == b"HEAD" or _client_holds(request, digest):
+            # What the client holds needs no body from anywhere: only
+            # whether the blob is there, as for a HEAD.
             return self._head_blob(request, name, digest)
         return self._get_blob(request, name, digest)
 
@@ -283,16 +289,18 @@ class RegistryResource(Resource):
         return NOT_DONE_YET
 
     def _get_manifest(self, request: Request, name: str, reference: str) -> int:
-        registry, upstream = self._upstream_for(request)
-        note = partial(_note_outcome, request)
-        d = self._manifests.get(
-            registry, upstream, name, reference, _accept(request), note
-        )
+        d = Deferred.fromCoroutine(self._current_manifest(request, name, reference))
 
-        def send(manifest: Manifest) -> None:
+        def send(manifest: Manifest | Digest) -> None:
             if _over(request):
                 return
-            _note(request, digest=manifest.digest)
+            digest = manifest if isinstance(manifest, Digest) else manifest.digest
+            _note(request, digest=digest)
+            # Compared again: a tag whose upstream HEAD gave no digest is known
+            # only now.
+            if isinstance(manifest, Digest) or _client_holds(request, digest):
+                _finish_not_modified(request, digest)
+                return
             self._saw(request, name, manifest.digest)
             _manifest_headers(
                 request, manifest.digest, manifest.media_type, len(manifest.content)
@@ -303,6 +311,37 @@ class RegistryResource(Resource):
         _answer_with(request, d, send)
         return NOT_DONE_YET
 
+    async def _current_manifest(
+        self, request: Request, name: str, reference: str
+    ) -> Manifest | Digest:
+        """
+        The manifest a GET of C{reference} is answered with; or, when the
+        request's C{If-None-Match} names what C{reference} resolves to, its
+        digest, and no manifest is fetched.
+        """
+        registry, upstream = self._upstream_for(request)
+        note = partial(_note_outcome, request)
+        accept = _accept(request)
+        # A tag must be resolved to be compared; a digest need not be, unless
+        # the client holds it (a 304 says that it still exists).
+        known = Digest.parse(reference) if ":" in reference else None
+        conditional = _header_values(request, b"if-none-match") and (
+            known is None or _client_holds(request, known)
+        )
+        if conditional:
+            info = await self._manifests.head(
+                registry, upstream, name, reference, accept, note
+            )
+            if info.digest is not None:
+                if _client_holds(request, info.digest):
+                    return info.digest
+                # Fetched by the digest the tag was just resolved to: no
+                # second HEAD for the tag.
+                reference = str(info.digest)
+        return await self._manifests.get(
+            registry, upstream, name, reference, accept, note
+        )
+
     def _head_manifest(self, request: Request, name: str, reference: str) -> int:
         registry, upstream = self._upstream_for(request)
         note = partial(_note_outcome, request)
@@ -312,6 +351,9 @@ class RegistryResource(Resource):
 
         def send(info: ManifestInfo) -> None:
             if _over(request):
+                return
+            if info.digest is not None and _client_holds(request, info.digest):
+                _finish_not_modified(request, info.digest)
                 return
             _manifest_headers(request, info.digest, info.media_type, info.length)
             request.finish()
@@ -396,13 +438,16 @@ class RegistryResource(Resource):
         start, end = 0, length
         byte_range = None
         if length is not None:
+            asked = _header(request, b"range")
+            if not range_allowed(_header_values(request, b"if-range"), str(digest)):
+                asked = None
             try:
-                byte_range = parse_range(_header(request, b"range"), length)
-            except UnsatisfiableRange as e:
+                byte_range = parse_range(asked, length)
+            except UnsatisfiableRange:
+                # The spec has no error code for it: no body, only the length.
+                request.setResponseCode(416)
                 request.setHeader(b"Content-Range", b"bytes */%d" % length)
-                request.write(
-                    write_error(request, OCIError(416, "RANGE_INVALID", str(e)))
-                )
+                request.setHeader(b"Content-Length", b"0")
                 request.finish()
                 return None
         _blob_headers(request, digest, length)
@@ -427,15 +472,23 @@ class RegistryResource(Resource):
             on_first_byte=first_byte,
         )
 
-    def _head_blob(self, request: Request, name: str, digest: Digest) -> int | bytes:
+    def _head_blob(self, request: Request, name: str, digest: Digest) -> int:
+        """
+        Answer a HEAD of a blob, or a GET of one the client holds (a 304),
+        from the store when it holds the blob, else from the upstream's
+        C{HEAD}: a 304 says that the blob is still there, so a blob not
+        stored is confirmed upstream (as the repository asked for), and its
+        errors are passed on. Nothing is downloaded.
+        """
         reader = self._store.open(digest)
         if reader is not None:
             _note(request, outcome="hit")
             try:
-                _blob_headers(request, digest, reader.size())
+                length = reader.size()
             finally:
                 reader.close()
-            return b""
+            _finish_blob_head(request, digest, length)
+            return NOT_DONE_YET
 
         d = self._upstream_for(request)[1].stat_blob(name, digest)
         _note(request, outcome="miss")
@@ -443,8 +496,7 @@ class RegistryResource(Resource):
         def answer(info: BlobInfo) -> None:
             if _over(request):
                 return
-            _blob_headers(request, digest, info.length)
-            request.finish()
+            _finish_blob_head(request, digest, info.length)
 
         _answer_with(request, d, answer)
         return NOT_DONE_YET
@@ -481,6 +533,45 @@ def _header(request: Request, name: bytes) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
+def _header_values(request: Request, name: bytes) -> list[str]:
+    """
+    Every line of the request header C{name}, as the client sent it.
+    """
+    values = request.requestHeaders.getRawHeaders(name) or []
+    return [value.decode("latin-1") for value in values]
+
+
+def _client_holds(request: Request, digest: Digest) -> bool:
+    """
+    Whether C{request}'s C{If-None-Match} says that its client holds the
+    object C{digest} names: its answer is a 304.
+    """
+    return not_modified(_header_values(request, b"if-none-match"), str(digest))
+
+
+def _finish_not_modified(request: Request, digest: Digest) -> None:
+    """
+    Answer C{request} 304 Not Modified: the object's digest and entity tag,
+    no body (and no length, which would have to be the object's).
+    """
+    request.setResponseCode(304)
+    request.setHeader(b"Docker-Content-Digest", str(digest).encode())
+    request.setHeader(b"ETag", f'"{digest}"'.encode())
+    request.finish()
+
+
+def _finish_blob_head(request: Request, digest: Digest, length: int | None) -> None:
+    """
+    Answer C{request} with the headers of the blob C{digest}, or 304 if its
+    client holds the blob already.
+    """
+    if _client_holds(request, digest):
+        _finish_not_modified(request, digest)
+        return
+    _blob_headers(request, digest, length)
+    request.finish()
+
+
 def _manifest_headers(
     request: Request,
     digest: Digest | None,
@@ -501,22 +592,21 @@ def _accept(request: Request) -> list[str]:
     """
     The media types the client accepts, as it sent them, to pass upstream.
     """
-    values = request.requestHeaders.getRawHeaders(b"accept") or []
-    return [value.decode("latin-1") for value in values]
+    return _header_values(request, b"accept")
 
 
 def _parse_manifest_path(match: re.Match[bytes]) -> tuple[str, str]:
     name = _parse_name(match["name"])
     reference = match["reference"].decode("latin-1")
-    if ":" in reference:
-        try:
-            return name, str(Digest.parse(reference))
-        except InvalidDigest as e:
-            raise OCIError(400, "DIGEST_INVALID", str(e)) from None
+    # Neither a tag nor a digest names no manifest: 404, as the spec's
+    # conformance suite expects, without asking the upstream.
     try:
+        if ":" in reference:
+            return name, str(Digest.parse(reference))
         return name, parse_tag(reference)
-    except InvalidTag as e:
-        raise OCIError(400, "TAG_INVALID", str(e)) from None
+    except (InvalidDigest, InvalidTag) as e:
+        message = f"manifest unknown: neither a tag nor a digest ({e})"
+        raise OCIError(404, "MANIFEST_UNKNOWN", message) from None
 
 
 def _parse_name(raw: bytes) -> str:

@@ -84,7 +84,9 @@ methods = st.sampled_from(
 headers = st.dictionaries(
     # Not framing headers: a Content-Length promises a body the server would
     # rightly wait for.
-    st.sampled_from(["Range", "Accept", "If-None-Match", "X-Junk", "User-Agent"]),
+    st.sampled_from(
+        ["Range", "Accept", "If-None-Match", "If-Range", "X-Junk", "User-Agent"]
+    ),
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60),
     max_size=3,
 )
@@ -246,6 +248,12 @@ OVERSIZED: dict[str, st.SearchStrategy[str]] = {
         st.builds(lambda n: f"application/json;q={n}", huge_numbers),
         st.builds(lambda n: "a" * n, big),
     ),
+    # Lists of entity tags, with whitespace and empty elements to scan.
+    "If-None-Match": st.one_of(
+        st.builds(lambda n: ", ".join(['W/"x"'] * n), st.integers(1, 2000)),
+        st.builds(lambda n: " ," * n + ' "', big),
+        st.builds(lambda n: '"' + "a" * n, big),
+    ),
     "Authorization": st.one_of(
         st.builds(lambda n: "Bearer " + "a" * n, big),
         st.builds(lambda n: "Basic " + "QUJD" * (n // 4), big),
@@ -259,7 +267,16 @@ OVERSIZED: dict[str, st.SearchStrategy[str]] = {
 # found), Content-Length least (a request with it is refused before the rest
 # is looked at).
 oversized = st.lists(
-    st.sampled_from(["Range", "Range", "Accept", "Authorization", "Content-Length"]),
+    st.sampled_from(
+        [
+            "Range",
+            "Range",
+            "Accept",
+            "If-None-Match",
+            "Authorization",
+            "Content-Length",
+        ]
+    ),
     min_size=1,
     max_size=2,
     unique=True,

@@ -56,3 +56,6 @@ async def test_range_on_stored_blob_and_unsatisfiable_range(
     ).finished()
     assert beyond.status == 416
     assert beyond.headers["content-range"] == f"bytes */{len(data)}"
+    # No error code: the distribution spec has none for it.
+    assert (beyond.length, beyond.declared_length) == (0, 0)
+    assert beyond.complete
