@@ -52,6 +52,7 @@ from blobserve.upstream.client import (
     RegistryUpstream,
     Upstreams,
 )
+from blobserve.web.listings import ListingCache
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
@@ -710,6 +711,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         clock=reactor,
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
+        listings=ListingCache(reactor, ttl=options["tag-ttl"]),
     )
     progress = ProgressSampler(downloads, reactor, resource.following)
     status = StatusResource(
