@@ -62,6 +62,7 @@ from blobserve.web.clientauth import (
     htpasswd_reloader,
     read_htpasswd,
 )
+from blobserve.web.listings import ListingCache
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import OPEN_PATHS, site_root
@@ -784,6 +785,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         clock=reactor,
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
+        listings=ListingCache(reactor, ttl=options["tag-ttl"]),
     )
     progress = ProgressSampler(downloads, reactor, resource.following)
     status = StatusResource(

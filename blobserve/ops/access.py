@@ -39,7 +39,8 @@ class Exchange:
     """
     One request and its response, filled in as it is answered.
 
-    @ivar route: what the request was for: C{blob}, C{manifest}, C{base}
+    @ivar route: what the request was for: C{blob}, C{manifest}, C{tags}
+        (a tags list), C{referrers}, C{base}
         (C{/v2/}), C{operator} (status, health, metrics) or C{other}.
     @ivar outcome: what the cache did: C{hit}, C{miss}, C{join}, C{stale};
         L{None} when it did none of these (an error, another route).

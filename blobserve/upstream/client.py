@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 from urllib.parse import SplitResult, urlencode, urljoin, urlsplit
 
@@ -42,6 +42,8 @@ log = Logger()
 MAX_REDIRECTS = 3
 #: The largest manifest accepted, as the reference registry's limit.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+#: The largest tags list or referrers answer accepted.
+MAX_LISTING_SIZE = 4 * 1024 * 1024
 _MAX_SMALL_BODY = 64 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
 _RETRY_SECONDS = re.compile(r"[0-9]{1,9}")
@@ -87,6 +89,13 @@ class BlobUnknown(UpstreamError):
 class ManifestUnknown(UpstreamError):
     """
     The upstream answered 404: it does not have the manifest or tag.
+    """
+
+
+class ReferrersUnsupported(UpstreamError):
+    """
+    The upstream answered a referrers query with a 404 that names neither
+    the repository nor the manifest: it has no referrers API.
     """
 
 
@@ -139,6 +148,22 @@ class ManifestInfo:
     length: int | None
 
 
+@frozen
+class Listing:
+    """
+    A JSON answer of an upstream's tags list or referrers endpoint, byte for
+    byte, with the headers that go with it.
+
+    @ivar link: the upstream's C{Link} header, if it sent one.
+    @ivar filtered: whether the upstream said (C{OCI-Filters-Applied}) that
+        it filtered the answer by C{artifactType}.
+    """
+
+    content: bytes
+    link: str | None = None
+    filtered: bool = False
+
+
 class IUpstream(Interface):
     """
     A registry that blobs and manifests are fetched from.
@@ -184,6 +209,29 @@ class IUpstream(Interface):
         Ask with C{HEAD} what the manifest C{reference} is now.
 
         @return: fires with L{ManifestInfo}; fails as L{fetch_manifest} does.
+        """
+
+    def fetch_tags(name: str, n: int | None, last: str | None) -> Deferred[Listing]:
+        """
+        Fetch the tags list of repository C{name}, passing on C{n} and
+        C{last} if given.
+
+        @return: fires with the L{Listing}, a JSON object of at most
+            L{MAX_LISTING_SIZE} bytes; fails with L{RepositoryUnknown} if the
+            upstream has no such repository, or L{UpstreamError}.
+        """
+
+    def fetch_referrers(
+        name: str, digest: Digest, artifact_type: str | None
+    ) -> Deferred[Listing]:
+        """
+        Ask the upstream's referrers API for the manifests that refer to
+        C{digest}, filtered by C{artifact_type} if given.
+
+        @return: fires with the L{Listing}, a JSON object of at most
+            L{MAX_LISTING_SIZE} bytes; fails with L{ReferrersUnsupported} if
+            the upstream has no referrers API, L{RepositoryUnknown} or
+            L{ManifestUnknown} if it says so, or L{UpstreamError}.
         """
 
 
@@ -356,15 +404,15 @@ def _retry_after(response: IResponse) -> str | None:
     return value
 
 
-def _names_unknown_repository(body: bytes) -> bool:
+def _error_codes(body: bytes) -> set[str]:
     """
-    Whether an OCI error body says C{NAME_UNKNOWN}.
+    The codes an OCI error body names; none if it is not one.
     """
     try:
         errors = json.loads(body).get("errors")
-        return any(error.get("code") == "NAME_UNKNOWN" for error in errors)
+        return {str(error.get("code")) for error in errors}
     except (ValueError, AttributeError, TypeError):
-        return False
+        return set()
 
 
 async def _refusal(
@@ -388,7 +436,7 @@ async def _refusal(
             body = await _read_body(response, _MAX_SMALL_BODY, clock, timeout)
         except UpstreamError:
             body = b""
-        if _names_unknown_repository(body):
+        if "NAME_UNKNOWN" in _error_codes(body):
             return RepositoryUnknown(f"repository unknown to the {whom} (404)")
         return unknown(f"unknown to the {whom} ({code})")
     _discard(response, clock, timeout)
@@ -560,6 +608,63 @@ class RegistryUpstream:
             )
 
         return Deferred.fromCoroutine(stat())
+
+    def fetch_tags(
+        self, name: str, n: int | None, last: str | None
+    ) -> Deferred[Listing]:
+        async def fetch() -> Listing:
+            query = {"n": n, "last": last}
+            path = _with_query("tags/list", query)
+            response = await self._send("GET", name, path)
+            if response.code != 200:
+                raise await self._refusal(response, RepositoryUnknown)
+            return await self._listing(response)
+
+        return Deferred.fromCoroutine(fetch())
+
+    def fetch_referrers(
+        self, name: str, digest: Digest, artifact_type: str | None
+    ) -> Deferred[Listing]:
+        async def fetch() -> Listing:
+            query = {"artifactType": artifact_type}
+            path = _with_query(f"referrers/{digest}", query)
+            response = await self._send("GET", name, path)
+            if response.code == 404:
+                try:
+                    body = await self._read_body(response, _MAX_SMALL_BODY)
+                except UpstreamError:
+                    body = b""
+                codes = _error_codes(body)
+                if "NAME_UNKNOWN" in codes:
+                    raise RepositoryUnknown("repository unknown to the upstream (404)")
+                if "MANIFEST_UNKNOWN" in codes:
+                    raise ManifestUnknown("manifest unknown to the upstream (404)")
+                raise ReferrersUnsupported("the upstream has no referrers API (404)")
+            if response.code != 200:
+                raise await self._refusal(response, None)
+            return await self._listing(response)
+
+        return Deferred.fromCoroutine(fetch())
+
+    async def _listing(self, response: IResponse) -> Listing:
+        """
+        The L{Listing} a successful tags list or referrers response holds.
+
+        @raise UpstreamError: if its body is larger than L{MAX_LISTING_SIZE}
+            or not a JSON object.
+        """
+        content = await self._read_body(response, MAX_LISTING_SIZE)
+        try:
+            if not isinstance(json.loads(content), dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise UpstreamError("upstream listing is not a JSON object") from None
+        filters = _header(response, b"oci-filters-applied") or ""
+        return Listing(
+            content,
+            _header(response, b"link"),
+            "artifacttype" in filters.lower().replace(" ", "").split(","),
+        )
 
     async def _send(
         self,
@@ -768,6 +873,14 @@ def _redirect_target(url: str, location: str) -> str:
     if scheme not in ("http", "https"):
         raise UpstreamError(f"upstream {_host(url)} redirected to a non-http URL")
     return target
+
+
+def _with_query(path: str, query: Mapping[str, str | int | None]) -> str:
+    """
+    C{path} with the parameters of C{query} that are not L{None}.
+    """
+    given = {key: value for key, value in query.items() if value is not None}
+    return f"{path}?{urlencode(given)}" if given else path
 
 
 def _host(url: str) -> str:

@@ -6,6 +6,7 @@ fails.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +32,20 @@ from blobserve.upstream.client import (
 log = Logger()
 
 _T = TypeVar("_T")
+
+#: How many tags a cache remembers at most, by default.
+MAX_TAGS = 10_000
+
+#: What a registry serves a client that sends no C{Accept}: the image
+#: manifests and indexes of Docker and OCI.
+DEFAULT_ACCEPT = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+    }
+)
 
 
 @frozen
@@ -68,6 +83,19 @@ def accept_key(accept: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(t for t in types if t))
 
 
+def accepts(accepted: tuple[str, ...], media_type: str) -> bool:
+    """
+    Whether a client whose C{Accept} has the media types C{accepted} (as
+    L{accept_key} gives them; none: L{DEFAULT_ACCEPT}) takes C{media_type},
+    by name or by a C{type/*} or C{*/*} range.
+    """
+    media_type = media_type.split(";")[0].strip().lower()
+    if not accepted:
+        return media_type in DEFAULT_ACCEPT
+    major = media_type.split("/")[0]
+    return any(t in (media_type, "*/*", f"{major}/*") for t in accepted)
+
+
 class ManifestCache:
     """
     Serves manifests, asking the upstream as little as correctness allows.
@@ -78,24 +106,37 @@ class ManifestCache:
     repository and set of accepted media types; within C{ttl} seconds the
     upstream is not asked again, after that a C{HEAD} revalidates it. When the
     upstream is unreachable, answers 5xx or rate-limits (429), the last known
-    manifest is served; when it says the tag (or its repository) is gone, so
-    does blobserve. When it refuses access (401, 403), the refusal is passed
-    on and nothing stale is served: unlike an outage, that is the upstream's
-    answer about this tag now (revoked access, a repository made private,
-    wrong credentials), and serving on would hide it from the operator. The
-    tag's record is kept, so the tag is served stale again if the upstream
-    goes on to fail in another way.
+    manifest of the tag is served: the one last resolved for the same
+    C{Accept}, else the most recently resolved one of a media type the
+    client accepts, whatever C{Accept} it was resolved for. When the upstream
+    says the tag (or its repository) is gone, so does blobserve, and it
+    forgets the tag. At most C{max_tags} tags are remembered: the least
+    recently used one is forgotten first. When it refuses access (401, 403),
+    the refusal is passed on and nothing stale is served: unlike an outage,
+    that is the upstream's answer about this tag now (revoked access, a
+    repository made private, wrong credentials), and serving on would hide it
+    from the operator. The tag's record is kept, so the tag is served stale
+    again if the upstream goes on to fail in another way.
 
     A caller that cancels what L{get} or L{head} returned (its client left)
     only stops waiting: work shared with other callers goes on, a C{HEAD} of
     its own is stopped, and nothing is served stale or recorded for it.
     """
 
-    def __init__(self, store: IBlobStore, clock: IReactorTime, ttl: float) -> None:
+    def __init__(
+        self,
+        store: IBlobStore,
+        clock: IReactorTime,
+        ttl: float,
+        max_tags: int = MAX_TAGS,
+    ) -> None:
         self._store = store
         self._clock = clock
         self._ttl = ttl
-        self._tags: dict[tuple[Any, ...], TagRecord] = {}
+        self._max_tags = max_tags
+        # By (registry, repository, tag): by accept_key, what it resolved to.
+        self._tags: OrderedDict[tuple[str, ...], dict[tuple[str, ...], TagRecord]]
+        self._tags = OrderedDict()
         self._running: dict[tuple[Any, ...], OneShotEvent[Any]] = {}
 
     def get(
@@ -184,37 +225,40 @@ class ManifestCache:
         note: Note,
     ) -> Manifest:
         tag = key[3]
-        record = self._tags.get(key)
+        record = self._record(key)
         now = self._clock.seconds()
         if record is not None and now - record.checked_at < self._ttl:
             stored = self._load(record.digest)
             if stored is not None:
                 note("hit")
                 return stored
-        if record is None:
-            note("miss")
-            manifest = await self._fetch(upstream, name, tag, accept)
-            self._tags[key] = TagRecord(manifest.digest, now)
-            return manifest
         try:
-            manifest = await self._revalidate(upstream, name, tag, accept, note)
+            if record is None:
+                manifest = await self._fetch(upstream, name, tag, accept)
+                note("miss")
+            else:
+                manifest = await self._revalidate(upstream, name, tag, accept, note)
         except ManifestUnknown:
-            self._tags.pop(key, None)
+            if record is None:
+                note("miss")
+            self._tags.pop(key[:4], None)
             raise
         except UpstreamError as e:
-            stale = self._load(record.digest) if _may_serve_stale(e) else None
+            stale = self._stale(key) if may_serve_stale(e) else None
             if stale is None:
+                if record is None:
+                    note("miss")
                 raise
             note("stale")
             log.warn(
                 "serving {name}:{tag} as {digest} from the cache: {reason}",
                 name=name,
                 tag=tag,
-                digest=str(record.digest),
+                digest=str(stale.digest),
                 reason=str(e),
             )
             return stale
-        self._tags[key] = TagRecord(manifest.digest, now)
+        self._remember(key, manifest.digest, now)
         return manifest
 
     async def _revalidate(
@@ -249,7 +293,7 @@ class ManifestCache:
         note: Note,
     ) -> ManifestInfo:
         tag = key[3]
-        record = self._tags.get(key)
+        record = self._record(key)
         now = self._clock.seconds()
         stored = self._load(record.digest) if record is not None else None
         fresh = record is not None and now - record.checked_at < self._ttl
@@ -259,20 +303,62 @@ class ManifestCache:
         try:
             info = await upstream.stat_manifest(name, tag, accept)
         except ManifestUnknown:
-            self._tags.pop(key, None)
+            self._tags.pop(key[:4], None)
             raise
         except UpstreamError as e:
-            if stored is None or not _may_serve_stale(e):
+            stale = self._stale(key) if may_serve_stale(e) else None
+            if stale is None:
                 raise
             note("stale")
-            return _info(stored)
+            return _info(stale)
         if info.digest is not None:
-            self._tags[key] = TagRecord(info.digest, now)
+            self._remember(key, info.digest, now)
         # As for a GET: a hit if the upstream was asked only whether the tag
         # moved, and the manifest it points to is stored.
         known = info.digest is not None and self._store.media_type(info.digest)
         note("hit" if known else "miss")
         return info
+
+    def _record(self, key: tuple[Any, ...]) -> TagRecord | None:
+        """
+        What the tag of C{key} last resolved to for C{key}'s accepted types.
+        """
+        records = self._tags.get(key[:4])
+        if records is None:
+            return None
+        self._tags.move_to_end(key[:4])
+        return records.get(key[4])
+
+    def _remember(self, key: tuple[Any, ...], digest: Digest, now: float) -> None:
+        """
+        Remember that the tag of C{key} resolves to C{digest} for C{key}'s
+        accepted types, forgetting the least recently used tags beyond
+        the bound.
+        """
+        self._tags.setdefault(key[:4], {})[key[4]] = TagRecord(digest, now)
+        self._tags.move_to_end(key[:4])
+        while len(self._tags) > self._max_tags:
+            self._tags.popitem(last=False)
+
+    def _stale(self, key: tuple[Any, ...]) -> Manifest | None:
+        """
+        The stored manifest the tag of C{key} last resolved to that a
+        client accepting C{key}'s types takes: the one resolved for those
+        very types, else the most recently resolved one of a type they
+        accept; L{None} if none is stored.
+        """
+        records = self._tags.get(key[:4], {})
+        exact = records.get(key[4])
+        others = sorted(
+            (r for k, r in records.items() if k != key[4]),
+            key=lambda r: r.checked_at,
+            reverse=True,
+        )
+        for i, record in enumerate([exact, *others]):
+            stored = None if record is None else self._load(record.digest)
+            if stored is not None and (i == 0 or accepts(key[4], stored.media_type)):
+                return stored
+        return None
 
     async def _fetch(
         self, upstream: IUpstream, name: str, reference: str, accept: Sequence[str]
@@ -353,7 +439,7 @@ class ManifestCache:
         return running.observe()
 
 
-def _may_serve_stale(error: UpstreamError) -> bool:
+def may_serve_stale(error: UpstreamError) -> bool:
     """
     Whether a tag may be served from its last known manifest despite
     C{error}: for an outage or a rate limit, not for a refusal of access.

@@ -33,6 +33,7 @@ from blobserve.upstream.client import (
     BlobInfo,
     BlobUnknown,
     IUpstream,
+    Listing,
     Manifest,
     ManifestInfo,
     ManifestUnknown,
@@ -43,9 +44,12 @@ from blobserve.upstream.client import (
     Upstreams,
 )
 from blobserve.web.conditional import not_modified, range_allowed
+from blobserve.web.listings import ListingCache
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.names import InvalidName, InvalidTag, parse_name, parse_tag
 from blobserve.web.ranges import UnsatisfiableRange, parse_range
+from blobserve.web.referrers import INDEX_MEDIA_TYPE, Referrers
+from blobserve.web.tags import InvalidPage, TagsLists, next_link, parse_page
 
 log = Logger()
 
@@ -53,6 +57,8 @@ _T = TypeVar("_T")
 
 _BLOB_PATH = re.compile(rb"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 _MANIFEST_PATH = re.compile(rb"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
+_TAGS_PATH = re.compile(rb"/v2/(?P<name>.+)/tags/list")
+_REFERRERS_PATH = re.compile(rb"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")
 _BASE_PATHS = {b"/v2", b"/v2/"}
 
 
@@ -194,12 +200,15 @@ class RegistryResource(Resource):
         clock: IReactorTime | None = None,
         client_timeout: float | None = None,
         sink_for: Callable[[Request], IZeroCopySink | None] = SocketSink.under,
+        listings: ListingCache | None = None,
     ) -> None:
         """
         @param client_timeout: seconds a client may take no bytes of a blob
             before it is dropped (needs C{clock}).
         @param sink_for: finds where a blob response's body may go with
             C{sendfile} (see L{FollowingProducer}).
+        @param listings: keeps tags lists and referrers; without it, they
+            are not served (404).
         """
         super().__init__()
         # The blob responses in progress, and the digest of the download in
@@ -212,6 +221,8 @@ class RegistryResource(Resource):
         self._downloads = downloads
         self._manifests = manifests
         self._upstreams = upstreams
+        self._tags = None if listings is None else TagsLists(listings)
+        self._referrers = None if listings is None else Referrers(listings, manifests)
 
     def responses_in_progress(self) -> int:
         """
@@ -251,6 +262,15 @@ class RegistryResource(Resource):
             if request.method == b"HEAD":
                 return self._head_manifest(request, name, reference)
             return self._get_manifest(request, name, reference)
+        match = _TAGS_PATH.fullmatch(path)
+        if match is not None and self._tags is not None:
+            _note(request, "tags")
+            return self._get_tags(request, self._tags, _parse_name(match["name"]))
+        match = _REFERRERS_PATH.fullmatch(path)
+        if match is not None and self._referrers is not None:
+            _note(request, "referrers")
+            name, digest = _parse_blob_path(match)
+            return self._get_referrers(request, self._referrers, name, digest)
         match = _BLOB_PATH.fullmatch(path)
         if match is None:
             # 404 says that nothing is here; the spec has no code for an
@@ -357,6 +377,41 @@ class RegistryResource(Resource):
                 return
             _manifest_headers(request, info.digest, info.media_type, info.length)
             request.finish()
+
+        _answer_with(request, d, send)
+        return NOT_DONE_YET
+
+    def _get_tags(self, request: Request, tags: TagsLists, name: str) -> int:
+        try:
+            n, last = parse_page(_argument(request, b"n"), _argument(request, b"last"))
+        except InvalidPage as e:
+            raise OCIError(400, "UNSUPPORTED", str(e)) from None
+        registry, upstream = self._upstream_for(request)
+        note = partial(_note_outcome, request)
+        d = tags.get(registry, upstream, name, n, last, note)
+        ns = _argument(request, b"ns")
+
+        def send(listing: Listing) -> None:
+            link = next_link(listing.link, name, ns)
+            if link is not None:
+                request.setHeader(b"Link", link.encode("latin-1"))
+            _send_listing(request, listing, "application/json")
+
+        _answer_with(request, d, send)
+        return NOT_DONE_YET
+
+    def _get_referrers(
+        self, request: Request, referrers: Referrers, name: str, digest: Digest
+    ) -> int:
+        registry, upstream = self._upstream_for(request)
+        note = partial(_note_outcome, request)
+        artifact_type = _argument(request, b"artifactType")
+        d = referrers.get(registry, upstream, name, digest, artifact_type, note)
+
+        def send(listing: Listing) -> None:
+            if listing.filtered:
+                request.setHeader(b"OCI-Filters-Applied", b"artifactType")
+            _send_listing(request, listing, INDEX_MEDIA_TYPE)
 
         _answer_with(request, d, send)
         return NOT_DONE_YET
@@ -526,6 +581,29 @@ def _note(
 
 def _note_outcome(request: Request, outcome: str) -> None:
     _note(request, outcome=outcome)
+
+
+def _argument(request: Request, name: bytes) -> str | None:
+    """
+    The first value of the query parameter C{name}, if given.
+    """
+    values = request.args.get(name) if request.args else None
+    return values[0].decode("latin-1") if values else None
+
+
+def _send_listing(request: Request, listing: Listing, media_type: str) -> None:
+    """
+    Answer with a tags list or referrers body (nothing but headers to a
+    C{HEAD}), unless the request is over.
+    """
+    if _over(request):
+        return
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", media_type.encode("latin-1"))
+    request.setHeader(b"Content-Length", b"%d" % len(listing.content))
+    if request.method != b"HEAD":
+        request.write(listing.content)
+    request.finish()
 
 
 def _header(request: Request, name: bytes) -> str | None:

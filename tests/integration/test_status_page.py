@@ -187,6 +187,12 @@ class _Silent:
     def stat_blob(self, name: str, digest: Digest) -> Deferred[Any]:
         return Deferred()
 
+    def fetch_tags(self, name: str, n: Any, last: Any) -> Deferred[Any]:
+        return Deferred()
+
+    def fetch_referrers(self, name: str, digest: Digest, kind: Any) -> Deferred[Any]:
+        return Deferred()
+
 
 SCRIPT = "<script>document.title='pwned'</script>"
 IMAGE = "<img src=x onerror=\"document.title='pwned'\">"

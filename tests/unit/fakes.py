@@ -33,7 +33,13 @@ from blobserve.store.database import ImmediateDatabase
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
-from blobserve.upstream.client import BlobInfo, IUpstream, Manifest, ManifestInfo
+from blobserve.upstream.client import (
+    BlobInfo,
+    IUpstream,
+    Listing,
+    Manifest,
+    ManifestInfo,
+)
 
 _T = TypeVar("_T")
 
@@ -189,7 +195,27 @@ class FakeUpstream:
     manifest_stats: list[tuple[str, str, list[str], Deferred[ManifestInfo]]] = field(
         factory=list
     )
+    tags_fetches: list[tuple[str, int | None, str | None, Deferred[Listing]]] = field(
+        factory=list
+    )
+    referrers_fetches: list[tuple[str, Digest, str | None, Deferred[Listing]]] = field(
+        factory=list
+    )
     base_url: str = "https://upstream.test"
+
+    def fetch_tags(
+        self, name: str, n: int | None, last: str | None
+    ) -> Deferred[Listing]:
+        d: Deferred[Listing] = Deferred()
+        self.tags_fetches.append((name, n, last, d))
+        return d
+
+    def fetch_referrers(
+        self, name: str, digest: Digest, artifact_type: str | None
+    ) -> Deferred[Listing]:
+        d: Deferred[Listing] = Deferred()
+        self.referrers_fetches.append((name, digest, artifact_type, d))
+        return d
 
     def fetch_blob(
         self, name: str, digest: Digest, offset: int = 0

@@ -6,6 +6,7 @@ revalidated with HEAD, and served stale when the upstream fails.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,8 @@ def test_caller_leaving_a_shared_tag_resolution_leaves_it_to_the_others(
     stat.callback(ManifestInfo(V2.digest, INDEX_TYPE, len(V2.content)))
     subject.upstream.manifest_fetches[-1][3].callback(V2)
     assert result_of(staying) == V2
-    assert subject.cache._tags[next(iter(subject.cache._tags))].digest == V2.digest
+    (records,) = subject.cache._tags.values()
+    assert records[accept_key(ACCEPT)].digest == V2.digest
 
 
 def test_each_caller_is_told_what_the_cache_did_for_it(subject: Cache) -> None:
@@ -283,12 +285,129 @@ def test_each_caller_is_told_what_the_cache_did_for_it(subject: Cache) -> None:
         ManifestInfo(V2.digest, INDEX_TYPE, len(V2.content))
     )
     assert has_fired(moved)
+    # The first caller is told once its fetch is done, after the second
+    # joined it.
     assert said == [
-        ("first", "miss"),
         ("second", "join"),
+        ("first", "miss"),
         ("fresh", "hit"),
         ("fresh head", "hit"),
         ("revalidated head", "hit"),
         ("stale", "stale"),
         ("moved head", "miss"),
     ]
+
+
+DOCKER_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def ask(
+    subject: Cache,
+    accept: list[str],
+    tag: str = "latest",
+    note: Callable[[str], object] = lambda outcome: None,
+) -> tuple[Deferred[Manifest], Deferred[ManifestInfo]]:
+    """
+    A GET and a HEAD of C{tag} from a client sending C{accept}.
+    """
+    cache, upstream = subject.cache, subject.upstream
+    return (
+        cache.get("docker.io", upstream, "library/x", tag, accept, note),
+        cache.head("docker.io", upstream, "library/x", tag, accept),
+    )
+
+
+def fail_upstream(subject: Cache) -> None:
+    """
+    Fail every upstream request not answered yet, as an unreachable upstream.
+    """
+    for *_, d in subject.upstream.manifest_fetches + subject.upstream.manifest_stats:
+        if not d.called:
+            d.errback(Failure(UpstreamError("unreachable")))
+
+
+def ask_in_outage(
+    subject: Cache, accept: list[str]
+) -> tuple[Deferred[Manifest], Deferred[ManifestInfo], list[str]]:
+    """
+    A GET and a HEAD of a tag resolved for L{ACCEPT} (to V1, of INDEX_TYPE),
+    from a client sending C{accept}, past the TTL, the upstream failing;
+    and what the GET was told the cache did.
+    """
+    cold_fetch(subject)
+    subject.clock.advance(120)
+    said: list[str] = []
+    d, h = ask(subject, accept, note=said.append)
+    fail_upstream(subject)
+    return d, h, said
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        [INDEX_TYPE],
+        [f"{DOCKER_TYPE}, {INDEX_TYPE};q=0.5"],
+        ["application/*"],
+        ["*/*"],
+        [],
+    ],
+)
+def test_stale_tag_is_served_to_any_client_accepting_its_media_type(
+    subject: Cache, accept: list[str]
+) -> None:
+    d, h, said = ask_in_outage(subject, accept)
+    assert result_of(d) == V1
+    assert result_of(h).digest == V1.digest
+    assert said == ["stale"]
+
+
+@pytest.mark.parametrize("accept", [[DOCKER_TYPE], ["text/*"]])
+def test_stale_tag_is_not_served_to_a_client_refusing_its_media_type(
+    subject: Cache, accept: list[str]
+) -> None:
+    d, h, said = ask_in_outage(subject, accept)
+    failure_of(d).trap(UpstreamError)
+    failure_of(h).trap(UpstreamError)
+    assert said == ["miss"]
+
+
+def test_stale_tag_prefers_what_it_resolved_to_for_the_same_accept(
+    subject: Cache,
+) -> None:
+    # The tag resolved to V1 for ACCEPT, then to V2 for another client;
+    # a client sending ACCEPT again gets V1, any other the most recent, V2.
+    cold_fetch(subject)
+    subject.clock.advance(30)
+    d, _ = ask(subject, [INDEX_TYPE])
+    subject.upstream.manifest_fetches[-1][3].callback(V2)
+    subject.upstream.manifest_stats[-1][3].callback(ManifestInfo(V2.digest, None, 1))
+    assert result_of(d) == V2
+    subject.clock.advance(120)
+    same, _ = ask(subject, ACCEPT)
+    other, _ = ask(subject, ["*/*"])
+    fail_upstream(subject)
+    assert result_of(same) == V1
+    assert result_of(other) == V2
+
+
+def test_tag_cache_forgets_the_least_recently_used_tag(tmp_path: Path) -> None:
+    store = store_at(str(tmp_path))
+    clock = Clock()
+    subject = Cache(
+        ManifestCache(store, clock, ttl=60, max_tags=2), FakeUpstream(), clock, store
+    )
+    for tag in ("a", "b"):
+        d = subject.get(tag)
+        subject.upstream.manifest_fetches[-1][3].callback(V1)
+        result_of(d)
+    result_of(subject.get("a"))  # a hit: "a" is now the more recently used
+    d = subject.get("c")
+    subject.upstream.manifest_fetches[-1][3].callback(V2)
+    result_of(d)
+    assert len(subject.cache._tags) == 2
+    subject.clock.advance(120)
+    a, b, c = subject.get("a"), subject.get("b"), subject.get("c")
+    fail_upstream(subject)
+    assert result_of(a) == V1
+    failure_of(b).trap(UpstreamError)
+    assert result_of(c) == V2

@@ -28,7 +28,14 @@ from blobserve.ops.access import AccessLog, Exchange
 from blobserve.ops.metrics import Figures, Metrics, MetricsPage
 from blobserve.store.eviction import Evictor
 from blobserve.store.files import DirectoryBlobStore
-from blobserve.upstream.client import Manifest, ManifestInfo, UpstreamError, Upstreams
+from blobserve.upstream.client import (
+    Listing,
+    Manifest,
+    ManifestInfo,
+    UpstreamError,
+    Upstreams,
+)
+from blobserve.web.listings import ListingCache
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
@@ -124,6 +131,7 @@ def served_at(tmp_path: Path) -> Served:
         Upstreams({"docker.io": upstream}, "docker.io"),
         clock=clock,
         sink_for=lambda request: None,
+        listings=ListingCache(clock, ttl=60),
     )
     factory = registry_site(
         site_root(resource, {}, MetricsPage(metrics.registry)),
@@ -347,6 +355,35 @@ def test_a_manifest_head_and_a_blob_head_note_their_outcome(served: Served) -> N
     assert samples[sample("blobserve_cache_requests_total", kind="blob", outcome="hit")]
     assert samples[
         sample("blobserve_cache_requests_total", kind="manifest", outcome="miss")
+    ]
+
+
+def test_tags_lists_and_referrers_note_their_route_and_outcome(
+    served: Served,
+) -> None:
+    subject = Digest.of(MANIFEST)
+    with LoggedEvents() as logged:
+        miss, join = served.get("/v2/a/tags/list"), served.get("/v2/a/tags/list")
+        served.upstream.tags_fetches[-1][3].callback(Listing(b"{}"))
+        served.get("/v2/a/tags/list")
+        referrers = served.get(f"/v2/a/referrers/{subject}")
+        served.upstream.referrers_fetches[-1][3].callback(Listing(b'{"manifests":[]}'))
+        served.get(f"/v2/a/referrers/{subject}", "HEAD")
+        assert [c.response()[0] for c in (miss, join, referrers)] == [200] * 3
+    assert [e["outcome"] for e in access_lines(logged)] == [
+        "miss",
+        "join",
+        "hit",
+        "miss",
+        "hit",
+    ]
+    samples = served.scrape()
+    requests = "blobserve_http_requests_total"
+    assert samples[sample(requests, route="tags", method="GET", status="2xx")] == 3
+    assert samples[sample(requests, route="referrers", method="HEAD", status="2xx")]
+    assert samples[sample("blobserve_cache_requests_total", kind="tags", outcome="hit")]
+    assert samples[
+        sample("blobserve_cache_requests_total", kind="referrers", outcome="miss")
     ]
 
 

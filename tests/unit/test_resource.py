@@ -45,6 +45,7 @@ from blobserve.upstream.client import (
     Upstreams,
 )
 from blobserve.web import resource as resource_module
+from blobserve.web.listings import ListingCache
 from blobserve.web.manifests import ManifestCache
 from blobserve.web.resource import RegistryResource
 from blobserve.web.root import site_root
@@ -127,7 +128,9 @@ def registry_for(
     table = InFlightTable(partial(Download, store=store, clock=clock, **download))
     upstreams = Upstreams({"docker.io": upstream, "ghcr.io": other}, "docker.io")
     manifests = ManifestCache(store, clock, ttl=60)
-    resource = RegistryResource(store, table, manifests, upstreams)
+    resource = RegistryResource(
+        store, table, manifests, upstreams, listings=ListingCache(clock, ttl=60)
+    )
     status = StatusResource(
         store,
         table,
