@@ -27,6 +27,7 @@ from blobserve.upstream.client import (
     UpstreamError,
     UpstreamRefused,
 )
+from blobserve.web.scope import RepositoryScope
 
 log = Logger()
 
@@ -86,6 +87,12 @@ class ManifestCache:
     tag's record is kept, so the tag is served stale again if the upstream
     goes on to fail in another way.
 
+    A manifest stored because one repository asked for it is served by
+    digest under another only once the upstream has confirmed, with a
+    C{HEAD} for that repository, that it holds it too (see
+    L{RepositoryScope}); a tag is resolved by the upstream for its own
+    repository, which confirms the manifest it points to.
+
     A caller that cancels what L{get} or L{head} returned (its client left)
     only stops waiting: work shared with other callers goes on, a C{HEAD} of
     its own is stopped, and nothing is served stale or recorded for it.
@@ -93,6 +100,7 @@ class ManifestCache:
 
     def __init__(self, store: IBlobStore, clock: IReactorTime, ttl: float) -> None:
         self._store = store
+        self._scope = RepositoryScope(store)
         self._clock = clock
         self._ttl = ttl
         self._tags: dict[tuple[Any, ...], TagRecord] = {}
@@ -117,7 +125,7 @@ class ManifestCache:
         """
         digest = _digest_or_none(reference)
         if digest is not None:
-            return self._by_digest(upstream, name, digest, accept, note)
+            return self._by_digest(registry, upstream, name, digest, accept, note)
         key = ("tag", registry, name, reference, accept_key(accept))
         return self._once(
             key,
@@ -147,6 +155,10 @@ class ManifestCache:
         if digest is not None:
             stored = self._load(digest)
             if stored is not None:
+                if not self._scope.holds(registry, name, digest):
+                    return self._confirm_then(
+                        registry, upstream, name, digest, accept, self.head, note
+                    )
                 note("hit")
                 return succeed(_info(stored))
             note("miss")
@@ -156,6 +168,7 @@ class ManifestCache:
 
     def _by_digest(
         self,
+        registry: str,
         upstream: IUpstream,
         name: str,
         digest: Digest,
@@ -164,15 +177,45 @@ class ManifestCache:
     ) -> Deferred[Manifest]:
         stored = self._load(digest)
         if stored is not None:
+            if not self._scope.holds(registry, name, digest):
+                return self._confirm_then(
+                    registry, upstream, name, digest, accept, self.get, note
+                )
             note("hit")
             return succeed(stored)
+        # Per repository: an upstream answer for one says nothing of another.
         return self._once(
-            ("digest", digest),
+            ("digest", registry, name, digest),
             lambda: Deferred.fromCoroutine(
-                self._fetch(upstream, name, str(digest), accept)
+                self._fetch(registry, upstream, name, str(digest), accept)
             ),
             note,
             "miss",
+        )
+
+    def _confirm_then(
+        self,
+        registry: str,
+        upstream: IUpstream,
+        name: str,
+        digest: Digest,
+        accept: Sequence[str],
+        again: Callable[..., Deferred[_T]],
+        note: Note,
+    ) -> Deferred[_T]:
+        """
+        Once the upstream confirms that repository C{name} holds C{digest},
+        ask C{again} (L{get} or L{head}), which then knows it does; fail
+        with the upstream's answer if it does not.
+        """
+        confirmed = self._scope.confirm(
+            registry,
+            name,
+            digest,
+            lambda: upstream.stat_manifest(name, str(digest), accept),
+        )
+        return confirmed.addCallback(
+            lambda _: again(registry, upstream, name, str(digest), accept, note)
         )
 
     async def _by_tag(
@@ -193,11 +236,11 @@ class ManifestCache:
                 return stored
         if record is None:
             note("miss")
-            manifest = await self._fetch(upstream, name, tag, accept)
+            manifest = await self._fetch(key[1], upstream, name, tag, accept)
             self._tags[key] = TagRecord(manifest.digest, now)
             return manifest
         try:
-            manifest = await self._revalidate(upstream, name, tag, accept, note)
+            manifest = await self._revalidate(key[1], upstream, name, tag, accept, note)
         except ManifestUnknown:
             self._tags.pop(key, None)
             raise
@@ -219,6 +262,7 @@ class ManifestCache:
 
     async def _revalidate(
         self,
+        registry: str,
         upstream: IUpstream,
         name: str,
         tag: str,
@@ -234,11 +278,15 @@ class ManifestCache:
         if info.digest is not None:
             stored = self._load(info.digest)
             if stored is not None:
+                # The upstream said the tag of this repository points to it.
+                self._store.saw(registry, name, info.digest)
                 note("hit")
                 return stored
-            return await self._by_digest(upstream, name, info.digest, accept, note)
+            return await self._by_digest(
+                registry, upstream, name, info.digest, accept, note
+            )
         note("miss")
-        return await self._fetch(upstream, name, tag, accept)
+        return await self._fetch(registry, upstream, name, tag, accept)
 
     async def _head_tag(
         self,
@@ -275,10 +323,17 @@ class ManifestCache:
         return info
 
     async def _fetch(
-        self, upstream: IUpstream, name: str, reference: str, accept: Sequence[str]
+        self,
+        registry: str,
+        upstream: IUpstream,
+        name: str,
+        reference: str,
+        accept: Sequence[str],
     ) -> Manifest:
         manifest = await upstream.fetch_manifest(name, reference, accept)
         await self._keep(manifest)
+        # The upstream served it for this repository: it holds it.
+        self._store.saw(registry, name, manifest.digest)
         return manifest
 
     async def _keep(self, manifest: Manifest) -> None:
