@@ -306,7 +306,14 @@ class IBlobStore(Interface):
     def saw(registry: str, repository: str, digest: Digest) -> None:
         """
         Remember that repository C{repository} of C{registry} holds the blob
-        or manifest C{digest}.
+        or manifest C{digest}, as the upstream said; for as long as the store
+        holds C{digest}, across restarts.
+        """
+
+    def holds(registry: str, repository: str, digest: Digest) -> bool:
+        """
+        Whether repository C{repository} of C{registry} is known to hold
+        C{digest} (see L{saw}). Answered from memory, at once.
         """
 
     def discard(temporary: TemporaryBlob) -> None:
@@ -548,6 +555,9 @@ class DirectoryBlobStore:
 
     def saw(self, registry: str, repository: str, digest: Digest) -> None:
         self.index.saw(registry, repository, digest)
+
+    def holds(self, registry: str, repository: str, digest: Digest) -> bool:
+        return self.index.holds(registry, repository, digest)
 
     def media_type(self, digest: Digest) -> str | None:
         entry = self.index.get(digest)

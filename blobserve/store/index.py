@@ -16,6 +16,11 @@ Downloads that have not ended have a row too (a I{partial}), from the moment
 their temporary file is created until their blob is committed or they fail
 for good: after a stop or a crash, the next run resumes them from the bytes
 on disk.
+
+Which repositories of which registries are known to hold each blob (the
+upstream said so: it served the blob for that repository, or answered a
+C{HEAD} for it) is kept too, in memory for the hit path and in the database
+for the next run; a blob's repositories go with the blob.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from blobserve.store.layout import blob_path, blobs_directory, records_directory
 log = Logger()
 
 #: The schema this code reads and writes (SQLite's C{user_version}).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The statements that bring a database of version N to version N + 1.
 MIGRATIONS: dict[int, list[str]] = {
@@ -93,6 +98,13 @@ MIGRATIONS: dict[int, list[str]] = {
             updated_at REAL NOT NULL
         )
         """,
+    ],
+    2: [
+        # Until version 3 every request that a blob was served for added
+        # its repository, whether the upstream had confirmed that the
+        # repository holds it or not: none of those rows can be trusted.
+        "DELETE FROM repositories",
+        "CREATE INDEX repositories_by_digest ON repositories (digest)",
     ],
 }
 
@@ -320,6 +332,28 @@ def _partial_rows(
     return partials
 
 
+def _repository_rows(
+    connection: sqlite3.Connection,
+) -> list[tuple[Digest, str, str]]:
+    """
+    The repositories known to hold each stored blob; rows of blobs the
+    store no longer holds (a download that was answered but never
+    committed) are deleted.
+    """
+    connection.execute(
+        "DELETE FROM repositories WHERE digest NOT IN (SELECT digest FROM blobs)"
+    )
+    repositories = []
+    for registry, repository, digest in connection.execute(
+        "SELECT registry, repository, digest FROM repositories"
+    ).fetchall():
+        try:
+            repositories.append((Digest.parse(digest), registry, repository))
+        except InvalidDigest:
+            raise IndexDamaged(f"a row names no digest: {digest!r}") from None
+    return repositories
+
+
 class StoreIndex:
     """
     The committed blobs of one store: in memory for the reactor, in an
@@ -336,6 +370,9 @@ class StoreIndex:
         # Least recently used first.
         self._entries: OrderedDict[Digest, BlobEntry] = OrderedDict()
         self._touched: set[Digest] = set()
+        # The repositories known to hold each digest, by (registry,
+        # repository); and those not written yet.
+        self._repositories: dict[Digest, set[tuple[str, str]]] = {}
         self._seen: set[tuple[str, str, str]] = set()
         self._removed_while_loading: set[Digest] = set()
         self._partials: dict[Digest, PartialEntry] = {}
@@ -367,15 +404,21 @@ class StoreIndex:
         ) -> tuple[
             list[tuple[Digest, BlobEntry]],
             list[tuple[Digest, PartialEntry]],
+            list[tuple[Digest, str, str]],
             str | None,
         ]:
             fresh = _schema_version(connection) == 0
             _check(connection)
             migrate(connection)
             if fresh:
-                return [], [], _NO_INDEX
+                return [], [], [], _NO_INDEX
             _settle(connection, self._root)
-            return self._rows(connection), _partial_rows(connection), None
+            return (
+                self._rows(connection),
+                _partial_rows(connection),
+                _repository_rows(connection),
+                None,
+            )
 
         def rebuilt(connection: sqlite3.Connection) -> list[tuple[Digest, BlobEntry]]:
             migrate(connection)
@@ -384,9 +427,10 @@ class StoreIndex:
 
         async def run() -> LoadReport:
             try:
-                rows, partials, because = await self._database.run(read)
+                rows, partials, repositories, because = await self._database.run(read)
             except (IndexDamaged, sqlite3.DatabaseError) as e:
                 rows, partials, because = [], [], f"it was damaged ({e})"
+                repositories = []
                 self._fill_partials([])
                 await self._database.reset()
             except BaseException:
@@ -411,7 +455,7 @@ class StoreIndex:
                 # What this run recorded before a damaged index was reset.
                 for digest, entry in list(self._partials.items()):
                     self._insert_partial(digest, entry)
-            self._fill(rows)
+            self._fill(rows, repositories)
             if migrating:
                 shutil.rmtree(records, ignore_errors=True)
             report = LoadReport(
@@ -468,7 +512,11 @@ class StoreIndex:
         self._partials_removed_while_loading.clear()
         self._partials_known.succeed_with(None)
 
-    def _fill(self, rows: list[tuple[Digest, BlobEntry]]) -> None:
+    def _fill(
+        self,
+        rows: list[tuple[Digest, BlobEntry]],
+        repositories: list[tuple[Digest, str, str]],
+    ) -> None:
         # Commits and removals while the index loaded are newer than what it
         # read: they stand.
         added = dict(self._entries)
@@ -477,6 +525,9 @@ class StoreIndex:
             if digest not in added and digest not in self._removed_while_loading:
                 self._entries[digest] = entry
         self._entries.update(added)
+        for digest, registry, repository in repositories:
+            if digest not in self._removed_while_loading:
+                self._repositories.setdefault(digest, set()).add((registry, repository))
         self._removed_while_loading.clear()
         self.size = sum(entry.size for entry in self._entries.values())
         self.ready = True
@@ -513,10 +564,22 @@ class StoreIndex:
 
     def saw(self, registry: str, repository: str, digest: Digest) -> None:
         """
-        Remember that repository C{repository} of C{registry} holds C{digest};
-        it is written with the next batch.
+        Remember that repository C{repository} of C{registry} holds C{digest}
+        (L{holds} says so at once); it is written with the next batch. Only
+        what the upstream said belongs here.
         """
-        self._seen.add((registry, repository, str(digest)))
+        seen = self._repositories.setdefault(digest, set())
+        if (registry, repository) not in seen:
+            seen.add((registry, repository))
+            self._seen.add((registry, repository, str(digest)))
+
+    def holds(self, registry: str, repository: str, digest: Digest) -> bool:
+        """
+        Whether repository C{repository} of C{registry} is known to hold
+        C{digest}: L{saw} said so, in this run or, for a blob still stored,
+        in an earlier one.
+        """
+        return (registry, repository) in self._repositories.get(digest, ())
 
     # Changes, durable when their Deferred fires.
 
@@ -563,19 +626,27 @@ class StoreIndex:
             if entry is not None:
                 self.size -= entry.size
             self._touched.discard(digest)
+            # Its repositories go with it: the next time the blob is
+            # fetched, the repository it is fetched for is recorded anew.
+            self._forget_repositories(digest)
             if not self.ready:
                 self._removed_while_loading.add(digest)
         return self._set_state(digests, _EVICTING)
+
+    def _forget_repositories(self, digest: Digest) -> None:
+        seen = self._repositories.pop(digest, set())
+        for registry, repository in seen:
+            self._seen.discard((registry, repository, str(digest)))
 
     def end_removal(self, digests: list[Digest]) -> Deferred[None]:
         """
         Say that the files of C{digests} are gone.
         """
+        rows = [(str(d),) for d in digests]
 
         def delete(connection: sqlite3.Connection) -> None:
-            connection.executemany(
-                "DELETE FROM blobs WHERE digest = ?", [(str(d),) for d in digests]
-            )
+            connection.executemany("DELETE FROM blobs WHERE digest = ?", rows)
+            connection.executemany("DELETE FROM repositories WHERE digest = ?", rows)
 
         return self._database.run(delete)
 

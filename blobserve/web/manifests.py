@@ -28,6 +28,7 @@ from blobserve.upstream.client import (
     UpstreamError,
     UpstreamRefused,
 )
+from blobserve.web.scope import RepositoryScope
 
 log = Logger()
 
@@ -118,6 +119,12 @@ class ManifestCache:
     from the operator. The tag's record is kept, so the tag is served stale
     again if the upstream goes on to fail in another way.
 
+    A manifest stored because one repository asked for it is served by
+    digest under another only once the upstream has confirmed, with a
+    C{HEAD} for that repository, that it holds it too (see
+    L{RepositoryScope}); a tag is resolved by the upstream for its own
+    repository, which confirms the manifest it points to.
+
     A caller that cancels what L{get} or L{head} returned (its client left)
     only stops waiting: work shared with other callers goes on, a C{HEAD} of
     its own is stopped, and nothing is served stale or recorded for it.
@@ -131,6 +138,7 @@ class ManifestCache:
         max_tags: int = MAX_TAGS,
     ) -> None:
         self._store = store
+        self._scope = RepositoryScope(store)
         self._clock = clock
         self._ttl = ttl
         self._max_tags = max_tags
@@ -158,7 +166,7 @@ class ManifestCache:
         """
         digest = _digest_or_none(reference)
         if digest is not None:
-            return self._by_digest(upstream, name, digest, accept, note)
+            return self._by_digest(registry, upstream, name, digest, accept, note)
         key = ("tag", registry, name, reference, accept_key(accept))
         return self._once(
             key,
@@ -188,6 +196,10 @@ class ManifestCache:
         if digest is not None:
             stored = self._load(digest)
             if stored is not None:
+                if not self._scope.holds(registry, name, digest):
+                    return self._confirm_then(
+                        registry, upstream, name, digest, accept, self.head, note
+                    )
                 note("hit")
                 return succeed(_info(stored))
             note("miss")
@@ -197,6 +209,7 @@ class ManifestCache:
 
     def _by_digest(
         self,
+        registry: str,
         upstream: IUpstream,
         name: str,
         digest: Digest,
@@ -205,15 +218,45 @@ class ManifestCache:
     ) -> Deferred[Manifest]:
         stored = self._load(digest)
         if stored is not None:
+            if not self._scope.holds(registry, name, digest):
+                return self._confirm_then(
+                    registry, upstream, name, digest, accept, self.get, note
+                )
             note("hit")
             return succeed(stored)
+        # Per repository: an upstream answer for one says nothing of another.
         return self._once(
-            ("digest", digest),
+            ("digest", registry, name, digest),
             lambda: Deferred.fromCoroutine(
-                self._fetch(upstream, name, str(digest), accept)
+                self._fetch(registry, upstream, name, str(digest), accept)
             ),
             note,
             "miss",
+        )
+
+    def _confirm_then(
+        self,
+        registry: str,
+        upstream: IUpstream,
+        name: str,
+        digest: Digest,
+        accept: Sequence[str],
+        again: Callable[..., Deferred[_T]],
+        note: Note,
+    ) -> Deferred[_T]:
+        """
+        Once the upstream confirms that repository C{name} holds C{digest},
+        ask C{again} (L{get} or L{head}), which then knows it does; fail
+        with the upstream's answer if it does not.
+        """
+        confirmed = self._scope.confirm(
+            registry,
+            name,
+            digest,
+            lambda: upstream.stat_manifest(name, str(digest), accept),
+        )
+        return confirmed.addCallback(
+            lambda _: again(registry, upstream, name, str(digest), accept, note)
         )
 
     async def _by_tag(
@@ -234,10 +277,12 @@ class ManifestCache:
                 return stored
         try:
             if record is None:
-                manifest = await self._fetch(upstream, name, tag, accept)
+                manifest = await self._fetch(key[1], upstream, name, tag, accept)
                 note("miss")
             else:
-                manifest = await self._revalidate(upstream, name, tag, accept, note)
+                manifest = await self._revalidate(
+                    key[1], upstream, name, tag, accept, note
+                )
         except ManifestUnknown:
             if record is None:
                 note("miss")
@@ -263,6 +308,7 @@ class ManifestCache:
 
     async def _revalidate(
         self,
+        registry: str,
         upstream: IUpstream,
         name: str,
         tag: str,
@@ -278,11 +324,15 @@ class ManifestCache:
         if info.digest is not None:
             stored = self._load(info.digest)
             if stored is not None:
+                # The upstream said the tag of this repository points to it.
+                self._store.saw(registry, name, info.digest)
                 note("hit")
                 return stored
-            return await self._by_digest(upstream, name, info.digest, accept, note)
+            return await self._by_digest(
+                registry, upstream, name, info.digest, accept, note
+            )
         note("miss")
-        return await self._fetch(upstream, name, tag, accept)
+        return await self._fetch(registry, upstream, name, tag, accept)
 
     async def _head_tag(
         self,
@@ -361,10 +411,17 @@ class ManifestCache:
         return None
 
     async def _fetch(
-        self, upstream: IUpstream, name: str, reference: str, accept: Sequence[str]
+        self,
+        registry: str,
+        upstream: IUpstream,
+        name: str,
+        reference: str,
+        accept: Sequence[str],
     ) -> Manifest:
         manifest = await upstream.fetch_manifest(name, reference, accept)
         await self._keep(manifest)
+        # The upstream served it for this repository: it holds it.
+        self._store.saw(registry, name, manifest.digest)
         return manifest
 
     async def _keep(self, manifest: Manifest) -> None:

@@ -49,6 +49,7 @@ from blobserve.web.manifests import ManifestCache
 from blobserve.web.names import InvalidName, InvalidTag, parse_name, parse_tag
 from blobserve.web.ranges import UnsatisfiableRange, parse_range
 from blobserve.web.referrers import INDEX_MEDIA_TYPE, Referrers
+from blobserve.web.scope import RepositoryScope
 from blobserve.web.tags import InvalidPage, TagsLists, next_link, parse_page
 
 log = Logger()
@@ -218,6 +219,7 @@ class RegistryResource(Resource):
         self._client_timeout = client_timeout
         self._sink_for = sink_for
         self._store = store
+        self._scope = RepositoryScope(store)
         self._downloads = downloads
         self._manifests = manifests
         self._upstreams = upstreams
@@ -287,15 +289,26 @@ class RegistryResource(Resource):
         return self._get_blob(request, name, digest)
 
     def _get_blob(self, request: Request, name: str, digest: Digest) -> int:
+        registry, upstream = self._upstream_for(request)
         reader = self._store.open(digest)
         if reader is not None:
+            if not self._scope.holds(registry, name, digest):
+                reader.close()
+                return self._confirm_then(request, upstream, registry, name, digest)
             _note(request, outcome="hit")
-            self._saw(request, name, digest)
             self._stream(request, digest, reader)
             return NOT_DONE_YET
 
-        registry, upstream = self._upstream_for(request)
-        joining = self._downloads.get(digest) is not None
+        download = self._downloads.get(digest)
+        # The upstream's answer to a download for another repository says
+        # nothing of this one.
+        foreign = download is not None and (download.registry, download.name) != (
+            registry,
+            name,
+        )
+        if foreign and not self._scope.holds(registry, name, digest):
+            return self._confirm_then(request, upstream, registry, name, digest)
+        joining = download is not None
         _note(request, outcome="join" if joining else "miss")
         ready = self._downloads.join(name, digest, upstream, registry).when_ready()
 
@@ -321,7 +334,6 @@ class RegistryResource(Resource):
             if isinstance(manifest, Digest) or _client_holds(request, digest):
                 _finish_not_modified(request, digest)
                 return
-            self._saw(request, name, manifest.digest)
             _manifest_headers(
                 request, manifest.digest, manifest.media_type, len(manifest.content)
             )
@@ -414,6 +426,26 @@ class RegistryResource(Resource):
             _send_listing(request, listing, INDEX_MEDIA_TYPE)
 
         _answer_with(request, d, send)
+        return NOT_DONE_YET
+
+    def _confirm_then(
+        self,
+        request: Request,
+        upstream: IUpstream,
+        registry: str,
+        name: str,
+        digest: Digest,
+    ) -> int:
+        """
+        Answer a request for a blob that the store holds, or is fetching, for
+        another repository once the upstream confirms that repository
+        C{name} holds it too (then it is answered as if that had been known
+        from the start), or with the upstream's answer if it does not.
+        """
+        confirmed = self._scope.confirm(
+            registry, name, digest, lambda: upstream.stat_blob(name, digest)
+        )
+        _answer_with(request, confirmed, lambda _: _render_again(request, self))
         return NOT_DONE_YET
 
     def _saw(self, request: Request, name: str, digest: Digest) -> None:
@@ -535,8 +567,12 @@ class RegistryResource(Resource):
         stored is confirmed upstream (as the repository asked for), and its
         errors are passed on. Nothing is downloaded.
         """
+        registry, upstream = self._upstream_for(request)
         reader = self._store.open(digest)
         if reader is not None:
+            if not self._scope.holds(registry, name, digest):
+                reader.close()
+                return self._confirm_then(request, upstream, registry, name, digest)
             _note(request, outcome="hit")
             try:
                 length = reader.size()
@@ -545,7 +581,7 @@ class RegistryResource(Resource):
             _finish_blob_head(request, digest, length)
             return NOT_DONE_YET
 
-        d = self._upstream_for(request)[1].stat_blob(name, digest)
+        d = upstream.stat_blob(name, digest)
         _note(request, outcome="miss")
 
         def answer(info: BlobInfo) -> None:
@@ -702,6 +738,19 @@ def _parse_blob_path(match: re.Match[bytes]) -> tuple[str, Digest]:
     except (UnicodeDecodeError, InvalidDigest) as e:
         raise OCIError(400, "DIGEST_INVALID", str(e)) from None
     return name, digest
+
+
+def _render_again(request: Request, resource: Resource) -> None:
+    """
+    Render C{request} with C{resource} once more, now that what made it wait
+    is settled, and finish it if C{resource} answered at once.
+    """
+    if _over(request):
+        return
+    body = resource.render(request)
+    if isinstance(body, bytes):
+        request.write(body)
+        request.finish()
 
 
 def _over(request: Request) -> bool:

@@ -67,6 +67,17 @@ def wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path) -> None
     raise RuntimeError(f"server did not answer {url} in time:\n{log.read_text()}")
 
 
+def _put(url: str, data: bytes, content_type: str) -> None:
+    """
+    Upload C{data} to a registry with C{PUT}, which must create it (201).
+    """
+    put = urllib.request.Request(
+        url, data=data, method="PUT", headers={"Content-Type": content_type}
+    )
+    with urllib.request.urlopen(put) as response:
+        assert response.status == 201
+
+
 def log_text(written: bytes) -> str:
     """
     What the complete lines of a blobserve log say, one line an event: a
@@ -128,15 +139,19 @@ class RegistryProcess:
         if location.startswith("/"):
             location = self.url + location
         separator = "&" if "?" in location else "?"
-        put = urllib.request.Request(
-            f"{location}{separator}digest={digest}",
-            data=data,
-            method="PUT",
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        with urllib.request.urlopen(put) as response:
-            assert response.status == 201
+        _put(f"{location}{separator}digest={digest}", data, "application/octet-stream")
         return digest
+
+    def push_manifest(self, name: str, tag: str, content: bytes) -> None:
+        """
+        Put C{content}, an OCI image manifest, as tag C{tag} of repository
+        C{name} (its config and layers must be there already).
+        """
+        _put(
+            f"{self.url}/v2/{name}/manifests/{tag}",
+            content,
+            "application/vnd.oci.image.manifest.v1+json",
+        )
 
     def stop(self) -> None:
         stop_pid(self.process)

@@ -17,6 +17,7 @@ from test_resource import (
     MANIFEST_TYPE,
     TAG_PATH,
     Registry,
+    commit,
     error_code,
     registry_for,
 )
@@ -73,7 +74,7 @@ def store_manifest(registry: Registry) -> None:
 def test_stored_blob_the_client_holds_is_not_modified_without_the_upstream(
     registry: Registry, method: str, holding: str
 ) -> None:
-    commit_blob(registry.store, DATA)
+    commit(registry)
     assert_not_modified(registry.get(BLOB, method, {"If-None-Match": holding}))
     assert registry.upstream.fetches == []
     assert registry.upstream.stats == []
@@ -121,7 +122,7 @@ def test_blob_in_flight_is_not_modified_without_joining_the_download(
 def test_if_none_match_naming_something_else_gets_the_whole_blob(
     registry: Registry, other: str
 ) -> None:
-    commit_blob(registry.store, DATA)
+    commit(registry)
     status, headers, body = registry.get(headers={"If-None-Match": other}).response()
     assert (status, body) == (200, DATA)
     assert headers["etag"] == ETAG
@@ -210,6 +211,7 @@ def test_access_log_says_hit_for_a_stored_304_and_miss_for_one_asked_upstream(
     with LoggedEvents() as logged:
         served.get(BLOB, headers={"If-None-Match": ETAG})
         commit_blob(served.store, DATA)
+        served.store.saw("docker.io", "library/busybox", DIGEST)
         served.get(BLOB, headers={"If-None-Match": ETAG})
     lines = access_lines(logged)
     assert [(e["status"], e["outcome"], e["bytes"]) for e in lines] == [
@@ -222,7 +224,7 @@ def test_access_log_says_hit_for_a_stored_304_and_miss_for_one_asked_upstream(
 def test_range_with_a_matching_if_range_is_served(
     registry: Registry, validator: str
 ) -> None:
-    commit_blob(registry.store, DATA)
+    commit(registry)
     client = registry.get(headers={"Range": "bytes=10-19", "If-Range": validator})
     status, headers, body = client.response()
     assert (status, body) == (206, DATA[10:20])
@@ -243,7 +245,7 @@ def test_range_with_a_matching_if_range_is_served(
 def test_range_with_another_if_range_gets_the_whole_blob(
     registry: Registry, validator: str, asked: str
 ) -> None:
-    commit_blob(registry.store, DATA)
+    commit(registry)
     client = registry.get(headers={"Range": asked, "If-Range": validator})
     status, headers, body = client.response()
     assert (status, body) == (200, DATA)

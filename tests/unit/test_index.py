@@ -266,13 +266,16 @@ def test_settings_are_kept_in_the_index(tmp_path: Path) -> None:
     ]
 
 
-def test_an_index_of_version_1_is_migrated_to_2_keeping_its_rows(
-    tmp_path: Path,
-) -> None:
-    connection = sqlite3.connect(index_path(str(tmp_path)))
-    for statement in index_module.MIGRATIONS[0]:
-        connection.execute(statement)
-    connection.execute("PRAGMA user_version = 1")
+def store_of_version(root: Path, version: int) -> None:
+    """
+    Make at C{root} a store of one blob whose index is of schema
+    C{version} and records repository C{library/x} of C{docker.io} for it.
+    """
+    connection = sqlite3.connect(index_path(str(root)))
+    for step in range(version):
+        for statement in index_module.MIGRATIONS[step]:
+            connection.execute(statement)
+    connection.execute(f"PRAGMA user_version = {version:d}")
     connection.execute(
         "INSERT INTO blobs VALUES (?, ?, NULL, 1.0, 2.0, 3, 'present')",
         (str(DIGEST), len(DATA)),
@@ -283,18 +286,23 @@ def test_an_index_of_version_1_is_migrated_to_2_keeping_its_rows(
     )
     connection.commit()
     connection.close()
-    path = Path(blob_path(str(tmp_path), DIGEST))
+    path = Path(blob_path(str(root), DIGEST))
     path.parent.mkdir(parents=True)
     path.write_bytes(DATA)
 
+
+def test_an_index_of_version_1_is_migrated_keeping_its_blobs(
+    tmp_path: Path,
+) -> None:
+    store_of_version(tmp_path, 1)
+
     index = reopened(tmp_path)
-    assert rows(tmp_path, "PRAGMA user_version") == [(2,)]
+    assert rows(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     entry = index.get(DIGEST)
     assert entry is not None
     assert (entry.size, entry.last_access, entry.access_count) == (len(DATA), 2.0, 3)
-    assert rows(tmp_path, "SELECT * FROM repositories") == [
-        ("docker.io", "library/x", str(DIGEST))
-    ]
+    # Rows of version 2 and before were written unconfirmed (see below).
+    assert rows(tmp_path, "SELECT * FROM repositories") == []
     assert rows(tmp_path, "SELECT * FROM partials") == []
     assert index.partials() == {}
 
@@ -336,3 +344,94 @@ def test_unfinished_downloads_recorded_while_the_index_loads_stand(
     assert entry is not None
     assert (entry.name, entry.origin) == ("new", new)
     assert index.partial(Digest.of(MANIFEST)) is None
+
+
+def test_migrating_to_version_3_forgets_the_unconfirmed_repositories(
+    tmp_path: Path,
+) -> None:
+    """
+    Before version 3, every request a blob was served for recorded its
+    repository, whether the upstream had said it holds the blob or not:
+    none of those rows may let a blob be served under their repository.
+    """
+    store_of_version(tmp_path, 2)
+
+    index = reopened(tmp_path)
+    assert rows(tmp_path, "PRAGMA user_version") == [(3,)]
+    assert index.get(DIGEST) is not None
+    assert not index.holds("docker.io", "library/x", DIGEST)
+    assert rows(tmp_path, "SELECT * FROM repositories") == []
+
+
+def test_the_repositories_of_a_blob_are_known_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    store = store_at(tmp_path, clock=clock)
+    commit_blob(store, DATA)
+    store.saw("docker.io", "library/x", DIGEST)
+    store.saw("ghcr.io", "library/x", DIGEST)
+    assert store.holds("docker.io", "library/x", DIGEST)
+    assert not store.holds("docker.io", "library/y", DIGEST)
+    assert not store.holds("quay.io", "library/x", DIGEST)
+    result_of(store.index.close())
+
+    index = reopened(tmp_path)
+    assert index.holds("docker.io", "library/x", DIGEST)
+    assert index.holds("ghcr.io", "library/x", DIGEST)
+    assert not index.holds("docker.io", "library/y", DIGEST)
+
+
+def test_a_blob_removed_takes_its_repositories_with_it(tmp_path: Path) -> None:
+    clock = Clock()
+    store = store_at(tmp_path, clock=clock)
+    commit_blob(store, DATA)
+    commit_blob(store, MANIFEST)
+    other = Digest.of(MANIFEST)
+    store.saw("docker.io", "library/x", DIGEST)
+    store.saw("docker.io", "library/x", other)
+    # Written already, and one waiting for the next batch: both go.
+    clock.advance(index_module.FLUSH_INTERVAL)
+    store.saw("docker.io", "library/y", DIGEST)
+    result_of(store.remove([DIGEST]))
+    assert not store.holds("docker.io", "library/x", DIGEST)
+    assert not store.holds("docker.io", "library/y", DIGEST)
+    result_of(store.index.close())
+    assert rows(tmp_path, "SELECT repository, digest FROM repositories") == [
+        ("library/x", str(other))
+    ]
+    index = reopened(tmp_path)
+    assert not index.holds("docker.io", "library/x", DIGEST)
+    assert index.holds("docker.io", "library/x", other)
+
+
+def test_repositories_of_blobs_never_stored_are_forgotten_at_start(
+    tmp_path: Path,
+) -> None:
+    store = store_at(tmp_path)
+    never = Digest.of(b"a download that was answered but never committed")
+    store.saw("docker.io", "library/x", never)
+    result_of(store.index.close())
+    assert rows(tmp_path, "SELECT digest FROM repositories") == [(str(never),)]
+    index = reopened(tmp_path)
+    assert not index.holds("docker.io", "library/x", never)
+    assert rows(tmp_path, "SELECT digest FROM repositories") == []
+
+
+def test_repositories_seen_while_the_index_loads_stand(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    commit_blob(store, DATA)
+    commit_blob(store, MANIFEST)
+    store.saw("docker.io", "library/old", DIGEST)
+    store.saw("docker.io", "library/old", Digest.of(MANIFEST))
+    result_of(store.index.close())
+    database = HeldDatabase(index_path(str(tmp_path)))
+    index = StoreIndex(str(tmp_path), database, Clock())
+    loading = index.load()
+    index.saw("docker.io", "library/new", DIGEST)
+    index.begin_removal([Digest.of(MANIFEST)])
+    database.release()
+    result_of(loading)
+    assert index.holds("docker.io", "library/new", DIGEST)
+    assert index.holds("docker.io", "library/old", DIGEST)
+    assert not index.holds("docker.io", "library/old", Digest.of(MANIFEST))

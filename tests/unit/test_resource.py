@@ -352,7 +352,12 @@ def test_store_that_cannot_create_files_answers_503(registry: Registry) -> None:
 
 
 def commit(registry: Registry) -> None:
+    """
+    Store the blob as if it had been fetched for the repository the tests
+    ask for it in.
+    """
     commit_blob(registry.store, DATA)
+    registry.store.saw("docker.io", "library/busybox", DIGEST)
 
 
 def test_hit_is_served_from_store_without_upstream(registry: Registry) -> None:
