@@ -134,7 +134,7 @@ def _one(spec: str, length: int, header: str) -> ByteRange | None:
         return ByteRange(max(length - suffix, 0), length, length)
     start = _offset(first)
     end = length if last == "" else _offset(last) + 1
-    if end <= start:
+    if last != "" and end <= start:
         raise UnsatisfiableRange(f"malformed range: {header[:100]!r}")
     if start >= length:
         return None
