@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -170,6 +171,68 @@ class Bench:
                     "cpu_s_per_gib": round(
                         (server.cpu_seconds() - cpu) * GiB / (size * clients), 2
                     ),
+                }
+            )
+
+    def lazy(self, name: str, size: int, chunks: int, parallel: int) -> None:
+        """
+        A lazy-pulling snapshotter (stargz) reading a cold blob: the footer
+        (its last 51 bytes), then the table of contents before it, then
+        C{chunks} random chunks of 64 KiB, C{parallel} at a time; each phase
+        timed from its first request to its last byte.
+        """
+        digest, _ = self.blob(size)
+        chunk, toc = 64 * 1024, min(size // 4, 512 * 1024)
+        with self.system(name) as (server, url, throttle):
+            blob_url = f"{url}/v2/bench/blobs/blobs/{digest}"
+            fetches: list[tuple[load.Fetch, int]] = []
+
+            def read(start: int, end: int) -> load.Fetch:
+                fetched = load.fetch(
+                    blob_url,
+                    hash_body=False,
+                    timeout=size / self.rate * 10 + 60,
+                    byte_range=f"bytes={start}-{end - 1}",
+                )
+                fetches.append((fetched, end - start))
+                return fetched
+
+            began = time.monotonic()
+            footer = read(size - 51, size).done
+            toc_done = read(size - 51 - toc, size - 51).done
+            offsets = random.Random(size).sample(range(size // chunk), chunks)
+            started = time.monotonic()
+            with ThreadPoolExecutor(max_workers=parallel) as pool:
+                done = list(
+                    pool.map(lambda i: read(i * chunk, (i + 1) * chunk).done, offsets)
+                )
+            chunks_s = time.monotonic() - started
+            total = time.monotonic() - began
+            time.sleep(0.2)  # nginx logs a request once its last byte went
+            gets, sent = servers.upstream_traffic(throttle, digest)
+            what = f"lazy {name} {size // MiB} MiB"
+            ranged = all(f.status == 206 and f.size == n for f, n in fetches)
+            if name == "blobserve" and not ranged:
+                self.failures.append(f"{what}: a range was not answered as asked")
+            self.record(
+                {
+                    "scenario": "lazy",
+                    "system": name,
+                    "size_mib": size // MiB,
+                    "full_download_s": round(size / self.rate, 1),
+                    "footer_s": round(footer, 3),
+                    "toc_s": round(toc_done, 3),
+                    "chunks": chunks,
+                    "chunk_p50_ms": round(percentile(done, 0.5) * 1000, 1),
+                    "chunk_p99_ms": round(percentile(done, 0.99) * 1000, 1),
+                    "chunks_s": round(chunks_s, 2),
+                    "total_s": round(total, 2),
+                    # Whether every answer was the 206 asked for (a cache
+                    # that answers a miss with the whole blob is not).
+                    "ranges_honoured": ranged,
+                    "upstream_gets": gets,
+                    "upstream_ratio": round(sent / size, 2),
+                    "peak_rss_mib": round(server.peak_rss() / MiB, 1),
                 }
             )
 
@@ -447,6 +510,12 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
             for n in clients:
                 for name in systems:
                     yield partial(Bench.cold, name=name, size=size, clients=n)
+    if "lazy" in scenarios:
+        chunks, parallel = (10, 4) if arguments.smoke else (100, 8)
+        for name in systems:
+            yield partial(
+                Bench.lazy, name=name, size=sizes[0], chunks=chunks, parallel=parallel
+            )
     if "stalled" in scenarios:
         for name in systems:
             yield partial(
@@ -498,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default="cold,stalled,warm,small,eviction",
+        default="cold,stalled,warm,small,eviction,lazy",
         help="the scenarios to run",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))

@@ -47,11 +47,17 @@ class Fetch:
 
 
 def fetch(
-    url: str, hash_body: bool = True, accept: str = "*/*", timeout: float = 600
+    url: str,
+    hash_body: bool = True,
+    accept: str = "*/*",
+    timeout: float = 600,
+    byte_range: str | None = None,
 ) -> Fetch:
     """
     C{GET} C{url} and read the whole response: up to its C{Content-Length},
     or to the end of the connection without one.
+
+    @param byte_range: the C{Range} header to send, if any.
     """
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None, url
@@ -60,9 +66,10 @@ def fetch(
     view = memoryview(buffer)
     hasher = hashlib.sha256() if hash_body else None
     with socket.create_connection((parts.hostname, parts.port), timeout) as s:
+        ranged = f"Range: {byte_range}\r\n" if byte_range else ""
         s.sendall(
             f"GET {parts.path} HTTP/1.0\r\nHost: {parts.netloc}\r\n"
-            f"Accept: {accept}\r\n\r\n".encode()
+            f"Accept: {accept}\r\n{ranged}\r\n".encode()
         )
         head = b""
         first_byte = 0.0

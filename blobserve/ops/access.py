@@ -42,7 +42,8 @@ class Exchange:
     @ivar route: what the request was for: C{blob}, C{manifest}, C{tags}
         (a tags list), C{referrers}, C{base}
         (C{/v2/}), C{operator} (status, health, metrics) or C{other}.
-    @ivar outcome: what the cache did: C{hit}, C{miss}, C{join}, C{stale};
+    @ivar outcome: what the cache did: C{hit}, C{miss}, C{join}, C{stale},
+        C{forward} (a range asked of the upstream and passed through);
         L{None} when it did none of these (an error, another route).
     @ivar digest: the blob or manifest served, if any.
     @ivar sent: body bytes handed to the connection.

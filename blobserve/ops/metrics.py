@@ -26,7 +26,8 @@ from blobserve.fetch.download import Download, IDownloadEvents
 from blobserve.ops.access import Exchange, IExchangeObserver
 from blobserve.upstream.client import IUpstreamEvents
 
-#: The cache outcomes of a blob or manifest request.
+#: The cache outcomes of a blob or manifest request that the status page
+#: counts (a range forwarded from the upstream, "forward", is none of them).
 OUTCOMES = ("hit", "miss", "join", "stale")
 
 #: Seconds: from a cached answer (milliseconds) to a large cold blob
@@ -219,7 +220,8 @@ class Metrics:
         outcome = exchange.outcome
         if outcome is not None:
             self._child(self._cache, route, outcome).inc()
-            self._outcomes[outcome] += 1
+            if outcome in self._outcomes:
+                self._outcomes[outcome] += 1
         if exchange.sent:
             self._child(self._sent, outcome or "none").inc(exchange.sent)
         if exchange.aborted:

@@ -5,7 +5,7 @@ the file as it grows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from attrs import frozen
@@ -56,6 +56,18 @@ class CompleteBlob:
         return succeed(self.length)
 
 
+@frozen
+class Span:
+    """
+    One stretch of a response body: C{head}, bytes written as they are, then
+    the blob's bytes from C{start} up to, not including, C{end}.
+    """
+
+    head: bytes
+    start: int
+    end: int
+
+
 class ClientStalled(Exception):
     """
     A client stopped reading its response for longer than the client timeout.
@@ -66,6 +78,18 @@ class ShortRead(Exception):
     """
     The file on disk ended before the length it was said to have.
     """
+
+
+def cut_off(request: Request, producer: IPushProducer) -> None:
+    """
+    Cut the connection of C{request}, whose body C{producer} was writing, so
+    the client sees a truncated body rather than a complete one.
+    """
+    if request.producer is producer and request.channel is not None:
+        request.unregisterProducer()
+    transport = request.transport
+    if transport is not None:
+        cast(ITCPTransport, transport).abortConnection()
 
 
 @implementer(IPushProducer)
@@ -97,12 +121,22 @@ class FollowingProducer:
         client_timeout: float | None = None,
         sink_for: Callable[[Request], IZeroCopySink | None] = SocketSink.under,
         on_first_byte: Callable[[], object] | None = None,
+        spans: Sequence[Span] = (),
+        tail: bytes = b"",
+        hold_back: bool = True,
     ) -> None:
         """
         @param start: the offset of the first byte to send.
         @param end: the offset just past the last byte to send, if the blob's
             length is known; the response must declare C{end - start} as its
             C{Content-Length}. L{None} sends everything up to the blob's end.
+        @param spans: more stretches of the body, sent one after the other
+            once the bytes up to C{end} are sent (as in a multipart body).
+        @param tail: bytes written once everything else is sent.
+        @param hold_back: whether the byte at the blob's end (C{end} of the
+            last span) waits until the blob is verified. Without it each byte
+            goes as soon as it is on disk, and the body may end before the
+            blob is verified.
         @param client_timeout: seconds a client may take nothing (keep the
             producer paused) before its connection is dropped; needs C{clock}.
         @param sink_for: finds where the request's body may be sent without
@@ -129,6 +163,9 @@ class FollowingProducer:
         self._sink: IZeroCopySink | None = None
         self._next_turn: IDelayedCall | None = None
         self._on_first_byte = on_first_byte
+        self._spans = list(spans)
+        self._tail = tail
+        self._hold_back = hold_back
 
     def start(self) -> None:
         """
@@ -197,7 +234,8 @@ class FollowingProducer:
             limit = self._available
             if self._end is not None:
                 # Hold the last byte back until the blob is verified.
-                limit = min(limit, self._end if self._complete else self._end - 1)
+                held = self._hold_back and not self._complete and not self._spans
+                limit = min(limit, self._end - 1 if held else self._end)
             if (
                 self._sink is not None
                 and self._send_from_page_cache(self._sink, limit)
@@ -217,12 +255,19 @@ class FollowingProducer:
                 if self._on_first_byte is not None:
                     self._first_byte()
                 self._request.write(data)
-            elif self._complete:
+            elif self._offset == self._end and self._spans:
+                span = self._spans.pop(0)
+                self._offset, self._end = span.start, span.end
+                self._request.write(span.head)
+            elif self._offset == self._end or self._complete:
                 self._finish()
                 return
             else:
                 if self._waiting is None:
-                    self._waiting = self._progress.when_beyond(self._available)
+                    # Bytes before the offset are of no use to this response:
+                    # wake once those at the offset are there.
+                    wanted = max(self._available, self._offset)
+                    self._waiting = self._progress.when_beyond(wanted)
                     self._waiting.addCallbacks(self._advanced, self._failed)
                 return
 
@@ -275,6 +320,8 @@ class FollowingProducer:
             return
         self._release()
         self._request.unregisterProducer()
+        if self._tail:
+            self._request.write(self._tail)
         self._request.finish()
 
     def _abort(self, reason: Failure) -> None:
@@ -288,11 +335,7 @@ class FollowingProducer:
             reason=why(reason),
         )
         self._release()
-        if self._request.producer is self and self._request.channel is not None:
-            self._request.unregisterProducer()
-        transport = self._request.transport
-        if transport is not None:
-            cast(ITCPTransport, transport).abortConnection()
+        cut_off(self._request, self)
 
     def _client_stalled(self) -> None:
         self._stalled_client = None

@@ -171,10 +171,15 @@ class IUpstream(Interface):
 
     base_url = Attribute("Where the registry is reached, for what is logged.")
 
-    def fetch_blob(name: str, digest: Digest, offset: int = 0) -> Deferred[IResponse]:
+    def fetch_blob(
+        name: str, digest: Digest, offset: int = 0, end: int | None = None
+    ) -> Deferred[IResponse]:
         """
         Ask for the blob C{digest} of repository C{name}, from byte C{offset}
-        on if it is not 0 (a C{Range} request, to resume a transfer).
+        on if it is not 0 (a C{Range} request, to resume a transfer), up to,
+        not including, byte C{end} if it is given (a range a client asked
+        for: then only a 206 with exactly that C{Content-Range} is a success;
+        anything else fails with L{UpstreamError}).
 
         @return: fires with a successful response (200, or 206 for a range)
             whose body has not been read yet (deliver it to a protocol); fails
@@ -551,15 +556,28 @@ class RegistryUpstream:
         )
 
     def fetch_blob(
-        self, name: str, digest: Digest, offset: int = 0
+        self, name: str, digest: Digest, offset: int = 0, end: int | None = None
     ) -> Deferred[IResponse]:
         async def fetch() -> IResponse:
             extra = {b"Range": b"bytes=%d-" % offset} if offset else {}
+            if end is not None:
+                extra = {b"Range": b"bytes=%d-%d" % (offset, end - 1)}
             response = await self._send("GET", name, f"blobs/{digest}", extra=extra)
-            if offset and response.code == 416:
+            if end is not None and response.code in (200, 206):
+                answered = _header(response, b"content-range") or ""
+                if response.code != 206 or not answered.startswith(
+                    f"bytes {offset}-{end - 1}/"
+                ):
+                    _discard(response, self._clock, self._timeout)
+                    raise UpstreamError(
+                        f"upstream answered {response.code} {answered[:60]!r}"
+                        f" to a request for bytes {offset}-{end - 1}"
+                    )
+            ranged = bool(offset) or end is not None
+            if ranged and response.code == 416:
                 _discard(response, self._clock, self._timeout)
                 raise RangeNotSatisfiable(f"upstream has no bytes past {offset}")
-            if response.code not in ((200, 206) if offset else (200,)):
+            if response.code not in ((200, 206) if ranged else (200,)):
                 raise await self._refusal(response, BlobUnknown)
             return response
 

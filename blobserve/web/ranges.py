@@ -1,11 +1,13 @@
 """
-Single byte ranges of the HTTP C{Range} header, as registry clients send them
-to resume a layer pull.
+Byte ranges of the HTTP C{Range} header: the single ranges registry clients
+send to resume a layer pull, and the sets of ranges lazy-pulling snapshotters
+send to read parts of a layer.
 """
 
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 from attrs import frozen
 
@@ -53,11 +55,17 @@ class ByteRange:
         return f"bytes {self.start}-{self.end - 1}/{self.length}"
 
 
+#: The most ranges one request may ask for and be answered part by part;
+#: more are answered with the whole blob (RFC 9110 allows it), so that a
+#: request cannot make blobserve send a part header for every byte.
+MAX_RANGES = 64
+
+
 def parse_range(header: str | None, length: int) -> ByteRange | None:
     """
     The single byte range C{header} asks for in a resource of C{length} bytes,
     or L{None} if the whole resource should be sent (no header, a unit other
-    than bytes, or several ranges, which blobserve answers in full).
+    than bytes, or several ranges).
 
     It never raises anything else, whatever the header holds.
 
@@ -69,19 +77,65 @@ def parse_range(header: str | None, length: int) -> ByteRange | None:
     unit, _, specs = header.partition("=")
     if unit.strip().lower() != "bytes" or "," in specs:
         return None
-    match = _SPEC.fullmatch(specs.strip())
+    byte_range = _one(specs, length, header)
+    if byte_range is None:
+        raise UnsatisfiableRange(f"the range selects none of the {length} bytes")
+    return byte_range
+
+
+def parse_ranges(header: str | None, length: int) -> list[ByteRange] | None:
+    """
+    The byte ranges C{header} asks for in a resource of C{length} bytes, in
+    the order it asks for them, leaving out those that start beyond the end;
+    or L{None} if the whole resource should be sent: no header, a unit other
+    than bytes, more than L{MAX_RANGES} ranges, or ranges that overlap.
+
+    It never raises anything else, whatever the header holds.
+
+    @raise UnsatisfiableRange: if the header asks for bytes in a malformed way,
+        or only for bytes beyond the end.
+    """
+    if header is None:
+        return None
+    unit, _, specs = header.partition("=")
+    if unit.strip().lower() != "bytes":
+        return None
+    # Split at most once more than allowed: a header of a million commas
+    # costs no more than one of 65 ranges.
+    parts = specs.split(",", MAX_RANGES)
+    if len(parts) > MAX_RANGES:
+        return None
+    ranges = [
+        r for r in (_one(spec, length, header) for spec in parts) if r is not None
+    ]
+    if not ranges:
+        raise UnsatisfiableRange(f"no range starts within the {length} bytes there are")
+    ordered = sorted(ranges, key=lambda r: r.start)
+    if any(a.end > b.start for a, b in pairwise(ordered)):
+        return None
+    return ranges
+
+
+def _one(spec: str, length: int, header: str) -> ByteRange | None:
+    """
+    The range one C{spec} of C{header} asks for, or L{None} if it starts
+    beyond the end of a resource of C{length} bytes.
+
+    @raise UnsatisfiableRange: if C{spec} is malformed.
+    """
+    match = _SPEC.fullmatch(spec.strip())
     if match is None or match.groups() == ("", ""):
         raise UnsatisfiableRange(f"malformed range: {header[:100]!r}")
     first, last = match.groups()
     if first == "":
         suffix = _offset(last)
-        if suffix == 0:
-            raise UnsatisfiableRange("an empty suffix range selects no bytes")
+        if suffix == 0 or length == 0:
+            return None  # selects no bytes
         return ByteRange(max(length - suffix, 0), length, length)
     start = _offset(first)
     end = length if last == "" else _offset(last) + 1
-    if end <= start:
+    if last != "" and end <= start:
         raise UnsatisfiableRange(f"malformed range: {header[:100]!r}")
     if start >= length:
-        raise UnsatisfiableRange(f"range starts beyond the {length} bytes there are")
+        return None
     return ByteRange(start, min(end, length), length)

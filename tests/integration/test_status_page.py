@@ -175,7 +175,9 @@ class _Silent:
 
     base_url = "http://upstream.invalid"
 
-    def fetch_blob(self, name: str, digest: Digest, offset: int = 0) -> Deferred[Any]:
+    def fetch_blob(
+        self, name: str, digest: Digest, offset: int = 0, end: int | None = None
+    ) -> Deferred[Any]:
         return Deferred()
 
     def fetch_manifest(self, name: str, reference: str, accept: Any) -> Deferred[Any]:

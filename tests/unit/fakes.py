@@ -185,6 +185,8 @@ class FakeUpstream:
     fetches: list[tuple[str, Digest, Deferred[IResponse]]] = field(factory=list)
     stats: list[tuple[str, Digest]] = field(factory=list)
     offsets: list[int] = field(factory=list)
+    #: The end offsets of ranges asked for (None: up to the blob's end).
+    ends: list[int | None] = field(factory=list)
     cancelled: list[Digest] = field(factory=list)
     size: int | None = None
     refusal: Exception | None = None
@@ -218,11 +220,12 @@ class FakeUpstream:
         return d
 
     def fetch_blob(
-        self, name: str, digest: Digest, offset: int = 0
+        self, name: str, digest: Digest, offset: int = 0, end: int | None = None
     ) -> Deferred[IResponse]:
         d: Deferred[IResponse] = Deferred(lambda _: self.cancelled.append(digest))
         self.fetches.append((name, digest, d))
         self.offsets.append(offset)
+        self.ends.append(end)
         if self.refusal is not None:
             d.errback(self.refusal)
         return d

@@ -436,3 +436,21 @@ def test_error_lines_hide_query_secrets_as_the_access_log_does(served: Served) -
         f"storage error answering GET {TAG}?ns=docker.io&token=***:"
         " [Errno 28] No space left on device"
     )
+
+
+def test_a_forwarded_range_is_counted_but_not_as_a_cache_outcome() -> None:
+    metrics = Metrics()
+    exchange = Exchange(
+        client="127.0.0.1",
+        method="GET",
+        uri=BLOB.encode(),
+        started=0,
+        route="blob",
+        outcome="forward",
+        sent=51,
+    )
+    metrics.exchange_ended(exchange)
+    text = generate_latest(metrics.registry).decode()
+    assert 'blobserve_cache_requests_total{kind="blob",outcome="forward"} 1.0' in text
+    assert 'blobserve_sent_bytes_total{outcome="forward"} 51.0' in text
+    assert metrics.cache_counts() == {"hits": 0, "misses": 0, "joins": 0, "stale": 0}

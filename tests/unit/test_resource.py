@@ -446,25 +446,32 @@ def test_range_of_blob_in_flight_waits_for_its_bytes(registry: Registry) -> None
     assert (status, body) == (206, b"")
     assert headers["content-range"] == f"bytes 50000-50999/{len(DATA)}"
 
-    response.protocol.dataReceived(DATA[1000:60000])
-    # All but the last byte of the range: the blob is not verified yet.
-    assert ranged.response()[2] == DATA[50000:50999]
+    response.protocol.dataReceived(DATA[1000:50500])
+    assert ranged.response()[2] == DATA[50000:50500]
+    # The whole range as soon as it is on disk, before the blob is verified.
+    response.protocol.dataReceived(DATA[50500:60000])
+    assert ranged.response()[2] == DATA[50000:51000]
     response.protocol.dataReceived(DATA[60000:])
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert ranged.response()[2] == DATA[50000:51000]
     assert not ranged.transport.aborted
     assert first.response()[2] == DATA
     assert len(registry.upstream.fetches) == 1
 
 
-def test_range_of_blob_that_fails_verification_is_cut_off(registry: Registry) -> None:
+def test_range_is_not_held_back_for_verification(registry: Registry) -> None:
+    # A client of a range cannot verify it: the range is sent whole as soon
+    # as it is on disk, even of a blob that then fails verification; the
+    # full body is cut off.
     ranged = registry.get(headers={"Range": "bytes=0-99"})
+    whole = registry.get()
     response = registry.answer()
     assert response.protocol is not None
     response.protocol.dataReceived(b"\0" * len(DATA))
-    assert ranged.response()[2] == b"\0" * 99
+    assert ranged.response()[2] == b"\0" * 100
+    assert whole.response()[2] == b"\0" * (len(DATA) - 1)
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert ranged.transport.aborted
+    assert not ranged.transport.aborted
+    assert whole.transport.aborted
 
 
 def test_ns_routes_to_that_registrys_upstream(registry: Registry) -> None:

@@ -712,3 +712,37 @@ def test_416_to_a_resume_says_the_upstream_has_nothing_past_it() -> None:
     d = upstream.fetch_blob("busybox", DIGEST, 100)
     agent.requests[0][3].callback(FakeResponse(code=416, length=0))
     failure_of(d).trap(RangeNotSatisfiable)
+
+
+def ranged(code: int, content_range: bytes | None) -> FakeResponse:
+    headers = Headers()
+    if content_range is not None:
+        headers.setRawHeaders(b"content-range", [content_range])
+    return FakeResponse(code=code, headers=headers)
+
+
+def test_a_range_with_an_end_is_asked_for_and_its_206_is_the_answer() -> None:
+    upstream, agent = controlled_upstream()
+    d = upstream.fetch_blob("busybox", DIGEST, 0, 100)
+    assert agent.requests[0][2].getRawHeaders(b"range") == [b"bytes=0-99"]
+    agent.requests[0][3].callback(ranged(206, b"bytes 0-99/1000"))
+    response = result_of(d)
+    assert response.code == 206
+    assert response.headers.getRawHeaders(b"content-range") == [b"bytes 0-99/1000"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ranged(200, None),
+        ranged(206, b"bytes 0-999/1000"),
+        ranged(206, b"bytes 0-99/1000"),
+        ranged(206, None),
+    ],
+)
+def test_a_range_answered_with_other_bytes_fails(answer: FakeResponse) -> None:
+    upstream, agent = controlled_upstream()
+    d = upstream.fetch_blob("busybox", DIGEST, 500, 600)
+    assert agent.requests[0][2].getRawHeaders(b"range") == [b"bytes=500-599"]
+    agent.requests[0][3].callback(answer)
+    failure_of(d).trap(UpstreamError)
