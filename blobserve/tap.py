@@ -23,6 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.pages import notFound
 
@@ -70,6 +71,9 @@ from blobserve.web.site import IConnectionCounts, IConnections, registry_site
 from blobserve.web.status import StatusResource
 
 log = Logger()
+
+#: How many --htpasswd checks (bcrypt) run at once.
+BCRYPT_THREADS = 2
 
 #: How many connections --metrics-listen takes at once.
 METRICS_CONNECTIONS = 16
@@ -500,6 +504,23 @@ class _ConnectionPoolService(Service):
         return closed
 
 
+class _ThreadPoolService(Service):
+    """
+    Runs a thread pool while the service runs.
+    """
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self._pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._pool.stop()
+
+
 class _StoreIndexService(Service):
     """
     Loads the store's index when the service starts (the store serves from
@@ -829,10 +850,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         None if options["metrics-listen"] else metrics_page,
     )
     reload_htpasswd = None
+    bcrypt_threads = None
     if options["htpasswd-users"] is not None:
+        # Threads of their own: checks that pile up (a client guessing from
+        # many addresses) wait for these, not for the threads that commit
+        # blobs, probe the store's health and resolve upstream names.
+        bcrypt_threads = ThreadPool(0, BCRYPT_THREADS, "bcrypt")
 
         def run_blocking(f: Callable[..., object], *args: object) -> Deferred[Any]:
-            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+            return deferToThreadPool(reactor, bcrypt_threads, f, *args)
 
         authenticator = ClientAuthenticator(
             options["htpasswd-users"], reactor, run_blocking
@@ -871,6 +897,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         partial(_remove_stale_temporaries, store),
     ).setServiceParent(service)
     _ConnectionPoolService(pool).setServiceParent(service)
+    if bcrypt_threads is not None:
+        _ThreadPoolService(bcrypt_threads).setServiceParent(service)
     # Stopped once the listener has stopped, and before the upstream pool
     # and the index, which stopping downloads still need.
     GracefulStop(

@@ -197,6 +197,13 @@ def _bound(table: OrderedDict[Any, Any], size: int) -> None:
         table.popitem(last=False)
 
 
+#: How many checks of different credentials one address may have running
+#: at once: a client sends the same credentials with every request (one
+#: check serves them all), so more is guessing, which must not outrun the
+#: count of failed attempts (counted when a check ends).
+CHECKS_PER_ADDRESS = 2
+
+
 class ClientAuthenticator:
     """
     Decides whether a request's C{Authorization} lets it in.
@@ -205,8 +212,11 @@ class ClientAuthenticator:
     credentials found good are remembered for C{remember} seconds (up to
     C{cache_size} of them, by a keyed hash of the user and password, never
     the password itself), and concurrent checks of the same credentials
-    share one bcrypt run. Failed attempts are counted by C{attempts}, and
-    an address it blocks is refused before its credentials are looked at.
+    share one bcrypt run. An address may have at most
+    L{CHECKS_PER_ADDRESS} checks of different credentials running at once;
+    one more is refused at once with 429. Failed attempts are counted by
+    C{attempts}, and an address it blocks is refused before its credentials
+    are looked at.
     """
 
     def __init__(
@@ -227,6 +237,8 @@ class ClientAuthenticator:
         self._users: Mapping[str, bytes] = {}
         self._good: OrderedDict[bytes, float] = OrderedDict()
         self._checking: dict[bytes, OneShotEvent[bool]] = {}
+        # Checks running, by the address that started them.
+        self._running: dict[str, int] = {}
         self.replace_users(users)
 
     def replace_users(self, users: Mapping[str, bytes]) -> None:
@@ -271,12 +283,25 @@ class ClientAuthenticator:
             del self._good[key]
         checked = self._checking.get(key)
         if checked is None:
+            if self._running.get(address, 0) >= CHECKS_PER_ADDRESS:
+                return OCIError(
+                    429,
+                    "TOOMANYREQUESTS",
+                    "too many authentication attempts at once: try again later",
+                    {b"Retry-After": b"1"},
+                )
             checked = self._checking[key] = OneShotEvent()
-            self._check(key, user, password, checked)
+            self._running[address] = self._running.get(address, 0) + 1
+            self._check(key, user, password, checked, address)
         return checked.observe().addCallback(self._verdict, address)
 
     def _check(
-        self, key: bytes, user: str, password: bytes, checked: OneShotEvent[bool]
+        self,
+        key: bytes,
+        user: str,
+        password: bytes,
+        checked: OneShotEvent[bool],
+        address: str,
     ) -> None:
         users = self._users
         hashed = users.get(user)
@@ -286,6 +311,9 @@ class ClientAuthenticator:
         d = self._run_blocking(_matches, password, against)
 
         def done(matched: bool) -> None:
+            running = self._running.pop(address, 1) - 1
+            if running:
+                self._running[address] = running
             good = matched and hashed is not None
             if self._checking.get(key) is checked:
                 del self._checking[key]

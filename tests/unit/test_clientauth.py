@@ -23,6 +23,7 @@ from twisted.web.server import Request
 
 from blobserve.web.clientauth import (
     CHALLENGE,
+    CHECKS_PER_ADDRESS,
     ClientAuthenticator,
     ClientAuthGate,
     FailedAttempts,
@@ -385,3 +386,30 @@ async def test_a_client_gone_during_the_check_is_not_answered() -> None:
     client.flush()
     response = await answered
     assert (response.code, await response.content()) == (200, b"registry /v2/")
+
+
+def test_concurrent_guesses_from_one_address_cannot_outrun_the_count() -> None:
+    """
+    Failures are counted when their checks end: an address may not start
+    more than a couple of checks of different credentials at once, or it
+    could try any number of passwords before the first failure is counted
+    (and fill the threads the checks run in).
+    """
+    clock, runner = Clock(), Runner()
+    auth = ClientAuthenticator(
+        USERS, clock, runner, attempts=FailedAttempts(clock, limit=10)
+    )
+    guesses = [auth.admit("192.0.2.1", basic("alice", f"guess{i}")) for i in range(200)]
+    assert runner.calls == CHECKS_PER_ADDRESS
+    refused = [g for g in guesses if isinstance(g, OCIError)]
+    assert len(refused) == 200 - CHECKS_PER_ADDRESS
+    assert {(e.status, e.headers[b"Retry-After"]) for e in refused} == {(429, b"1")}
+    # Another address is not held up, and the same credentials share a check.
+    elsewhere = [auth.admit("192.0.2.2", basic("alice", "same")) for _ in range(5)]
+    assert runner.calls == CHECKS_PER_ADDRESS + 1
+    runner.run()
+    assert all(settled(g) is not None for g in guesses)
+    assert all(settled(e) is not None for e in elsewhere)
+    # Once its checks have ended, the address may try again.
+    auth.admit("192.0.2.1", basic("alice", "again"))
+    assert runner.calls == CHECKS_PER_ADDRESS + 2

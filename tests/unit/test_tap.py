@@ -39,10 +39,12 @@ from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path
 from blobserve.store.lock import StoreLock, StoreLocked
 from blobserve.tap import (
+    BCRYPT_THREADS,
     PASSWORD_VARIABLE,
     Options,
     _log_start,
     _StoreIndexService,
+    _ThreadPoolService,
     descriptors_needed,
     makeService,
     parse_size,
@@ -761,6 +763,9 @@ def test_htpasswd_puts_client_authentication_before_all_but_open_paths(
     [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
     site = server.factory.wrappedFactory
     assert isinstance(site.resource, ClientAuthGate)
+    # Checks run in threads of their own, not in the reactor's pool.
+    [threads] = [s for s in service if isinstance(s, _ThreadPoolService)]
+    assert (threads._pool.name, threads._pool.max) == ("bcrypt", BCRYPT_THREADS)
 
     def request_for(path: bytes) -> DummyRequest:
         request = DummyRequest(path.split(b"/")[1:])
