@@ -89,14 +89,19 @@ class ForwardedRange:
         Send the response headers at once, register with the request and
         begin taking the upstream's body.
         """
-        self._response.deliverBody(_Body(self))
-        if self._request.channel is None:
-            self._release()  # the client has gone already
+        if getattr(self._request, "channel", None) is None:
+            # The client has gone already: the upstream's body is dropped
+            # as soon as it is taken.
+            self._release()
+            self._response.deliverBody(_Body(self))
             return
         self._request.write(b"")
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._watch()
+        # Last: a body the upstream has sent whole already is delivered, and
+        # the response finished, within this call.
+        self._response.deliverBody(_Body(self))
 
     def when_released(self) -> Deferred[None]:
         """
@@ -137,7 +142,8 @@ class ForwardedRange:
             self._abort(Failure(RangeCutShort("upstream sent more than asked for")))
             return
         self._left -= len(data)
-        if self._timer is not None:
+        if self._timer is not None and not self._paused:
+            # (While the client is paused, the timer is the client's.)
             self._timer.reset(self._idle_timeout)
         self._request.write(data)
         if data and self._on_first_byte is not None:

@@ -37,6 +37,10 @@ _T = TypeVar("_T")
 #: How many tags a cache remembers at most, by default.
 MAX_TAGS = 10_000
 
+#: How many sets of accepted media types a tag keeps a record for (clients
+#: send a handful of distinct ones; more are forgotten, the oldest first).
+ACCEPT_SETS_PER_TAG = 8
+
 #: What a registry serves a client that sends no C{Accept}: the image
 #: manifests and indexes of Docker and OCI.
 DEFAULT_ACCEPT = frozenset(
@@ -74,14 +78,16 @@ def accept_key(accept: Sequence[str]) -> tuple[str, ...]:
     """
     The media types of C{Accept} values, without parameters, in a canonical
     order: a tag may resolve differently for clients that accept different
-    types, so each set gets its own record.
+    types, so each set gets its own record. A record's key is bounded
+    whatever a client sends: names of at most 127 characters (RFC 6838's
+    bound), the first 32 in that order.
     """
     types = {
         part.split(";")[0].strip().lower()
         for value in accept
         for part in value.split(",")
     }
-    return tuple(sorted(t for t in types if t))
+    return tuple(sorted(t for t in types if 0 < len(t) <= 127))[:32]
 
 
 def accepts(accepted: tuple[str, ...], media_type: str) -> bool:
@@ -385,7 +391,12 @@ class ManifestCache:
         accepted types, forgetting the least recently used tags beyond
         the bound.
         """
-        self._tags.setdefault(key[:4], {})[key[4]] = TagRecord(digest, now)
+        records = self._tags.setdefault(key[:4], {})
+        records.pop(key[4], None)
+        records[key[4]] = TagRecord(digest, now)
+        # Clients choose their Accept: keep a few sets a tag, the latest.
+        while len(records) > ACCEPT_SETS_PER_TAG:
+            del records[next(iter(records))]
         self._tags.move_to_end(key[:4])
         while len(self._tags) > self._max_tags:
             self._tags.popitem(last=False)

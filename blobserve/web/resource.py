@@ -325,7 +325,7 @@ class RegistryResource(Resource):
 
         def follow(landing: Landing) -> None:
             self._saw(request, name, digest)
-            ahead = _range_ahead(request, landing)
+            ahead = _range_ahead(request, digest, landing)
             if ahead is None:
                 self._stream(request, digest, landing.open_reader(), landing)
             else:
@@ -689,12 +689,17 @@ def _range_headers(request: Request, byte_range: ByteRange) -> None:
     request.setHeader(b"Content-Length", b"%d" % (byte_range.end - byte_range.start))
 
 
-def _range_ahead(request: Request, landing: Landing) -> ByteRange | None:
+def _range_ahead(
+    request: Request, digest: Digest, landing: Landing
+) -> ByteRange | None:
     """
     The single range C{request} asks for, if it starts more than
-    L{WAIT_WITHIN} bytes beyond those of C{landing} on disk; else L{None}.
+    L{WAIT_WITHIN} bytes beyond those of C{landing} on disk (and its
+    C{If-Range}, if any, lets a range be served); else L{None}.
     """
     if landing.length is None:
+        return None
+    if not range_allowed(_header_values(request, b"if-range"), str(digest)):
         return None
     try:
         ranges = parse_ranges(_header(request, b"range"), landing.length)

@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 from test_resource import DATA, Registry, registry_for
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
+from zope.interface import implementer
 
 from blobserve.serve.forwarded import ForwardedRange
 from blobserve.upstream.client import UpstreamError
@@ -69,6 +72,20 @@ def test_a_range_of_a_cold_blob_is_forwarded_and_the_blob_downloaded(
     assert registry.committed()
     assert registry.get().response()[2] == DATA
     assert len(registry.upstream.fetches) == 2
+
+
+def test_a_range_whose_if_range_does_not_match_is_not_forwarded(
+    registry: Registry,
+) -> None:
+    other = '"sha256:' + "0" * 64 + '"'
+    client = registry.get(headers={"Range": "bytes=90000-90099", "If-Range": other})
+    download = registry.answer(0)
+    assert len(registry.upstream.fetches) == 1
+    assert client.response()[0] == 200
+    assert download.protocol is not None
+    download.protocol.dataReceived(DATA)
+    download.protocol.connectionLost(Failure(ResponseDone()))
+    assert client.response()[2] == DATA
 
 
 def test_a_range_near_the_bytes_on_disk_waits_for_them(registry: Registry) -> None:
@@ -198,3 +215,45 @@ def test_an_upstream_that_sends_more_than_asked_cuts_the_client() -> None:
     response.protocol.dataReceived(b"x" * 101)
     assert response.transport.producerState == "stopped"
     assert client.aborted
+
+
+def test_bytes_that_arrive_while_the_client_is_paused_keep_its_timeout() -> None:
+    clock = Clock()
+    client, response, forwarded = forwarding(clock)
+    assert response.protocol is not None
+    forwarded.pauseProducing()
+    clock.advance(40)
+    # Already on their way when the upstream was paused.
+    response.protocol.dataReceived(b"x" * 10)
+    clock.advance(20)
+    assert response.transport.producerState == "stopped"
+    assert client.aborted
+
+
+@implementer(IResponse)
+class _WholeBody(FakeResponse):
+    """
+    A response whose body the upstream has sent whole already: it is
+    delivered, and ends, as soon as it is taken.
+    """
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        super().deliverBody(protocol)
+        protocol.dataReceived(b"y" * 100)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+def test_a_body_already_whole_is_forwarded_whole() -> None:
+    channel = DummyChannel()
+    client = ClientTransport()
+    channel.transport = client  # type: ignore[assignment]
+    request = Request(channel)
+    request.method, request.clientproto = b"GET", b"HTTP/1.1"
+    request.setHeader(b"Content-Length", b"100")
+    forwarded = ForwardedRange(
+        request, _WholeBody(code=206, length=100), 100, Clock(), 30
+    )
+    forwarded.start()
+    assert request.finished
+    assert client.value().endswith(b"y" * 100)
+    assert not client.aborted

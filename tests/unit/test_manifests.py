@@ -26,7 +26,7 @@ from blobserve.upstream.client import (
     UpstreamError,
     UpstreamRefused,
 )
-from blobserve.web.manifests import ManifestCache, accept_key
+from blobserve.web.manifests import ACCEPT_SETS_PER_TAG, ManifestCache, accept_key
 
 from fakes import FakeUpstream, failure_of, has_fired, result_of, store_at
 
@@ -411,3 +411,21 @@ def test_tag_cache_forgets_the_least_recently_used_tag(tmp_path: Path) -> None:
     assert result_of(a) == V1
     failure_of(b).trap(UpstreamError)
     assert result_of(c) == V2
+
+
+def test_records_of_a_tag_are_bounded_whatever_clients_accept(tmp_path: Path) -> None:
+    cache = ManifestCache(store_at(str(tmp_path)), Clock(), ttl=60, max_tags=10)
+    upstream = FakeUpstream()
+    for i in range(100):
+        d = cache.get("docker.io", upstream, "library/x", "latest", [f"x/y{i:03}"])
+        upstream.manifest_fetches[-1][3].callback(V1)
+        assert result_of(d) == V1
+    [records] = cache._tags.values()
+    # The latest sets are the ones kept.
+    assert sorted(records) == [(f"x/y{i:03}",) for i in range(92, 100)]
+    assert len(records) == ACCEPT_SETS_PER_TAG
+
+
+def test_an_accept_key_is_bounded_whatever_the_header() -> None:
+    key = accept_key(["x/" + "z" * 5000, ", ".join(f"a/b{n:03}" for n in range(99))])
+    assert key == tuple(f"a/b{n:03}" for n in range(32))
