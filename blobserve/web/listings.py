@@ -23,6 +23,11 @@ log = Logger()
 #: How many answers a cache keeps at most, by default.
 MAX_LISTINGS = 10_000
 
+#: How many bytes of answers a cache keeps at most, by default: clients
+#: choose the queries (C{n}, C{last}, C{artifactType}), and an answer may be
+#: megabytes.
+MAX_LISTING_BYTES = 64 * 2**20
+
 
 @frozen
 class _Record:
@@ -40,19 +45,27 @@ class ListingCache:
     When the upstream is unreachable, answers 5xx or rate-limits (429), the
     last answer is served, however old; when it refuses access (401, 403) or
     says the repository or manifest is gone (404), so does blobserve, and
-    a gone one's answer is forgotten. At most C{size} answers are kept: the
-    least recently used one goes first.
+    a gone one's answer is forgotten. At most C{size} answers, of at most
+    C{max_bytes} together, are kept: the least recently used one goes
+    first.
 
     A caller that cancels what L{get} returned only stops waiting: the
     query goes on for the others, and its answer is kept.
     """
 
     def __init__(
-        self, clock: IReactorTime, ttl: float, size: int = MAX_LISTINGS
+        self,
+        clock: IReactorTime,
+        ttl: float,
+        size: int = MAX_LISTINGS,
+        max_bytes: int = MAX_LISTING_BYTES,
     ) -> None:
         self._clock = clock
         self._ttl = ttl
         self._size = size
+        self._max_bytes = max_bytes
+        # Bytes of the answers kept.
+        self._bytes = 0
         self._records: OrderedDict[Hashable, _Record] = OrderedDict()
         self._running: dict[Hashable, OneShotEvent[Listing]] = {}
 
@@ -101,7 +114,7 @@ class ListingCache:
         try:
             listing = await fetch()
         except ManifestUnknown:
-            self._records.pop(key, None)
+            self._forget(key)
             note("miss")
             raise
         except UpstreamError as e:
@@ -113,8 +126,16 @@ class ListingCache:
             log.warn("serving {query} from the cache: {reason}", query=key, reason=e)
             return record.listing
         note("miss")
+        self._forget(key)
         self._records[key] = _Record(listing, now)
-        self._records.move_to_end(key)
-        while len(self._records) > self._size:
-            self._records.popitem(last=False)
+        self._bytes += len(listing.content)
+        while len(self._records) > self._size or (
+            self._bytes > self._max_bytes and len(self._records) > 1
+        ):
+            self._forget(next(iter(self._records)))
         return listing
+
+    def _forget(self, key: Hashable) -> None:
+        record = self._records.pop(key, None)
+        if record is not None:
+            self._bytes -= len(record.listing.content)

@@ -71,6 +71,12 @@ _BASE_PATHS = {b"/v2", b"/v2/"}
 #: what asking the upstream costs.
 WAIT_WITHIN = 1024 * 1024
 
+#: How many ranges may be asked of upstreams at once, outside the download
+#: slots; beyond that a range waits for its bytes on disk. Clients choose
+#: how many ranges they ask for, and each forwarded one is an upstream
+#: connection of its own.
+MAX_FORWARDED = 32
+
 
 class OCIError(Exception):
     """
@@ -226,6 +232,8 @@ class RegistryResource(Resource):
         # flight each follows (None: a stored blob, or a range forwarded
         # from the upstream).
         self._responses: dict[FollowingProducer | ForwardedRange, Digest | None] = {}
+        # Requests answered with a range asked of the upstream, until they end.
+        self._forwarding = 0
         self._clock = clock
         self._client_timeout = client_timeout
         self._sink_for = sink_for
@@ -326,7 +334,7 @@ class RegistryResource(Resource):
         def follow(landing: Landing) -> None:
             self._saw(request, name, digest)
             ahead = _range_ahead(request, digest, landing)
-            if ahead is None:
+            if ahead is None or self._forwarding >= MAX_FORWARDED:
                 self._stream(request, digest, landing.open_reader(), landing)
             else:
                 self._forward(request, name, digest, upstream, ahead, landing)
@@ -353,7 +361,13 @@ class RegistryResource(Resource):
         """
         _note(request, outcome="forward")
         asked = upstream.fetch_blob(name, digest, byte_range.start, byte_range.end)
-        request.notifyFinish().addBoth(lambda _: asked.cancel())
+        self._forwarding += 1
+
+        def ended(_: object) -> None:
+            self._forwarding -= 1
+            asked.cancel()
+
+        request.notifyFinish().addBoth(ended)
 
         def answer(response: IResponse) -> None:
             _blob_headers(request, digest, byte_range.length)

@@ -257,3 +257,20 @@ def test_a_body_already_whole_is_forwarded_whole() -> None:
     assert request.finished
     assert client.value().endswith(b"y" * 100)
     assert not client.aborted
+
+
+def test_ranges_beyond_the_bound_on_forwarding_wait_for_the_disk(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resource_module, "MAX_FORWARDED", 2)
+    clients = [registry.get(headers={"Range": "bytes=90000-90099"}) for _ in range(3)]
+    download = registry.answer(0)
+    # The download, and two ranges asked of the upstream; the third waits.
+    assert len(registry.upstream.fetches) == 3
+    assert download.protocol is not None
+    download.protocol.dataReceived(DATA[:90100])
+    assert clients[2].response()[2] == DATA[90000:90100]
+    # Once a forwarded one has ended, the next range is forwarded again.
+    clients[0].disconnect()
+    registry.get(headers={"Range": "bytes=101000-101099"})
+    assert len(registry.upstream.fetches) == 4

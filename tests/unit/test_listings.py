@@ -157,9 +157,9 @@ def test_tags_of_an_unknown_repository() -> None:
 
 
 class Cache:
-    def __init__(self, size: int = 100) -> None:
+    def __init__(self, size: int = 100, max_bytes: int = 2**20) -> None:
         self.clock = Clock()
-        self.cache = ListingCache(self.clock, ttl=60, size=size)
+        self.cache = ListingCache(self.clock, ttl=60, size=size, max_bytes=max_bytes)
         self.asked: list[tuple[str, Deferred[Listing]]] = []
         self.said: list[str] = []
 
@@ -271,6 +271,25 @@ def test_cache_keeps_at_most_its_size_least_recently_used_out() -> None:
     assert result_of(subject.get("c")) == TWO
     subject.get("b")
     assert len(subject.asked) == asked + 1
+
+
+def test_cache_keeps_at_most_its_bytes_least_recently_used_out() -> None:
+    big = Listing(b'{"tags": ["' + b"x" * 1000 + b'"]}')
+    subject = Cache(max_bytes=3 * len(big.content))
+    for key in "abcde":
+        subject.get(key)
+        subject.answer(big)
+    assert len(subject.cache) == 3
+    asked = len(subject.asked)
+    assert result_of(subject.get("e")) == big
+    subject.get("a")
+    assert len(subject.asked) == asked + 1
+    # An answer asked again replaces its bytes, not adds to them.
+    for _ in range(5):
+        subject.clock.advance(61)
+        subject.get("e")
+        subject.answer(big)
+    assert len(subject.cache) == 3
 
 
 # Tags list pages and links.
