@@ -1,10 +1,13 @@
 """
 containerd, the runtime of most Kubernetes nodes, pulls through blobserve
-configured as a mirror in a hosts.toml, naming the registry with ?ns=.
+configured as a mirror in a hosts.toml, naming the registry with ?ns=; and
+through a blobserve that requires client credentials (--htpasswd), sent by
+the hosts.toml as an Authorization header.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from test_client_auth import PASSWORD, USER, htpasswd
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
@@ -78,6 +82,21 @@ class Containerd:
             raise RuntimeError(f"ctr content fetch failed ({code}):\n{err.decode()}")
         return out.decode()
 
+    async def digests(self) -> set[str]:
+        """
+        The digests of every blob in the daemon's content store.
+        """
+        result: tuple[bytes, bytes, int] = await getProcessOutputAndValue(
+            "ctr",
+            ["--address", str(self.socket), "content", "ls", "--quiet"],
+            env=dict(os.environ),
+            reactor=reactor,
+        )
+        out, err, code = result
+        if code != 0:
+            raise RuntimeError(f"ctr content ls failed ({code}):\n{err.decode()}")
+        return set(out.decode().split())
+
 
 @pytest.fixture(scope="session")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
@@ -128,3 +147,55 @@ async def test_containerd_pulls_through_the_mirror(
     for digest in image.blob_digests:
         assert f"/v2/mirror/containerd/blobs/{digest}?ns=registry.test" in log
         assert relay.count("GET", f"/blobs/{digest}") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_containerd_sends_credentials_from_hosts_toml(
+    tmp_path: Path, registry: RegistryProcess, containerd: Containerd
+) -> None:
+    image = await push_image(
+        tmp_path, f"127.0.0.1:{registry.port}", "mirror/authenticated", "v1"
+    )
+    server = BlobserveProcess(
+        tmp_path,
+        f"registry.test={registry.url}",
+        tmp_path / "storage",
+        extra=(f"--htpasswd={htpasswd(tmp_path)}",),
+    )
+    await server.start()
+    # containerd goes on to the next host after the mirror's 401: the
+    # registry is unreachable, so that 401 is what the pull fails with.
+    mirror = (
+        'server = "http://127.0.0.1:9"\n\n'
+        f'[host."http://127.0.0.1:{server.port}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    anonymous = tmp_path / "anonymous.d"
+    (anonymous / "registry.test").mkdir(parents=True)
+    (anonymous / "registry.test" / "hosts.toml").write_text(mirror)
+    hosts = tmp_path / "certs.d"
+    (hosts / "registry.test").mkdir(parents=True)
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    (hosts / "registry.test" / "hosts.toml").write_text(
+        mirror
+        + f'  [host."http://127.0.0.1:{server.port}".header]\n'
+        + f'    Authorization = ["Basic {token}"]\n'
+    )
+    reference = "registry.test/mirror/authenticated:v1"
+    try:
+        with pytest.raises(RuntimeError, match=r"401 Unauthorized"):
+            await containerd.fetch(anonymous, reference)
+        refused = await containerd.digests()
+        await containerd.fetch(hosts, reference)
+        fetched = await containerd.digests()
+    finally:
+        server.stop()
+
+    pulled = image.blob_digests | {image.manifest_digest}
+    assert not pulled & refused
+    assert pulled <= fetched
+    log = server.log.read_text()
+    assert '"HEAD /v2/mirror/authenticated/manifests/v1?ns=registry.test" 401' in log
+    for digest in image.blob_digests:
+        assert f"/v2/mirror/authenticated/blobs/{digest}?ns=registry.test" in log
+    assert token not in log
