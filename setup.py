@@ -17,10 +17,16 @@ setup(
         "attrs>=23.1",
         "bcrypt>=4",
         "prometheus_client>=0.20",
+        "tomli>=2; python_version<'3.11'",
         "treq>=24.9",
         "twisted>=24.7",
     ],
-    entry_points={"console_scripts": ["blobserve-fsck = blobserve.fsck:main"]},
+    entry_points={
+        "console_scripts": [
+            "blobserve-fsck = blobserve.fsck:main",
+            "blobserve-config-check = blobserve.config_check:main",
+        ]
+    },
     extras_require={
         "test": [
             "bcrypt>=4",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import Callable
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +28,13 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.pages import notFound
 
+from blobserve.config import (
+    apply_config,
+    check_endpoint,
+    given_options,
+    read_config,
+    upstream_url,
+)
 from blobserve.fetch.download import NO_EVENTS, Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
 from blobserve.fetch.progress import ProgressLines, ProgressSampler
@@ -87,6 +95,9 @@ PASSWORD_VARIABLE = "BLOBSERVE_UPSTREAM_PASSWORD"
 #: The registry mirrored when no --upstream is given: Docker Hub.
 DEFAULT_REGISTRY = "docker.io"
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+
+#: Where blobserve listens when no --listen is given.
+DEFAULT_LISTEN = "tcp:5000:interface=127.0.0.1"
 
 
 def _positive_float(value: str) -> float:
@@ -160,10 +171,11 @@ class Options(usage.Options):
 
     optParameters: ClassVar[list[list[Any]]] = [
         [
-            "listen",
-            "l",
-            "tcp:5000:interface=127.0.0.1",
-            "Where to listen, as a Twisted server endpoint string.",
+            "config",
+            "c",
+            None,
+            "A TOML file of settings, a key for each option (see README.rst,"
+            " Configuration file); options given here win over it.",
         ],
         [
             "metrics-listen",
@@ -200,7 +212,8 @@ class Options(usage.Options):
             "upstream-retries",
             None,
             5,
-            "How often a broken upstream transfer is resumed before it fails.",
+            "How often a broken upstream transfer is resumed before the"
+            " download fails.",
             _count,
         ],
         [
@@ -208,7 +221,7 @@ class Options(usage.Options):
             None,
             0.5,
             "Seconds before the first resume of a broken transfer; each next"
-            " waits twice as long.",
+            " waits twice as long (at most 30 s).",
             _positive_float,
         ],
         [
@@ -216,7 +229,7 @@ class Options(usage.Options):
             None,
             16,
             "How many blob downloads may talk to upstreams at once; more wait"
-            " their turn.",
+            " their turn, first come first served.",
             _positive_count,
         ],
         [
@@ -344,8 +357,29 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        self["listen"] = []
         self["upstreams"] = {}
         self["upstream-credentials"] = {}
+        self._given: set[str] = set()
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Which options the command line gives, before they are parsed:
+        # they win over the --config file, whether they come before or after it.
+        self._given = given_options(self, sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def opt_listen(self, value: str) -> None:
+        try:
+            check_endpoint(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--listen {e}") from None
+        self["listen"].append(value)
+
+    opt_listen.__doc__ = (
+        "Where to listen, as a Twisted server endpoint string; repeat to listen"
+        f" on several (e.g. TCP and a UNIX socket). [default: {DEFAULT_LISTEN}]"
+    )
+    opt_l = opt_listen
 
     def opt_upstream(self, value: str) -> None:
         registry, url = parse_upstream(value)
@@ -378,6 +412,10 @@ class Options(usage.Options):
     )
 
     def postOptions(self) -> None:
+        if self["config"] is not None:
+            apply_config(self, read_config(self["config"], self), self._given)
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
         if not self["upstreams"]:
             self["upstreams"] = {DEFAULT_REGISTRY: DEFAULT_UPSTREAM}
         self["credentials"] = self._credentials()
@@ -474,20 +512,15 @@ def parse_upstream(value: str) -> tuple[str, str]:
     registry, separator, url = value.partition("=")
     if not separator:
         registry, url = "", value
-    parsed = urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise usage.UsageError(f"--upstream needs an http(s) URL, not {url!r}")
-    if "@" in parsed.netloc:
-        # Not echoed: what precedes the @ is a password, or part of one.
-        raise usage.UsageError(
-            "--upstream URLs take no user or password: use --upstream-username"
-            " and --upstream-password-file"
-        )
+    try:
+        url = upstream_url(url)
+    except ValueError as e:
+        raise usage.UsageError(f"--upstream {e}") from None
     if not registry:
-        registry = parsed.netloc
+        registry = urlsplit(url).netloc
         if registry == urlsplit(DEFAULT_UPSTREAM).netloc:
             registry = DEFAULT_REGISTRY
-    return registry, url.rstrip("/")
+    return registry, url
 
 
 class _ConnectionPoolService(Service):
@@ -694,7 +727,7 @@ def _log_start(options: Options) -> None:
         f"{registry}={url}" + (" with credentials" if registry in credentials else "")
         for registry, url in options["upstreams"].items()
     )
-    listen = options["listen"]
+    listen = ", ".join(options["listen"])
     if options["no-metrics"]:
         listen += " (no metrics)"
     elif options["metrics-listen"]:
@@ -907,7 +940,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and
     # twistd exits non-zero.
-    strports.service(options["listen"], site, reactor).setServiceParent(service)
+    for endpoint in options["listen"]:
+        strports.service(endpoint, site, reactor).setServiceParent(service)
     if options["metrics-listen"] and metrics_page is not None:
         # Within the same bounds as the registry's site, but a few
         # connections: scrapers are few.

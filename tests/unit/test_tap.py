@@ -90,7 +90,7 @@ def test_plugin_is_found() -> None:
 def test_defaults() -> None:
     options = Options()
     options.parseOptions([])
-    assert options["listen"] == "tcp:5000:interface=127.0.0.1"
+    assert options["listen"] == ["tcp:5000:interface=127.0.0.1"]
     assert options["upstreams"] == {"docker.io": "https://registry-1.docker.io"}
     assert options["storage"] == "./blobserve-data"
     assert options["upstream-retries"] == 5
@@ -111,7 +111,7 @@ def test_flags() -> None:
     options.parseOptions(
         [
             "--listen",
-            "tcp:6000:interface=::1",
+            r"tcp6:6000:interface=\:\:1",
             "--upstream",
             "http://127.0.0.1:5100",
             "--storage",
@@ -142,7 +142,7 @@ def test_flags() -> None:
     assert options["partial-max-age"] == 3600.0
     assert options["upstream-queue"] == 0
     assert options["max-blob-size"] == 1500 * 2**20
-    assert options["listen"] == "tcp:6000:interface=::1"
+    assert options["listen"] == [r"tcp6:6000:interface=\:\:1"]
     assert options["upstreams"] == {"127.0.0.1:5100": "http://127.0.0.1:5100"}
     assert options["storage"] == "/srv/blobs"
     assert options["upstream-idle-timeout"] == 5.0
