@@ -404,11 +404,13 @@ def other_basic_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
     registry.stop()
 
 
+@pytest.mark.parametrize("given_in", ["flags", "config file"])
 @pytest_twisted.ensureDeferred
 async def test_each_upstream_gets_its_own_credentials(
     tmp_path: Path,
     basic_registry: RegistryProcess,
     other_basic_registry: RegistryProcess,
+    given_in: str,
 ) -> None:
     other_pair = f"{OTHER_USER}:{OTHER_PASSWORD}"
     first = await push_image(
@@ -441,19 +443,26 @@ async def test_each_upstream_gets_its_own_credentials(
             }
         )
     )
-    server = BlobserveProcess(
-        tmp_path,
-        "",
-        tmp_path / "storage",
-        flags=[
-            "--listen=tcp:0:interface=127.0.0.1",
-            f"--storage={tmp_path / 'storage'}",
-            f"--upstream=first={basic_registry.url}",
-            f"--upstream={other_basic_registry.url}",
-            f"--upstream-credentials=first={line}",
-            f"--upstream-credentials={other}={config}",
-        ],
-    )
+    flags = [
+        "--listen=tcp:0:interface=127.0.0.1",
+        f"--storage={tmp_path / 'storage'}",
+        f"--upstream=first={basic_registry.url}",
+        f"--upstream={other_basic_registry.url}",
+        f"--upstream-credentials=first={line}",
+        f"--upstream-credentials={other}={config}",
+    ]
+    if given_in == "config file":
+        settings = tmp_path / "blobserve.toml"
+        settings.write_text(
+            'listen = ["tcp:0:interface=127.0.0.1"]\n'
+            f'storage = "{tmp_path / "storage"}"\n'
+            f'[upstreams."first"]\nurl = "{basic_registry.url}"\n'
+            f'credentials_file = "{line}"\n'
+            f'[upstreams."{other}"]\nurl = "{other_basic_registry.url}"\n'
+            f'credentials_file = "{config}"\n'
+        )
+        flags = [f"--config={settings}"]
+    server = BlobserveProcess(tmp_path, "", tmp_path / "storage", flags=flags)
     await server.start()
     try:
         pulled = {}
