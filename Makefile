@@ -1,7 +1,7 @@
 # make run:  install blobserve in a virtual environment and start it with
 #            defaults (flags in ARGS="...").
-# make test: install everything the tests need (Debian packages, Python
-#            packages) and run every check: lint, types, unit and integration
+# make test: install everything the tests need (the Debian packages missing,
+#            never upgrading one; Python packages) and run every check: lint, types, unit and integration
 #            tests, and a tiny run of the benchmark.
 # make bench: install what the benchmark needs and run it (flags in ARGS="...",
 #            see `python -m bench --help`); the table goes to stdout, the
@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := apache2-utils chromium containerd docker-registry nginx-light skopeo
+DEBIAN_PACKAGES := apache2-utils chromium containerd docker-registry nginx-light skopeo systemd
 
 .PHONY: run test bench debian-packages
 
@@ -23,13 +23,21 @@ run: $(BIN)/python
 	$(BIN)/pip install --quiet .
 	$(BIN)/twistd --nodaemon --pidfile= blobserve $(ARGS)
 
+# Only packages that are not installed are installed, and nothing installed is
+# upgraded (--no-upgrade): the machine's other software stays as it is. A
+# package removed but not purged ("deinstall ok config-files") counts as
+# missing.
 debian-packages:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do \
-	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q '^install ok installed$$' \
+	    || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then \
+	  echo "Debian packages: all installed ($(DEBIAN_PACKAGES))"; \
+	else \
+	  echo "Debian packages: installing the missing ones:$$missing"; \
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    --no-install-recommends $$missing; fi
+	    --no-upgrade --no-install-recommends $$missing; fi
 
 test: debian-packages $(BIN)/python
 	$(BIN)/pip install --quiet '.[test]'

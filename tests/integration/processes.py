@@ -171,12 +171,15 @@ class BlobserveProcess:
         flags: list[str] | None = None,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        twistd_args: tuple[str, ...] = ("--nodaemon", "--pidfile="),
     ) -> None:
         """
         @param flags: blobserve's command line; by default it listens on a
             free loopback port and uses C{upstream} and C{storage}.
         @param extra: more flags after those.
         @param env: more environment variables for the process.
+        @param twistd_args: twistd's own options, before C{blobserve}; they
+            must keep it in the foreground.
         """
         self.directory = directory
         self.upstream = upstream
@@ -184,6 +187,7 @@ class BlobserveProcess:
         self.flags = flags
         self.extra = extra
         self.env = env or {}
+        self.twistd_args = twistd_args
         self.log = directory / "blobserve.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -211,8 +215,7 @@ class BlobserveProcess:
             self.process = subprocess.Popen(
                 [
                     str(twistd),
-                    "--nodaemon",
-                    "--pidfile=",
+                    *self.twistd_args,
                     "blobserve",
                     *flags,
                     *self.extra,

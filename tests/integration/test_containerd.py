@@ -1,8 +1,9 @@
 """
 containerd, the runtime of most Kubernetes nodes, pulls through blobserve
-configured as a mirror in a hosts.toml, naming the registry with ?ns=; and
-through a blobserve that requires client credentials (--htpasswd), sent by
-the hosts.toml as an Authorization header.
+configured as a mirror in a hosts.toml, naming the registry with ?ns=, with
+deploy/containerd/hosts.toml as it is shipped too; and through a blobserve
+that requires client credentials (--htpasswd), sent by the hosts.toml as an
+Authorization header.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from test_client_auth import PASSWORD, USER, htpasswd
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
+from deployfiles import rendered
 from images import push_image
 from processes import DEADLINE, BlobserveProcess, RegistryProcess, stop_pid
 from relay import Relay
@@ -105,13 +107,20 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     stop_pid(daemon.process)
 
 
-@pytest_twisted.ensureDeferred
-async def test_containerd_pulls_through_the_mirror(
+async def pull_by_ns(
     tmp_path: Path,
     registry: RegistryProcess,
     relay: Relay,
     containerd: Containerd,
+    ns: str,
+    hosts_toml: Callable[[str], str],
 ) -> None:
+    """
+    Push an image, start blobserve with an unreachable default upstream and
+    C{ns} routed to the registry, install C{hosts_toml(mirror address)} as
+    containerd's hosts.toml for C{ns}, and fetch the image with containerd:
+    every request must name C{ns}, and each blob come from upstream once.
+    """
     image = await push_image(
         tmp_path, f"127.0.0.1:{registry.port}", "mirror/containerd", "v1"
     )
@@ -124,29 +133,69 @@ async def test_containerd_pulls_through_the_mirror(
             # The default upstream is unreachable: requests must be routed
             # by the ns containerd names.
             "--upstream=other.test=http://127.0.0.1:9",
-            f"--upstream=registry.test=http://127.0.0.1:{relay.port}",
+            f"--upstream={ns}=http://127.0.0.1:{relay.port}",
             f"--storage={tmp_path / 'storage'}",
         ],
     )
     await server.start()
     hosts = tmp_path / "certs.d"
-    (hosts / "registry.test").mkdir(parents=True)
-    # The registry itself is unreachable: only the mirror can serve the pull.
-    (hosts / "registry.test" / "hosts.toml").write_text(
-        'server = "http://127.0.0.1:9"\n\n'
-        f'[host."http://127.0.0.1:{server.port}"]\n'
-        '  capabilities = ["pull", "resolve"]\n'
-    )
+    (hosts / ns).mkdir(parents=True)
+    (hosts / ns / "hosts.toml").write_text(hosts_toml(f"127.0.0.1:{server.port}"))
     try:
-        await containerd.fetch(hosts, "registry.test/mirror/containerd:v1")
+        await containerd.fetch(hosts, f"{ns}/mirror/containerd:v1")
     finally:
         server.stop()
 
     log = server.log.read_text()
-    assert "HEAD /v2/mirror/containerd/manifests/v1?ns=registry.test" in log
+    assert f"HEAD /v2/mirror/containerd/manifests/v1?ns={ns}" in log
     for digest in image.blob_digests:
-        assert f"/v2/mirror/containerd/blobs/{digest}?ns=registry.test" in log
+        assert f"/v2/mirror/containerd/blobs/{digest}?ns={ns}" in log
         assert relay.count("GET", f"/blobs/{digest}") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_containerd_pulls_through_the_mirror(
+    tmp_path: Path,
+    registry: RegistryProcess,
+    relay: Relay,
+    containerd: Containerd,
+) -> None:
+    # The registry itself is unreachable: only the mirror can serve the pull.
+    await pull_by_ns(
+        tmp_path,
+        registry,
+        relay,
+        containerd,
+        "registry.test",
+        lambda mirror: (
+            'server = "http://127.0.0.1:9"\n\n'
+            f'[host."http://{mirror}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+        ),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_containerd_pulls_docker_hub_through_the_shipped_hosts_toml(
+    tmp_path: Path,
+    registry: RegistryProcess,
+    relay: Relay,
+    containerd: Containerd,
+) -> None:
+    """
+    deploy/containerd/hosts.toml, installed for docker.io with only the
+    mirror's address changed, sends containerd's pulls of Docker Hub images
+    to blobserve, which routes them by the ?ns=docker.io containerd adds.
+    (Docker Hub does not hold the test's image: only the mirror can serve it.)
+    """
+    await pull_by_ns(
+        tmp_path,
+        registry,
+        relay,
+        containerd,
+        "docker.io",
+        lambda mirror: rendered("containerd/hosts.toml", mirror),
+    )
 
 
 @pytest_twisted.ensureDeferred
