@@ -159,3 +159,24 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     # verify exits 0 on lines it ignores, but names them.
     assert result.returncode == 0, result.stderr
     assert UNIT.name not in result.stdout + result.stderr, result.stderr
+
+
+def test_blobserve_reads_the_example_configuration(tmp_path: Path) -> None:
+    """
+    The example is a configuration blobserve starts with, once its
+    credentials file exists: docker.io the default upstream, with it.
+    """
+    credentials = tmp_path / "dockerhub.cred"
+    credentials.write_text("alice:s3cret\n")
+    text = (DEPLOY / "blobserve.toml").read_text()
+    assert text.count("/etc/blobserve/dockerhub.cred") == 3
+    example = tmp_path / "blobserve.toml"
+    example.write_text(text.replace("/etc/blobserve/dockerhub.cred", str(credentials)))
+    options = Options()
+    options.parseOptions(["--config", str(example)])
+    assert options["listen"] == ["tcp:5000:interface=0.0.0.0"]
+    assert options["storage"] == "/var/cache/blobserve"
+    assert options["max-size"] == 200 * 2**30
+    assert list(options["upstreams"]) == ["docker.io", "ghcr.io"]
+    assert list(options["registry-credentials"]) == ["docker.io"]
+    assert options["registry-credentials"]["docker.io"].password == "s3cret"
