@@ -17,10 +17,16 @@ setup(
         "attrs>=23.1",
         "bcrypt>=4",
         "prometheus_client>=0.20",
+        "rich>=13",
         "treq>=24.9",
         "twisted>=24.7",
     ],
-    entry_points={"console_scripts": ["blobserve-fsck = blobserve.fsck:main"]},
+    entry_points={
+        "console_scripts": [
+            "blobserve-fsck = blobserve.fsck:main",
+            "blobserve-prefetch = blobserve.prefetch.cli:main",
+        ]
+    },
     extras_require={
         "test": [
             "bcrypt>=4",
