@@ -28,7 +28,7 @@ def _command(server: BlobserveProcess, *args: str) -> list[str]:
 
 
 def _environment() -> dict[str, str]:
-    # The worktree's code, as the twistd subprocesses run it.
+    # PYTHONPATH passes through, so the child runs the same code as twistd.
     return {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
 
 
