@@ -17,6 +17,7 @@ setup(
         "attrs>=23.1",
         "bcrypt>=4",
         "prometheus_client>=0.20",
+        "rich>=13",
         "tomli>=2; python_version<'3.11'",
         "treq>=24.9",
         "twisted>=24.7",
@@ -25,6 +26,7 @@ setup(
         "console_scripts": [
             "blobserve-fsck = blobserve.fsck:main",
             "blobserve-config-check = blobserve.config_check:main",
+            "blobserve-prefetch = blobserve.prefetch.cli:main",
         ]
     },
     extras_require={

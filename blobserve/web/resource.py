@@ -314,7 +314,7 @@ class RegistryResource(Resource):
             if not self._scope.holds(registry, name, digest):
                 reader.close()
                 return self._confirm_then(request, upstream, registry, name, digest)
-            _note(request, outcome="hit")
+            _blob_outcome(request, "hit")
             self._stream(request, digest, reader)
             return NOT_DONE_YET
 
@@ -328,7 +328,7 @@ class RegistryResource(Resource):
         if foreign and not self._scope.holds(registry, name, digest):
             return self._confirm_then(request, upstream, registry, name, digest)
         joining = download is not None
-        _note(request, outcome="join" if joining else "miss")
+        _blob_outcome(request, "join" if joining else "miss")
         ready = self._downloads.join(name, digest, upstream, registry).when_ready()
 
         def follow(landing: Landing) -> None:
@@ -677,7 +677,7 @@ class RegistryResource(Resource):
             if not self._scope.holds(registry, name, digest):
                 reader.close()
                 return self._confirm_then(request, upstream, registry, name, digest)
-            _note(request, outcome="hit")
+            _blob_outcome(request, "hit")
             try:
                 length = reader.size()
             finally:
@@ -686,7 +686,7 @@ class RegistryResource(Resource):
             return NOT_DONE_YET
 
         d = upstream.stat_blob(name, digest)
-        _note(request, outcome="miss")
+        _blob_outcome(request, "miss")
 
         def answer(info: BlobInfo) -> None:
             if _over(request):
@@ -746,6 +746,18 @@ def _note(
         if digest is not None:
             exchange.digest = digest
     return exchange
+
+
+def _blob_outcome(request: Request, outcome: str) -> None:
+    """
+    Note what the cache did for a blob request, and tell the client in
+    C{X-Blobserve-Cache}: C{hit} (the store held the blob), C{miss} (it did
+    not, and nothing was fetching it) or C{join} (a download in flight).
+    """
+    _note(request, outcome=outcome)
+    # Set before any answer goes out, so errors after it carry it too: a
+    # miss that ends in a 404 was a miss.
+    request.setHeader(b"X-Blobserve-Cache", outcome.encode())
 
 
 def _note_outcome(request: Request, outcome: str) -> None:

@@ -392,6 +392,21 @@ def test_head_of_miss_asks_upstream_and_never_downloads(registry: Registry) -> N
     assert len(registry.table) == 0
 
 
+def test_blob_answers_say_whether_the_cache_held_them(registry: Registry) -> None:
+    first, joiner = registry.get(), registry.get()
+    head = registry.get(method="HEAD")
+    response = registry.answer()
+    assert response.protocol is not None
+    response.protocol.dataReceived(DATA)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert first.response()[1]["x-blobserve-cache"] == "miss"
+    assert joiner.response()[1]["x-blobserve-cache"] == "join"
+    assert head.response()[1]["x-blobserve-cache"] == "miss"
+    for method in ("GET", "HEAD"):
+        status, headers, _ = registry.get(method=method).response()
+        assert (status, headers["x-blobserve-cache"]) == (200, "hit")
+
+
 def test_client_leaving_during_head_is_left_alone(registry: Registry) -> None:
     # Unlike RegistryUpstream, this upstream reports a cancelled request as an
     # upstream error rather than as a cancellation.

@@ -1,0 +1,3 @@
+from blobserve.prefetch.cli import main
+
+main()
