@@ -20,7 +20,8 @@ from blobserve.tap import Options, makeService
 
 from fakes import LoggedEvents
 
-README = Path(__file__).parents[2] / "README.rst"
+#: Where the options are documented.
+OPERATIONS = Path(__file__).parents[2] / "docs" / "operations.rst"
 
 PASSWORD = "s3cret-Pa55"
 
@@ -310,9 +311,9 @@ def test_config_check_refuses_a_bad_file_with_the_reason(
 
 
 def _options_section() -> str:
-    text = README.read_text()
-    start = text.index("\nOptions\n-------\n")
-    end = text.index("\nConfiguration file\n------------------\n", start)
+    text = OPERATIONS.read_text()
+    start = text.index("\nOptions\n=======\n")
+    end = text.index("\nSizing\n======\n", start)
     return text[start:end]
 
 
@@ -322,7 +323,7 @@ def test_every_option_has_help() -> None:
         assert (options.docs.get(name) or "").strip(), name
 
 
-def test_the_readme_names_every_flag_and_key() -> None:
+def test_the_operations_guide_names_every_flag_and_key() -> None:
     section = _options_section()
     options = Options()
     for name in {*options.synonyms.values()} - {"help", "version"}:
