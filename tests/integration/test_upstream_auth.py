@@ -37,7 +37,7 @@ from authservers import (
     listen,
     write_htpasswd,
 )
-from images import layout_digests, layout_top_digest, pull_image, push_image
+from images import Image, layout_digests, layout_top_digest, pull_image, push_image
 from processes import DEADLINE, BlobserveProcess, RegistryProcess
 
 CREDENTIALS = f"{USER}:{PASSWORD}"
@@ -404,6 +404,40 @@ def other_basic_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
     registry.stop()
 
 
+async def pull_each(
+    server: BlobserveProcess, images: list[tuple[Image, str]]
+) -> dict[str, set[bytes]]:
+    """
+    Pull each image's manifest and blobs through C{server}, naming its
+    registry with C{?ns=}; the digests of what came, by registry.
+    """
+    pulled = {}
+    for image, ns in images:
+        name = image.reference.partition(":")[0]
+        response = await treq.get(
+            f"{server.url}/v2/{name}/manifests/v1?ns={ns}",
+            headers=Headers(
+                {b"Accept": [b"application/vnd.oci.image.manifest.v1+json"]}
+            ),
+            timeout=DEADLINE,
+            persistent=False,
+        )
+        await response.content()
+        digests = {response.headers.getRawHeaders(b"Docker-Content-Digest")[0]}
+        for digest in sorted(image.blob_digests):
+            url = f"{server.url}/v2/{name}/blobs/{digest}?ns={ns}"
+            response = await treq.get(url, timeout=DEADLINE, persistent=False)
+            body = await response.content()
+            assert response.code == 200, (ns, digest)
+            digests.add(b"sha256:" + hashlib.sha256(body).hexdigest().encode())
+        pulled[ns] = digests
+    return pulled
+
+
+def digests_of(image: Image) -> set[bytes]:
+    return {d.encode() for d in image.blob_digests | {image.manifest_digest}}
+
+
 @pytest.mark.parametrize("given_in", ["flags", "config file"])
 @pytest_twisted.ensureDeferred
 async def test_each_upstream_gets_its_own_credentials(
@@ -465,35 +499,64 @@ async def test_each_upstream_gets_its_own_credentials(
     server = BlobserveProcess(tmp_path, "", tmp_path / "storage", flags=flags)
     await server.start()
     try:
-        pulled = {}
-        for image, ns in ((first, "first"), (second, other)):
-            name = image.reference.partition(":")[0]
-            response = await treq.get(
-                f"{server.url}/v2/{name}/manifests/v1?ns={ns}",
-                headers=Headers(
-                    {b"Accept": [b"application/vnd.oci.image.manifest.v1+json"]}
-                ),
-                timeout=DEADLINE,
-                persistent=False,
-            )
-            await response.content()
-            digests = {response.headers.getRawHeaders(b"Docker-Content-Digest")[0]}
-            for digest in sorted(image.blob_digests):
-                url = f"{server.url}/v2/{name}/blobs/{digest}?ns={ns}"
-                response = await treq.get(url, timeout=DEADLINE, persistent=False)
-                body = await response.content()
-                assert response.code == 200, (ns, digest)
-                digests.add(b"sha256:" + hashlib.sha256(body).hexdigest().encode())
-            pulled[ns] = digests
+        pulled = await pull_each(server, [(first, "first"), (second, other)])
     finally:
         server.stop()
-    assert pulled["first"] == {
-        d.encode() for d in first.blob_digests | {first.manifest_digest}
-    }
-    assert pulled[other] == {
-        d.encode() for d in second.blob_digests | {second.manifest_digest}
-    }
+    assert pulled == {"first": digests_of(first), other: digests_of(second)}
     log = server.log.read_text()
     assert f"first={basic_registry.url} with credentials" in log
     assert f"{other}={other_basic_registry.url} with credentials" in log
     assert OTHER_PASSWORD not in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_config_file_gives_a_token_and_a_basic_upstream_their_credentials(
+    tmp_path: Path,
+    token_registry: RegistryProcess,
+    token_front: SameOriginFront,
+    token_server: TokenServer,
+    other_basic_registry: RegistryProcess,
+) -> None:
+    other_pair = f"{OTHER_USER}:{OTHER_PASSWORD}"
+    tokened = await push_image(
+        tmp_path,
+        f"127.0.0.1:{token_registry.port}",
+        "auth/tokened",
+        "v1",
+        credentials=CREDENTIALS,
+    )
+    basic = await push_image(
+        tmp_path,
+        f"127.0.0.1:{other_basic_registry.port}",
+        "auth/basic",
+        "v1",
+        credentials=other_pair,
+    )
+    token_file = tmp_path / "token.cred"
+    token_file.write_text(CREDENTIALS + "\n")
+    basic_file = tmp_path / "basic.cred"
+    basic_file.write_text(other_pair + "\n")
+    settings = tmp_path / "blobserve.toml"
+    settings.write_text(
+        'listen = ["tcp:0:interface=127.0.0.1"]\n'
+        f'storage = "{tmp_path / "storage"}"\n'
+        f'[upstreams."tokened"]\nurl = "{token_front.url}"\n'
+        f'credentials_file = "{token_file}"\n'
+        f'[upstreams."basic"]\nurl = "{other_basic_registry.url}"\n'
+        f'credentials_file = "{basic_file}"\n'
+    )
+    server = BlobserveProcess(
+        tmp_path, "", tmp_path / "storage", flags=[f"--config={settings}"]
+    )
+    asked = len(token_server.requests)
+    await server.start()
+    try:
+        pulled = await pull_each(server, [(tokened, "tokened"), (basic, "basic")])
+    finally:
+        server.stop()
+    assert pulled == {"tokened": digests_of(tokened), "basic": digests_of(basic)}
+    # The token server saw the token upstream's own credentials, once.
+    assert token_server.authorizations[asked:] == [BASIC]
+    log = server.log.read_text()
+    assert "tokened=" in log and "basic=" in log
+    assert OTHER_PASSWORD not in log and PASSWORD not in log
