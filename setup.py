@@ -27,6 +27,7 @@ setup(
             "blobserve-fsck = blobserve.fsck:main",
             "blobserve-config-check = blobserve.config_check:main",
             "blobserve-prefetch = blobserve.prefetch.cli:main",
+            "blobserve-haproxy-config = blobserve.cluster:main",
         ]
     },
     extras_require={
