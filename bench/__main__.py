@@ -66,6 +66,7 @@ class Bench:
         self.failures: list[str] = []
         self.upstream, self.upstream_url = servers.registry(workdir / "upstream")
         self.blobs: dict[int, tuple[str, str]] = {}
+        self.blob_sets: dict[tuple[int, int], list[tuple[str, str]]] = {}
         self._scenario = 0
 
     def blob(self, size: int) -> tuple[str, str]:
@@ -428,6 +429,83 @@ class Bench:
                     }
                 )
 
+    def cluster(self, round_robin: bool, blobs: int, size: int, clients: int) -> None:
+        """
+        Three blobserve nodes behind HAProxy, as blobserve-haproxy-config
+        writes it (each digest on one node) or with round robin instead:
+        C{clients} clients at once over C{blobs} uncached blobs, client n
+        fetching blob n mod C{blobs}.
+        """
+        if (blobs, size) not in self.blob_sets:
+            made = []
+            for _ in range(blobs):
+                data = os.urandom(size)
+                digest = servers.push_blob(self.upstream_url, "bench/blobs", data)
+                made.append((digest, hashlib.sha256(data).hexdigest()))
+            self.blob_sets[blobs, size] = made
+        chosen = self.blob_sets[blobs, size]
+        self._scenario += 1
+        balance = "round-robin" if round_robin else "digest-hash"
+        here = self.workdir / f"scenario-{self._scenario}-cluster-{balance}"
+        throttle, throttle_url = servers.throttle(
+            here / "throttle", self.upstream_url, self.rate
+        )
+        started = [throttle]
+        try:
+            nodes = []
+            for n in range(1, 4):
+                node, node_url = servers.blobserve(
+                    here / f"node{n}", throttle_url, f"--node-name=node{n}"
+                )
+                started.append(node)
+                nodes.append(node_url.removeprefix("http://"))
+            balancer, url = servers.haproxy(here / "haproxy", nodes, round_robin)
+            started.append(balancer)
+            began = time.monotonic()
+            with ThreadPoolExecutor(max_workers=clients) as pool:
+                fetches = list(
+                    pool.map(
+                        lambda n: load.fetch(
+                            f"{url}/v2/bench/blobs/blobs/{chosen[n % blobs][0]}"
+                        ),
+                        range(clients),
+                    )
+                )
+            last_done = max(f.started + f.done for f in fetches) - began
+            time.sleep(0.2)  # nginx logs a request after its last byte
+            traffic = [
+                servers.upstream_traffic(here / "throttle", d) for d, _ in chosen
+            ]
+            what = f"cluster {balance}"
+            correct = all(
+                self.check(what, [f], size, chosen[n % blobs][1])
+                for n, f in enumerate(fetches)
+            )
+            gets = sum(g for g, _ in traffic)
+            if not round_robin and gets != blobs:
+                self.failures.append(f"{what}: {gets} upstream GETs for {blobs} blobs")
+            self.record(
+                {
+                    "scenario": "cluster",
+                    "balance": balance,
+                    "nodes": 3,
+                    "blobs": blobs,
+                    "size_mib": size // MiB,
+                    "clients": clients,
+                    "upstream_gets": gets,
+                    "upstream_ratio": round(
+                        sum(s for _, s in traffic) / (size * blobs), 2
+                    ),
+                    "done_p50_s": round(percentile([f.done for f in fetches], 0.5), 2),
+                    "last_done_s": round(last_done, 2),
+                    "correct": correct,
+                }
+            )
+        finally:
+            for process in reversed(started):
+                process.stop()
+            shutil.rmtree(here, ignore_errors=True)
+
     def commits(self, blobs: int, size: int, limit_blobs: int) -> None:
         """
         The time a commit takes, without a limit and with C{--max-size} of
@@ -534,6 +612,16 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
             names=[name for name in systems if name.startswith("blobserve")],
             seconds=seconds // 2 or 1,
         )
+    if "cluster" in scenarios:
+        blobs, size, n = (2, 4 * MiB, 4) if arguments.smoke else (8, 32 * MiB, 16)
+        for round_robin in (False, True):
+            yield partial(
+                Bench.cluster,
+                round_robin=round_robin,
+                blobs=blobs,
+                size=size,
+                clients=n,
+            )
     if "eviction" in scenarios:
         if arguments.smoke:
             yield partial(Bench.commits, blobs=20, size=64 * 1024, limit_blobs=4)
@@ -567,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default="cold,stalled,warm,small,eviction,lazy",
+        default="cold,stalled,warm,small,eviction,lazy,cluster",
         help="the scenarios to run",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))

@@ -20,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from blobserve.cluster import BALANCE_BY_SHARD, haproxy_config
+
 DEADLINE = 30.0
 
 
@@ -261,6 +263,31 @@ def upstream_traffic(nginx_directory: Path, digest: str) -> tuple[int, int]:
             gets += 1
             sent += int(size)
     return gets, sent
+
+
+def haproxy(
+    directory: Path, nodes: list[str], round_robin: bool = False
+) -> tuple[Server, str]:
+    """
+    HAProxy on a free port in front of C{nodes} (C{host:port} each), with
+    the configuration blobserve-haproxy-config prints: each digest on one
+    node, or, with C{round_robin}, every request to the next node instead.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = haproxy_config(nodes, f"127.0.0.1:{port}")
+    if round_robin:
+        assert BALANCE_BY_SHARD in config
+        config = config.replace(BALANCE_BY_SHARD, "balance roundrobin")
+    (directory / "haproxy.cfg").write_text(config)
+    server = Server(
+        "haproxy",
+        [_binary("haproxy"), "-f", str(directory / "haproxy.cfg")],
+        directory,
+    )
+    url = f"http://127.0.0.1:{port}"
+    server.wait_for(f"{url}/v2/")
+    return server, url
 
 
 def blobserve(directory: Path, upstream: str, *flags: str) -> tuple[Server, str]:
