@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -119,6 +120,20 @@ def _count(value: str) -> int:
     if number < 0:
         raise ValueError(f"must not be negative, not {value}")
     return number
+
+
+def _node_name(value: str) -> str:
+    """
+    A node name: what a response header and a metric label can carry.
+    """
+    if not 0 < len(value) <= 64 or not all(
+        c.isascii() and (c.isalnum() or c in "-._") for c in value
+    ):
+        raise ValueError(
+            "a node name is 1 to 64 letters, digits, '-', '.' or '_',"
+            f" not {value[:70]!r}"
+        )
+    return value
 
 
 def _positive_count(value: str) -> int:
@@ -324,6 +339,16 @@ class Options(usage.Options):
             " all arrived are committed; the others are kept, to be resumed"
             " after the restart.",
             _seconds,
+        ],
+        [
+            "node-name",
+            None,
+            socket.gethostname(),
+            "This node's name, for a cluster: in the start-up line, the"
+            " status page, the metrics (blobserve_node_info) and the"
+            " X-Blobserve-Node header of every response. Default: the host"
+            " name.",
+            _node_name,
         ],
         [
             "progress-interval",
@@ -738,13 +763,15 @@ def _log_start(options: Options) -> None:
             f" users of {options['htpasswd']}"
         )
     log.info(
-        "blobserve {version} starting: listening on {listen}; upstreams"
+        "blobserve {version} starting as node {node}: listening on {listen};"
+        " upstreams"
         " {upstreams}; storage {storage}; store limits: --max-size {max_size},"
         " --min-free {min_free}; --max-blob-size {max_blob_size} bytes,"
         " --max-connections {max_connections}, --upstream-concurrency"
         " {upstream_concurrency}, --upstream-queue {upstream_queue},"
         " --client-timeout {client_timeout:g}s, --tag-ttl {tag_ttl:g}s",
         version=_version(),
+        node=options["node-name"],
         listen=listen,
         upstreams=upstreams,
         storage=os.path.abspath(options["storage"]),
@@ -786,6 +813,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # tells restarts by counters going down.
         disable_created_metrics()
         metrics = Metrics()
+        metrics.identify(options["node-name"], _version())
     pool = QuietConnectionPool(reactor, persistent=True)
     agent = Agent(reactor, pool=pool, connectTimeout=options["upstream-timeout"])
     client = HTTPClient(agent)
@@ -850,6 +878,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         progress=progress,
         slots=slots,
         cache=None if metrics is None else metrics.cache_counts,
+        node=options["node-name"],
     )
     lag = LagMonitor(reactor)
     health = HealthResource(
@@ -904,6 +933,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_connections=options["max-connections"],
         reactor=reactor,
         observers=tuple(observers),
+        node_name=options["node-name"],
     )
 
     service = _BlobserveService(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from attrs import define, field, frozen
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -231,6 +231,18 @@ class Metrics:
             self._child(self._first_byte_seconds, outcome or "none").observe(
                 exchange.first_byte
             )
+
+    def identify(self, node: str, version: str) -> None:
+        """
+        Say which node this is and which blobserve it runs, as
+        C{blobserve_node_info{node=…, version=…} 1}: a cluster's series are
+        told apart by it.
+        """
+        Info(
+            "blobserve_node",
+            "The node's name (--node-name) and the version it runs.",
+            registry=self.registry,
+        ).info({"node": node, "version": version})
 
     def cache_counts(self) -> dict[str, int]:
         """

@@ -110,8 +110,11 @@ class _RegistryRequest(Request):
 
     def process(self) -> None:
         site = getattr(self.channel, "site", None)
-        if isinstance(site, RegistrySite) and site.observers:
-            self._observe(site)
+        if isinstance(site, RegistrySite):
+            if site.node_header is not None:
+                self.setHeader(b"X-Blobserve-Node", site.node_header)
+            if site.observers:
+                self._observe(site)
         if self.refusal is None:
             super().process()
             return
@@ -438,6 +441,8 @@ class RegistrySite(Site):
     """
 
     observers: tuple[IExchangeObserver, ...] = ()
+    #: The node's name, sent with every response as C{X-Blobserve-Node}.
+    node_header: bytes | None = None
     #: Connections dropped since start because no complete request came
     #: within the deadline: they never reach the observers.
     dropped_requests = 0
@@ -454,6 +459,7 @@ def registry_site(
     max_connections: int = 1024,
     reactor: IReactorTime | None = None,
     observers: tuple[IExchangeObserver, ...] = (),
+    node_name: str | None = None,
 ) -> WrappingFactory:
     """
     The factory serving C{resource}: a L{Site} without tracebacks in error
@@ -467,11 +473,15 @@ def registry_site(
         more is answered 503 and closed.
     @param reactor: the clock for the timeouts; the global reactor by default.
     @param observers: told of every request once its response has ended.
+    @param node_name: this node's name, sent with every response as
+        C{X-Blobserve-Node} (in a cluster, where a blob lives).
     """
     site = RegistrySite(
         resource, requestFactory=_RegistryRequest, timeout=timeout, reactor=reactor
     )
     site.observers = observers
+    if node_name is not None:
+        site.node_header = node_name.encode("ascii")
     site.displayTracebacks = False
     # A plain HTTP/1.1 channel, not Twisted's default proxy, which would swap
     # in an HTTP/2 connection (outside these bounds) if TLS negotiated h2.

@@ -36,6 +36,7 @@ class StatusResource(Resource):
         progress: ProgressSampler | None = None,
         slots: UpstreamSlots | None = None,
         cache: Callable[[], Mapping[str, int]] | None = None,
+        node: str | None = None,
     ) -> None:
         """
         @param responses: how many blob responses are in progress.
@@ -46,6 +47,7 @@ class StatusResource(Resource):
             C{"upstream_slots"}.
         @param cache: counts of requests by outcome (C{"hits"},
             C{"misses"}, C{"joins"}, C{"stale"}), shown under C{"cache"}.
+        @param node: this node's name, shown under C{"node"}.
         """
         super().__init__()
         self._store = store
@@ -55,6 +57,7 @@ class StatusResource(Resource):
         self._progress = progress
         self._slots = slots
         self._cache = cache
+        self._node = node
 
     def render_GET(self, request: Request) -> bytes:
         """
@@ -117,6 +120,8 @@ class StatusResource(Resource):
             }
         if self._cache is not None:
             status["cache"] = dict(self._cache())
+        if self._node is not None:
+            status["node"] = self._node
         return status
 
 

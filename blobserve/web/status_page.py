@@ -76,6 +76,7 @@ function show(s) {
     rows.push(tr);
   }
   document.getElementById("downloads").replaceChildren(...rows);
+  text("node", s.node || "\\u2013");
   text("responses", String(s.responses));
   const slots = s.upstream_slots;
   text("slots", slots ? slots.in_use + " of " + slots.limit + " in use, "
@@ -118,6 +119,7 @@ _PAGE = f"""<!DOCTYPE html>
 <body>
 <h1>blobserve status</h1>
 <dl>
+<dt>Node</dt><dd id="node">\u2013</dd>
 <dt>Responses in progress</dt><dd id="responses">\u2013</dd>
 <dt>Upstream slots</dt><dd id="slots">\u2013</dd>
 <dt>Store</dt><dd id="store">\u2013</dd>

@@ -454,3 +454,10 @@ def test_a_forwarded_range_is_counted_but_not_as_a_cache_outcome() -> None:
     assert 'blobserve_cache_requests_total{kind="blob",outcome="forward"} 1.0' in text
     assert 'blobserve_sent_bytes_total{outcome="forward"} 51.0' in text
     assert metrics.cache_counts() == {"hits": 0, "misses": 0, "joins": 0, "stale": 0}
+
+
+def test_the_node_says_its_name_and_version() -> None:
+    metrics = Metrics()
+    metrics.identify("cache-2", "1.2.3")
+    text = generate_latest(metrics.registry).decode()
+    assert 'blobserve_node_info{node="cache-2",version="1.2.3"} 1.0' in text

@@ -385,3 +385,27 @@ def test_the_site_logs_nothing_as_it_starts_and_stops() -> None:
         site.doStart()
         site.doStop()
     assert logged.messages() == []
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+def test_every_response_names_the_node(request_bytes: bytes) -> None:
+    factory = registry_site(
+        Hello(), timeout=TIMEOUT, reactor=MemoryReactorClock(), node_name="cache-2"
+    )
+    connection = Connection(factory)
+    connection.send(request_bytes)
+    _, _, headers, _ = oci_error(connection.received().split(b"hello")[0])
+    assert headers[b"x-blobserve-node"] == b"cache-2"
+
+
+def test_without_a_node_name_no_node_header() -> None:
+    connection = connect()
+    connection.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"x-blobserve-node" not in connection.received().lower()

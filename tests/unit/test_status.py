@@ -31,9 +31,11 @@ from blobserve.fetch.progress import (
     size_text,
 )
 from blobserve.fetch.slots import UpstreamSlots
+from blobserve.web.root import site_root
+from blobserve.web.status import StatusResource
 from blobserve.web.status_page import CONTENT_SECURITY_POLICY, PAGE
 
-from fakes import FakeResponse, LoggedEvents, run_now
+from fakes import FakeResponse, LoggedEvents, connect, run_now
 
 STATUS = "/_blobserve/status"
 OTHER = b"another blob" * 100
@@ -358,3 +360,13 @@ def test_a_download_younger_than_the_interval_gets_no_line_yet(
         " at 0 B/s, 1 client"
     ]
     assert registry.committed()
+
+
+def test_the_status_names_the_node(tmp_path: Path) -> None:
+    registry = registry_for(tmp_path, Clock())
+    status = StatusResource(registry.store, registry.table, lambda: 0, node="cache-4")
+    served = site_root(registry.resource, {b"status": status})
+    connection = connect(served)
+    connection.request("GET", "/_blobserve/status")
+    assert json.loads(connection.response()[2])["node"] == "cache-4"
+    assert b'text("node", s.node' in PAGE

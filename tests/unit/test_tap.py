@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.internet import reactor
@@ -486,13 +487,16 @@ def test_the_start_line_says_what_is_served_from_where_within_which_limits(
             "1.5",
             "--metrics-listen",
             "tcp:9102",
+            "--node-name",
+            "cache-1",
         ]
     )
     with LoggedEvents() as logged:
         makeService(options, MemoryReactor())
     [start] = [m for m in logged.messages() if m.startswith("blobserve ")]
     assert start == (
-        f"blobserve {version('blobserve')} starting: listening on tcp:5001,"
+        f"blobserve {version('blobserve')} starting as node cache-1: listening on"
+        " tcp:5001,"
         " metrics on tcp:9102;"
         " upstreams docker.io=https://registry-1.docker.io with credentials,"
         " mirror.test:5000=http://mirror.test:5000;"
@@ -792,3 +796,20 @@ def test_unusable_htpasswd_is_a_usage_error(
         htpasswd.write_text(content)
     with pytest.raises(UsageError, match="--htpasswd"):
         Options().parseOptions([f"--htpasswd={htpasswd}"])
+
+
+def test_the_node_name_goes_to_the_site_the_status_and_the_metrics(
+    tmp_path: Path,
+) -> None:
+    site, _ = sites_of(["--node-name", "cache-3"], tmp_path)
+    assert isinstance(site, RegistrySite)
+    assert site.node_header == b"cache-3"
+    assert resource_at(site, b"/_blobserve/status")._node == "cache-3"
+    [metrics] = [o for o in site.observers if isinstance(o, Metrics)]
+    assert b'blobserve_node_info{node="cache-3"' in generate_latest(metrics.registry)
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x" * 65, "caché", "a\r\nX: y"])
+def test_a_node_name_a_header_cannot_carry_is_refused(name: str) -> None:
+    with pytest.raises(UsageError, match="node name"):
+        Options().parseOptions(["--node-name", name])
