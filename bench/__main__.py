@@ -433,8 +433,8 @@ class Bench:
         """
         Three blobserve nodes behind HAProxy, as blobserve-haproxy-config
         writes it (each digest on one node) or with round robin instead:
-        C{clients} clients at once over C{blobs} uncached blobs, client n
-        fetching blob n mod C{blobs}.
+        C{clients} clients, 20 ms apart, over C{blobs} uncached blobs,
+        client n fetching blob n mod C{blobs}.
         """
         if (blobs, size) not in self.blob_sets:
             made = []
@@ -462,15 +462,17 @@ class Bench:
             balancer, url = servers.haproxy(here / "haproxy", nodes, round_robin)
             started.append(balancer)
             began = time.monotonic()
+            # The clients arrive 20 ms apart, in order: round robin then
+            # sends the clients of one blob to different nodes in every run,
+            # where threads started at once would arrive in a different order
+            # each time and make its figure vary from run to run.
             with ThreadPoolExecutor(max_workers=clients) as pool:
-                fetches = list(
-                    pool.map(
-                        lambda n: load.fetch(
-                            f"{url}/v2/bench/blobs/blobs/{chosen[n % blobs][0]}"
-                        ),
-                        range(clients),
-                    )
-                )
+                futures = []
+                for n in range(clients):
+                    time.sleep(max(0.0, began + 0.02 * n - time.monotonic()))
+                    blob_url = f"{url}/v2/bench/blobs/blobs/{chosen[n % blobs][0]}"
+                    futures.append(pool.submit(load.fetch, blob_url))
+                fetches = [f.result() for f in futures]
             last_done = max(f.started + f.done for f in fetches) - began
             time.sleep(0.2)  # nginx logs a request after its last byte
             traffic = [
