@@ -213,6 +213,26 @@ async def test_a_dead_node_loses_only_its_own_transfers_and_its_digests_move(
         if node != victim_name:
             assert after[name] == node
 
+    # Back on its port, with its store: its share returns to it, and only its.
+    revived = BlobserveProcess(
+        victim.directory,
+        victim.upstream,
+        victim.storage,
+        flags=[
+            f"--listen=tcp:{victim.port}:interface=127.0.0.1",
+            f"--upstream={victim.upstream}",
+            f"--storage={victim.storage}",
+            f"--node-name={victim_name}",
+        ],
+    )
+    cluster.nodes.append(revived)  # stopped with the others
+    await revived.start()
+    await until(
+        lambda: f"nodes/{victim_name} is UP" in cluster.haproxy.log.read_text(),
+        "HAProxy to take the node back",
+    )
+    assert await nodes_of(client, cluster, [str(d) for d in blobs]) == placed
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_node_that_joins_takes_about_its_share_of_digests(
