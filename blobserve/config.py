@@ -99,11 +99,12 @@ def upstream_url(url: str) -> str:
         user or password (which would be logged with it).
     """
     parsed = urlsplit(url)
+    if "@" in parsed.netloc:
+        # Not echoed, whatever else is wrong with it: what precedes the @
+        # is a password, or part of one.
+        raise ValueError("URLs take no user or password: give a credentials file")
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(f"needs an http(s) URL, not {url[:80]!r}")
-    if "@" in parsed.netloc:
-        # Not echoed: what precedes the @ is a password, or part of one.
-        raise ValueError("URLs take no user or password: give a credentials file")
     return url.rstrip("/")
 
 
@@ -337,11 +338,15 @@ def apply_config(options: usage.Options, config: Config, given: set[str]) -> Non
         options["upstreams"] = {
             registry: upstream.url for registry, upstream in config.upstreams.items()
         }
+        # --upstream-username gives the default upstream its credentials:
+        # then the file's for it do not count, as a flag wins over a key.
+        default = next(iter(config.upstreams), None)
+        overridden = default if "upstream-username" in given else None
         options["upstream-credentials"] = {
             **{
                 registry: upstream.credentials_file
                 for registry, upstream in config.upstreams.items()
-                if upstream.credentials_file is not None
+                if upstream.credentials_file is not None and registry != overridden
             },
             **options["upstream-credentials"],
         }

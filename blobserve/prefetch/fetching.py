@@ -283,8 +283,15 @@ class Prefetcher:
         if depth >= MAX_DEPTH:
             raise ImageFailed(f"{image}: indexes nest deeper than {MAX_DEPTH}")
         chosen = select(manifest, self.platforms)
-        if not chosen:
-            asked = ", ".join(map(str, self.platforms))
+        # Each platform asked for must be there: a rollout that needs it
+        # would find it missing on its nodes.
+        missing = [
+            p
+            for p in self.platforms
+            if not any(p.matches(d.platform) for d in manifest.descriptors)
+        ]
+        if missing:
+            asked = ", ".join(map(str, missing))
             raise ImageFailed(f"{image}: no manifest for {asked}")
         children = [
             Deferred.fromCoroutine(self._blobs_of(image, str(d.digest), depth + 1))

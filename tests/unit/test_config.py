@@ -332,3 +332,39 @@ def test_the_operations_guide_names_every_flag_and_key() -> None:
         assert re.search(rf"``--{name}[ `=]", section), name
     for key in known_keys(options):
         assert f"``{key}``" in section, key
+
+
+def test_upstream_username_wins_over_the_files_credentials_for_the_default(
+    tmp_path: Path, files: dict[str, str]
+) -> None:
+    path = write(
+        tmp_path / "blobserve.toml",
+        '[upstreams."docker.io"]\nurl = "https://registry-1.docker.io"\n'
+        f'credentials_file = "{files["credentials"]}"\n'
+        '[upstreams."ghcr.io"]\nurl = "https://ghcr.io"\n'
+        f'credentials_file = "{files["credentials"]}"\n',
+    )
+    options = Options()
+    options.parseOptions(
+        [
+            "--config",
+            path,
+            "--upstream-username",
+            "carol",
+            f"--upstream-password-file={files['password']}",
+        ]
+    )
+    credentials = options["registry-credentials"]
+    assert credentials["docker.io"].username == "carol"
+    # The other registries keep the file's.
+    assert credentials["ghcr.io"].username == "bob"
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "htps", "https"])
+def test_a_url_with_a_password_is_never_echoed(tmp_path: Path, scheme: str) -> None:
+    url = f"{scheme}://user:s3cret@registry.test"
+    path = write(tmp_path / "blobserve.toml", f'[upstreams."r"]\nurl = "{url}"\n')
+    for argv in (["--config", path], ["--upstream", url]):
+        with pytest.raises(UsageError) as refused:
+            Options().parseOptions(argv)
+        assert "s3cret" not in str(refused.value)

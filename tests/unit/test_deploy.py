@@ -161,22 +161,31 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     assert UNIT.name not in result.stdout + result.stderr, result.stderr
 
 
-def test_blobserve_reads_the_example_configuration(tmp_path: Path) -> None:
+def test_blobserve_reads_the_example_configuration_as_shipped(tmp_path: Path) -> None:
     """
-    The example is a configuration blobserve starts with, once its
-    credentials file exists: docker.io the default upstream, with it.
+    The example is a configuration blobserve starts with as it is (the
+    service installed from it starts), and with its credentials file once
+    that exists and its key is uncommented.
     """
-    credentials = tmp_path / "dockerhub.cred"
-    credentials.write_text("alice:s3cret\n")
-    text = (DEPLOY / "blobserve.toml").read_text()
-    assert text.count("/etc/blobserve/dockerhub.cred") == 3
-    example = tmp_path / "blobserve.toml"
-    example.write_text(text.replace("/etc/blobserve/dockerhub.cred", str(credentials)))
+    example = DEPLOY / "blobserve.toml"
     options = Options()
     options.parseOptions(["--config", str(example)])
     assert options["listen"] == ["tcp:5000:interface=0.0.0.0"]
     assert options["storage"] == "/var/cache/blobserve"
     assert options["max-size"] == 200 * 2**30
     assert list(options["upstreams"]) == ["docker.io", "ghcr.io"]
+    assert options["registry-credentials"] == {}
+
+    credentials = tmp_path / "dockerhub.cred"
+    credentials.write_text("alice:s3cret\n")
+    text = example.read_text()
+    key = '# credentials_file = "/etc/blobserve/dockerhub.cred"'
+    assert key in text
+    with_credentials = tmp_path / "blobserve.toml"
+    with_credentials.write_text(
+        text.replace(key, f'credentials_file = "{credentials}"')
+    )
+    options = Options()
+    options.parseOptions(["--config", str(with_credentials)])
     assert list(options["registry-credentials"]) == ["docker.io"]
     assert options["registry-credentials"]["docker.io"].password == "s3cret"

@@ -206,6 +206,17 @@ def test_a_platform_an_index_lacks_fails_the_image(server: FakeBlobserve) -> Non
     assert "error: org/app:v1: no manifest for linux/s390x" in run.errors.getvalue()
 
 
+def test_one_platform_of_several_that_an_index_lacks_fails_the_image(
+    server: FakeBlobserve,
+) -> None:
+    push(server, "v1", ["amd64"])
+    run = Run(server)
+    asked = [Platform.parse("linux/amd64"), Platform.parse("linux/s390x")]
+    summary = run("org/app:v1", platforms=asked)
+    assert (summary.images_failed, summary.ok) == (1, False)
+    assert "error: org/app:v1: no manifest for linux/s390x" in run.errors.getvalue()
+
+
 def test_a_missing_tag_fails_the_image_and_others_go_on(server: FakeBlobserve) -> None:
     digests = push(server, "v1", ["amd64"])
     run = Run(server)
