@@ -38,6 +38,7 @@ from blobserve.config import (
 )
 from blobserve.fetch.download import NO_EVENTS, Download, RetryPolicy
 from blobserve.fetch.inflight import InFlightTable
+from blobserve.fetch.layers import LayerPrefetcher
 from blobserve.fetch.progress import ProgressLines, ProgressSampler
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.ops.access import AccessLog, IExchangeObserver
@@ -182,6 +183,12 @@ class Options(usage.Options):
             "Serve no Prometheus metrics (and count nothing for them).",
         ],
         ["no-access-log", None, "Log no line per request."],
+        [
+            "prefetch-layers",
+            None,
+            "When an image manifest is served, fetch its config and layers"
+            " that the store lacks before clients ask for them (for rollouts).",
+        ],
     ]
 
     optParameters: ClassVar[list[list[Any]]] = [
@@ -859,6 +866,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])
     zero_copy = ZeroCopy(partial(self_test, reactor, reactor))
+    layers = None
+    if options["prefetch-layers"]:
+        layers = LayerPrefetcher(
+            store, downloads, slots=slots, max_size=options["max-blob-size"]
+        )
     resource = RegistryResource(
         store,
         downloads,
@@ -868,6 +880,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         client_timeout=options["client-timeout"],
         sink_for=zero_copy.sink_for,
         listings=ListingCache(reactor, ttl=options["tag-ttl"]),
+        layers=layers,
     )
     progress = ProgressSampler(downloads, reactor, resource.following)
     status = StatusResource(
@@ -967,6 +980,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     GracefulStop(
         IConnections(site), downloads, options["shutdown-grace"], reactor
     ).setServiceParent(service)
+    if layers is not None:
+        # Stopped before the downloads are: it starts no more once they stop.
+        layers.setServiceParent(service)
     # Unlike a bare StreamServerEndpointService, which only logs a failure
     # to listen and runs on without a port, this one raises it at start, and
     # twistd exits non-zero.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -48,6 +48,8 @@ class UpstreamSlots:
         self._queue_limit = queue_limit
         self._wait = wait
         self._clock = clock
+        # Who waits for a slot to be free with no download queued for it.
+        self._idle: list[Deferred[None]] = []
 
     @property
     def waiting(self) -> int:
@@ -97,6 +99,32 @@ class UpstreamSlots:
         Give a slot back to the next download waiting, if any.
         """
         self._semaphore.release()
+        if self.free:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    @property
+    def free(self) -> bool:
+        """
+        Whether a slot is free and no download waits for one: a download
+        that nobody asked for yet may take it without delaying one that a
+        client waits for.
+        """
+        return self._semaphore.tokens > 0 and not self._semaphore.waiting
+
+    def when_free(self) -> Deferred[None]:
+        """
+        Fire once L{free} is true: at once if it is, else when a slot is
+        given back and no download waits for it. Nothing is taken: the
+        caller takes a slot (with L{acquire}) in the same turn if it wants
+        one. Cancelling it stops waiting.
+        """
+        if self.free:
+            return succeed(None)
+        d: Deferred[None] = Deferred(self._idle.remove)
+        self._idle.append(d)
+        return d
 
     @property
     def _retry_after(self) -> int:

@@ -23,6 +23,7 @@ from blobserve.digest import Digest, InvalidDigest
 from blobserve.failures import why
 from blobserve.fetch.download import Landing
 from blobserve.fetch.inflight import IInFlightTable
+from blobserve.fetch.layers import LayerPrefetcher
 from blobserve.fetch.slots import QueueFull
 from blobserve.fetch.writer import BlobTooLarge, IBlobProgress
 from blobserve.ops.access import Exchange, shown_uri
@@ -218,6 +219,7 @@ class RegistryResource(Resource):
         client_timeout: float | None = None,
         sink_for: Callable[[Request], IZeroCopySink | None] = SocketSink.under,
         listings: ListingCache | None = None,
+        layers: LayerPrefetcher | None = None,
     ) -> None:
         """
         @param client_timeout: seconds a client may take no bytes of a blob
@@ -226,6 +228,8 @@ class RegistryResource(Resource):
             C{sendfile} (see L{FollowingProducer}).
         @param listings: keeps tags lists and referrers; without it, they
             are not served (404).
+        @param layers: told of each image manifest served with a C{GET}, to
+            prefetch its blobs (C{--prefetch-layers}); without it, none are.
         """
         super().__init__()
         # The blob responses in progress, and the digest of the download in
@@ -244,6 +248,7 @@ class RegistryResource(Resource):
         self._upstreams = upstreams
         self._tags = None if listings is None else TagsLists(listings)
         self._referrers = None if listings is None else Referrers(listings, manifests)
+        self._layers = layers
 
     def responses_in_progress(self) -> int:
         """
@@ -419,6 +424,9 @@ class RegistryResource(Resource):
             )
             request.write(manifest.content)
             request.finish()
+            if self._layers is not None:
+                registry, upstream = self._upstream_for(request)
+                self._layers.served(registry, upstream, name, manifest)
 
         _answer_with(request, d, send)
         return NOT_DONE_YET

@@ -83,6 +83,7 @@ def every_key(
         "log_format": '"json"',
         "no_metrics": "false",
         "no_access_log": "true",
+        "prefetch_layers": "true",
     }
     flags = [
         "--listen=tcp:5001:interface=127.0.0.1",
@@ -113,6 +114,7 @@ def every_key(
         "--partial-max-age=3600",
         "--log-format=json",
         "--no-access-log",
+        "--prefetch-layers",
     ]
     return keys, flags
 

@@ -28,6 +28,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from blobserve.digest import Digest
 from blobserve.fetch.download import Download, Landing
 from blobserve.fetch.inflight import InFlightTable
+from blobserve.fetch.layers import LayerPrefetcher
 from blobserve.fetch.progress import ProgressSampler
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.store.eviction import Evictor
@@ -79,6 +80,8 @@ class Registry:
     root: Path
     #: What the site serves: the registry and the operator's pages.
     served: IResource
+    #: Told of the manifests served, with C{prefetch_layers}.
+    layers: LayerPrefetcher | None = None
 
     def get(
         self,
@@ -111,10 +114,12 @@ def registry_for(
     store_size: int | None = None,
     cache: Callable[[], dict[str, int]] | None = None,
     run_blocking: Callable[..., Deferred[Any]] | None = None,
+    prefetch_layers: bool = False,
     **download: Any,
 ) -> Registry:
     """
-    A registry whose downloads get the options in C{download}; with
+    A registry whose downloads get the options in C{download} (and which
+    prefetches layers, with C{prefetch_layers}); with
     C{store_size}, its store has an evictor with that limit, and its status
     page says so; its status page shows the counts C{cache} gives, and the
     store's blocking work goes to C{run_blocking}.
@@ -128,8 +133,21 @@ def registry_for(
     table = InFlightTable(partial(Download, store=store, clock=clock, **download))
     upstreams = Upstreams({"docker.io": upstream, "ghcr.io": other}, "docker.io")
     manifests = ManifestCache(store, clock, ttl=60)
+    layers = None
+    if prefetch_layers:
+        layers = LayerPrefetcher(
+            store,
+            table,
+            slots=download.get("slots"),
+            max_size=download.get("max_size"),
+        )
     resource = RegistryResource(
-        store, table, manifests, upstreams, listings=ListingCache(clock, ttl=60)
+        store,
+        table,
+        manifests,
+        upstreams,
+        listings=ListingCache(clock, ttl=60),
+        layers=layers,
     )
     status = StatusResource(
         store,
@@ -141,7 +159,7 @@ def registry_for(
         cache=cache,
     )
     served = site_root(resource, {b"status": status})
-    return Registry(store, upstream, other, table, resource, tmp_path, served)
+    return Registry(store, upstream, other, table, resource, tmp_path, served, layers)
 
 
 @pytest.fixture

@@ -56,3 +56,26 @@ def test_cancelling_a_queued_acquisition_leaves_the_queue() -> None:
     assert slots.waiting == 0
     assert clock.getDelayedCalls() == []
     assert not has_fired(slots.acquire())
+
+
+def test_when_free_fires_once_a_slot_is_free_and_nobody_waits_for_one() -> None:
+    slots = UpstreamSlots(1, queue_limit=5, wait=10, clock=Clock())
+    assert has_fired(slots.when_free())
+    slots.acquire()
+    slots.acquire()
+    free = slots.when_free()
+    slots.release()
+    # The slot went to the download that waited for it.
+    assert not has_fired(free)
+    slots.release()
+    assert has_fired(free) and slots.free
+
+
+def test_cancelling_when_free_stops_waiting() -> None:
+    slots = UpstreamSlots(1, queue_limit=5, wait=10, clock=Clock())
+    slots.acquire()
+    free = slots.when_free()
+    free.cancel()
+    assert isinstance(failure_of(free).value, CancelledError)
+    slots.release()
+    assert slots.free
