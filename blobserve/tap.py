@@ -869,7 +869,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     layers = None
     if options["prefetch-layers"]:
         layers = LayerPrefetcher(
-            store, downloads, slots=slots, max_size=options["max-blob-size"]
+            store,
+            downloads,
+            slots=slots,
+            max_size=options["max-blob-size"],
+            started=(lambda: None) if metrics is None else metrics.prefetch_started,
         )
     resource = RegistryResource(
         store,

@@ -105,6 +105,7 @@ class Metrics:
     _resumes: Counter = field(init=False)
     _digest_failures: Counter = field(init=False)
     _retries_exhausted: Counter = field(init=False)
+    _prefetches: Counter = field(init=False)
     # Blob and manifest requests by cache outcome, for the status page.
     _outcomes: dict[str, int] = field(
         factory=lambda: dict.fromkeys(OUTCOMES, 0), init=False
@@ -196,6 +197,11 @@ class Metrics:
             "Downloads that failed after resuming as often as allowed.",
             registry=r,
         )
+        self._prefetches = Counter(
+            "blobserve_prefetched_blobs",
+            "Downloads started by --prefetch-layers, with no client.",
+            registry=r,
+        )
 
     def watch(self, figures: Callable[[], Figures]) -> None:
         """
@@ -267,6 +273,13 @@ class Metrics:
 
     def retries_exhausted(self, download: Download) -> None:
         self._retries_exhausted.inc()
+
+    def prefetch_started(self) -> None:
+        """
+        A download of a manifest's blob started with no client
+        (C{--prefetch-layers}).
+        """
+        self._prefetches.inc()
 
     def ended(self, download: Download, result: str, seconds: float) -> None:
         self._child(self._downloads, result).inc()

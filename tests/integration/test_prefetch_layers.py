@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 
 import pytest_twisted
+import treq
 
 from blobserve.digest import Digest
 
@@ -55,6 +56,11 @@ async def test_a_manifest_served_brings_its_blobs_in_and_a_pull_is_all_hits(
         )
         for digest in digests:
             assert relay.count("GET", f"/blobs/{digest}") == 1
+
+        metrics = await treq.text_content(
+            await treq.get(f"{server.url}/metrics", pool=client.pool)
+        )
+        assert "blobserve_prefetched_blobs_total 4.0" in metrics
 
         blobs = image.layout / "blobs" / "sha256"
         for digest in digests:

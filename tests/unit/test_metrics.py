@@ -456,6 +456,14 @@ def test_a_forwarded_range_is_counted_but_not_as_a_cache_outcome() -> None:
     assert metrics.cache_counts() == {"hits": 0, "misses": 0, "joins": 0, "stale": 0}
 
 
+def test_prefetches_started_are_counted() -> None:
+    metrics = Metrics()
+    metrics.prefetch_started()
+    metrics.prefetch_started()
+    text = generate_latest(metrics.registry).decode()
+    assert "blobserve_prefetched_blobs_total 2.0" in text
+
+
 def test_the_node_says_its_name_and_version() -> None:
     metrics = Metrics()
     metrics.identify("cache-2", "1.2.3")
