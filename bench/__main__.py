@@ -54,6 +54,22 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[index]
 
 
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _distribution(name: str, seconds: Sequence[float]) -> dict[str, float | str]:
+    """
+    C{name}'s p50, p90, p99 and maximum in milliseconds, as columns; blank
+    when there are no values.
+    """
+    points = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
+    return {
+        f"{name}_{point}_ms": _ms(percentile(seconds, fraction)) if seconds else ""
+        for point, fraction in points.items()
+    }
+
+
 class Bench:
     """
     One benchmark run: the upstream, its test blobs, and the results so far.
@@ -122,7 +138,61 @@ class Bench:
             self.failures.append(f"{what}: {len(wrong)} wrong bodies, e.g. {wrong[0]}")
         return not wrong
 
-    def cold(self, name: str, size: int, clients: int) -> None:
+    def cold(self, name: str, size: int, clients: int, kind: str = "recv") -> None:
+        """
+        C{clients} clients of C{kind} fetching one uncached blob of C{size}
+        bytes, arriving evenly over the first half of the upstream transfer.
+        """
+        fetches, head, tail = self._fan_out(
+            "cold", name, size, clients, kind, spread=size / self.rate / 2
+        )
+        first_bytes = [f.first_byte for f in fetches]
+        self.record(
+            {
+                **head,
+                "ttfb_p50_ms": _ms(percentile(first_bytes, 0.5)),
+                "ttfb_p99_ms": _ms(percentile(first_bytes, 0.99)),
+                # The first client waits for the upstream's answer; the
+                # later ones are the late joiners.
+                **_distribution("late_ttfb", first_bytes[1:]),
+                **tail,
+            }
+        )
+
+    def crowd(self, name: str, size: int, clients: int, kind: str = "recv") -> None:
+        """
+        C{clients} clients of C{kind}, all started at once, fetching one
+        uncached blob of C{size} bytes: a rollout's hundreds of nodes pulling
+        the same layer. Clients refused or cut off are counted, not raised.
+        """
+        fetches, head, tail = self._fan_out("crowd", name, size, clients, kind, 0)
+        answered = [f for f in fetches if not f.error]
+        self.record(
+            {
+                **head,
+                "connection_errors": len(fetches) - len(answered),
+                **_distribution("ttfb", [f.first_byte for f in answered]),
+                **tail,
+                "mib_per_s": round(size * len(answered) / MiB / tail["last_done_s"]),
+            }
+        )
+
+    def _fan_out(
+        self,
+        scenario: str,
+        name: str,
+        size: int,
+        clients: int,
+        kind: str,
+        spread: float,
+    ) -> tuple[list[load.Fetch], dict[str, Any], dict[str, Any]]:
+        """
+        C{clients} clients of C{kind} fetching one uncached blob of C{size}
+        bytes from a fresh C{name}, arriving evenly over C{spread} seconds:
+        their fetches, and the columns every fan-out scenario has, those to
+        put before its own and those after. Notes a failure when a body is
+        wrong or blobserve asked the upstream more than once.
+        """
         digest, sha = self.blob(size)
         transfer = size / self.rate
         with self.system(name) as (server, url, throttle):
@@ -131,49 +201,39 @@ class Bench:
             fetches = load.fetch_staggered(
                 f"{url}/v2/bench/blobs/blobs/{digest}",
                 clients,
-                spread=transfer / 2,
-                timeout=transfer * 10 + 60,
+                spread=spread,
+                timeout=transfer * 10 + 60 + clients,
+                kind=kind,
             )
             # nginx logs a request once it has sent the last byte: a moment
             # after the client may have read it.
             time.sleep(0.2)
             gets, sent = servers.upstream_traffic(throttle, digest)
-            what = f"cold {name} {size // MiB} MiB N={clients}"
+            what = f"{scenario} {name} {size // MiB} MiB N={clients} {kind}"
             if name == "blobserve" and (gets, sent) != (1, size):
                 self.failures.append(f"{what}: {gets} upstream GETs, {sent} bytes")
-            self.record(
-                {
-                    "scenario": "cold",
-                    "system": name,
-                    "size_mib": size // MiB,
-                    "clients": clients,
-                    "upstream_gets": gets,
-                    "upstream_ratio": round(sent / size, 2),
-                    "ttfb_p50_ms": round(
-                        percentile([f.first_byte for f in fetches], 0.5) * 1000, 1
-                    ),
-                    "ttfb_p99_ms": round(
-                        percentile([f.first_byte for f in fetches], 0.99) * 1000, 1
-                    ),
-                    # The first client waits for the upstream's answer; the
-                    # later ones are the late joiners.
-                    "late_ttfb_p99_ms": round(
-                        percentile([f.first_byte for f in fetches[1:]], 0.99) * 1000, 1
-                    )
-                    if clients > 1
-                    else "",
-                    "done_p50_s": round(percentile([f.done for f in fetches], 0.5), 2),
-                    "last_done_s": round(
-                        max(f.started + f.done for f in fetches) - began, 2
-                    ),
-                    "correct": self.check(what, fetches, size, sha),
-                    "peak_rss_mib": round(server.peak_rss() / MiB, 1),
-                    # Per GiB sent to the clients.
-                    "cpu_s_per_gib": round(
-                        (server.cpu_seconds() - cpu) * GiB / (size * clients), 2
-                    ),
-                }
-            )
+            head = {
+                "scenario": scenario,
+                "system": name,
+                "client_kind": kind,
+                "size_mib": size // MiB,
+                "clients": clients,
+                "upstream_gets": gets,
+                "upstream_ratio": round(sent / size, 2),
+            }
+            tail = {
+                "done_p50_s": round(percentile([f.done for f in fetches], 0.5), 2),
+                "last_done_s": round(
+                    max(f.started + f.done for f in fetches) - began, 2
+                ),
+                "correct": self.check(what, fetches, size, sha),
+                "peak_rss_mib": round(server.peak_rss() / MiB, 1),
+                # Per GiB sent to the clients.
+                "cpu_s_per_gib": round(
+                    (server.cpu_seconds() - cpu) * GiB / (size * clients), 2
+                ),
+            }
+            return fetches, head, tail
 
     def lazy(self, name: str, size: int, chunks: int, parallel: int) -> None:
         """
@@ -578,18 +638,42 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
     sizes = [int(s) * MiB for s in arguments.sizes.split(",")]
     clients = [int(n) for n in arguments.clients.split(",")]
     systems = arguments.systems.split(",")
+    kinds = arguments.client_kinds.split(",")
+    unknown = set(kinds) - set(load.CLIENTS)
+    if unknown:
+        raise SystemExit(f"unknown client kinds: {', '.join(sorted(unknown))}")
     stalled, warm_clients, seconds = 16, [8, 32], 10
     warm_size = 256 * MiB
+    crowd_size, crowd_clients, crowd_kinds = (
+        arguments.crowd_size * MiB,
+        arguments.crowd_clients,
+        kinds,
+    )
     if arguments.smoke:
         sizes, clients, stalled, warm_clients, seconds = [4 * MiB], [4], 4, [4], 1
         warm_size = 4 * MiB
+        # The crowd's clients are the other kind, so that CI runs both.
+        crowd_size, crowd_clients, crowd_kinds = MiB, 8, ["read1"]
     scenarios = arguments.scenarios.split(",")
     if "cold" in scenarios:
         for size in sizes:
             yield partial(Bench.cold, name="direct", size=size, clients=1)
             for n in clients:
-                for name in systems:
-                    yield partial(Bench.cold, name=name, size=size, clients=n)
+                for kind in kinds:
+                    for name in systems:
+                        yield partial(
+                            Bench.cold, name=name, size=size, clients=n, kind=kind
+                        )
+    if "crowd" in scenarios:
+        for kind in crowd_kinds:
+            for name in systems:
+                yield partial(
+                    Bench.crowd,
+                    name=name,
+                    size=crowd_size,
+                    clients=crowd_clients,
+                    kind=kind,
+                )
     if "lazy" in scenarios:
         chunks, parallel = (10, 4) if arguments.smoke else (100, 8)
         for name in systems:
@@ -648,6 +732,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="256,1024", help="cold blob sizes, MiB")
     parser.add_argument("--clients", default="1,8,32", help="cold fan-out clients")
     parser.add_argument(
+        "--client-kinds",
+        default="recv",
+        help=f"the kinds of client for cold and crowd, of {', '.join(load.CLIENTS)}",
+    )
+    parser.add_argument(
+        "--crowd-clients", type=int, default=256, help="clients of the crowd at once"
+    )
+    parser.add_argument(
+        "--crowd-size", type=int, default=64, help="the crowd's blob size, MiB"
+    )
+    parser.add_argument(
         "--rate", type=float, default=25, help="throttle per connection, MiB/s"
     )
     parser.add_argument(
@@ -657,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default="cold,stalled,warm,small,eviction,lazy,cluster",
+        default="cold,crowd,stalled,warm,small,eviction,lazy,cluster",
         help="the scenarios to run",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))

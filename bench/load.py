@@ -6,18 +6,21 @@ for small requests.
 A fetch is a plain HTTP/1.0 C{GET} read with C{recv_into} into one buffer and
 hashed from it: one process of those costs far less CPU than curl piped into
 a hasher, so on a small machine the clients measure the server, not
-themselves.
+themselves. The other kind of client, C{read1}, reads with C{http.client}'s
+C{read1(1 MiB)} and hashes each piece, the way the independent harness of
+issue #14 does, whose late joiners waited three times longer than C{recv}'s.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import re
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -25,6 +28,7 @@ from attrs import define
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _BUFFER = 256 * 1024
+_READ1 = 1024 * 1024
 
 
 @define
@@ -36,6 +40,8 @@ class Fetch:
     @ivar done: seconds from its start to the end of the body.
     @ivar sha256: the body's digest, or C{""} for a client that does not hash.
     @ivar started: when it started, on the monotonic clock.
+    @ivar error: why it failed to connect or to read a response (then
+        C{status} is 0), or C{""}.
     """
 
     status: int
@@ -44,6 +50,7 @@ class Fetch:
     done: float
     sha256: str
     started: float
+    error: str = ""
 
 
 def fetch(
@@ -98,12 +105,64 @@ def fetch(
     return Fetch(status, size, first_byte, done, digest, started)
 
 
+def fetch_read1(url: str, hash_body: bool = True, timeout: float = 600) -> Fetch:
+    """
+    C{GET} C{url} with C{http.client} and read the body with C{read1} of up
+    to 1 MiB at a time, hashing each piece: a client like those of the
+    harness in issue #14. Its first byte is when the status line and headers
+    have been read.
+    """
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None, url
+    started = time.monotonic()
+    hasher = hashlib.sha256() if hash_body else None
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request("GET", parts.path, headers={"Accept": "*/*"})
+        response = connection.getresponse()
+        first_byte = time.monotonic() - started
+        size = 0
+        while piece := response.read1(_READ1):
+            size += len(piece)
+            if hasher is not None:
+                hasher.update(piece)
+    finally:
+        connection.close()
+    done = time.monotonic() - started
+    digest = hasher.hexdigest() if hasher is not None else ""
+    return Fetch(response.status, size, first_byte, done, digest, started)
+
+
+#: The kinds of client a scenario can use, by name: C{recv} reads raw
+#: sockets into one buffer, C{read1} is L{fetch_read1}.
+CLIENTS: dict[str, Callable[..., Fetch]] = {"recv": fetch, "read1": fetch_read1}
+
+
+def _fetch_or_fail(kind: str, url: str, hash_body: bool, timeout: float) -> Fetch:
+    """
+    One fetch by a client of C{kind}; a connection that is refused, reset
+    or closed before a response is a L{Fetch} with status 0 and its error.
+    """
+    started = time.monotonic()
+    try:
+        return CLIENTS[kind](url, hash_body, timeout=timeout)
+    except (OSError, http.client.HTTPException) as e:
+        failed = time.monotonic() - started
+        return Fetch(0, 0, 0.0, failed, "", started, f"{type(e).__name__}: {e}")
+
+
 def fetch_staggered(
-    url: str, count: int, spread: float, timeout: float, hash_body: bool = True
+    url: str,
+    count: int,
+    spread: float,
+    timeout: float,
+    hash_body: bool = True,
+    kind: str = "recv",
 ) -> list[Fetch]:
     """
-    C{count} clients fetching C{url} at once, arriving evenly over C{spread}
-    seconds.
+    C{count} clients of C{kind} (see L{CLIENTS}) fetching C{url} at once,
+    arriving evenly over C{spread} seconds (all together when it is 0).
+    Clients that fail to connect or read come back with their error.
     """
     began = time.monotonic()
     with ThreadPoolExecutor(max_workers=count) as pool:
@@ -112,7 +171,7 @@ def fetch_staggered(
             delay = began + spread * n / count - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            futures.append(pool.submit(fetch, url, hash_body, timeout=timeout))
+            futures.append(pool.submit(_fetch_or_fail, kind, url, hash_body, timeout))
         return [f.result() for f in futures]
 
 
