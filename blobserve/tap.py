@@ -5,6 +5,7 @@ What C{twistd blobserve} runs: command-line options and the service they make.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 import sys
@@ -104,14 +105,15 @@ DEFAULT_LISTEN = "tcp:5000:interface=127.0.0.1"
 
 def _positive_float(value: str) -> float:
     number = float(value)
-    if not number > 0:
+    # (A timer of "inf" seconds never fires: no bound at all.)
+    if not (number > 0 and math.isfinite(number)):
         raise ValueError(f"must be a positive number, not {value}")
     return number
 
 
 def _seconds(value: str) -> float:
     number = float(value)
-    if not number >= 0:
+    if not (number >= 0 and math.isfinite(number)):
         raise ValueError(f"must not be negative, not {value}")
     return number
 

@@ -370,3 +370,10 @@ def test_a_url_with_a_password_is_never_echoed(tmp_path: Path, scheme: str) -> N
         with pytest.raises(UsageError) as refused:
             Options().parseOptions(argv)
         assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_an_endless_time_is_refused(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path / "blobserve.toml", f"client_timeout = {value}\n")
+    with pytest.raises(UsageError, match="client_timeout"):
+        Options().parseOptions(["--config", path])
