@@ -59,6 +59,7 @@ from blobserve.store.files import DirectoryBlobStore
 from blobserve.store.index import StoreIndex
 from blobserve.store.layout import index_path, temporary_directory
 from blobserve.store.lock import StoreLock
+from blobserve.textfile import UnreadableFile, read_text_file
 from blobserve.upstream.auth import Credentials
 from blobserve.upstream.client import (
     NO_ANSWERS,
@@ -489,12 +490,9 @@ class Options(usage.Options):
             return None
         if password_file is not None:
             try:
-                with open(password_file, encoding="utf-8") as f:
-                    password = f.read().rstrip("\r\n")
-            except OSError as e:
-                raise usage.UsageError(
-                    f"cannot read --upstream-password-file: {e.strerror}"
-                ) from None
+                password = read_text_file(password_file).rstrip("\r\n")
+            except UnreadableFile as e:
+                raise usage.UsageError(f"--upstream-password-file {e}") from None
         elif PASSWORD_VARIABLE in os.environ:
             password = os.environ[PASSWORD_VARIABLE]
         else:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from blobserve.textfile import UnreadableFile, read_text_file
 from blobserve.upstream.auth import Credentials
 
 #: The names Docker Hub goes by: a docker config.json keys its credentials
@@ -110,13 +111,9 @@ def read_credentials(path: str, names: Iterable[str]) -> Credentials:
     """
     wanted = _names(names)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(_MAX_FILE + 1)
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or "not UTF-8 text"
-        raise UnusableCredentials(f"cannot be read: {reason}") from None
-    if len(text) > _MAX_FILE:
-        raise UnusableCredentials(f"is larger than {_MAX_FILE} bytes")
+        text = read_text_file(path, _MAX_FILE)
+    except UnreadableFile as e:
+        raise UnusableCredentials(str(e)) from None
     if text.lstrip().startswith(("{", "[")):
         credentials = _from_config(text, wanted)
         if credentials is None:

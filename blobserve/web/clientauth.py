@@ -26,6 +26,7 @@ from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from blobserve.oneshot import OneShotEvent
+from blobserve.textfile import UnreadableFile, read_text_file
 from blobserve.web.resource import OCIError, write_error
 
 log = Logger()
@@ -35,9 +36,6 @@ _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 
 #: The challenge a client without (good) credentials gets.
 CHALLENGE = b'Basic realm="blobserve"'
-
-#: The most of an htpasswd file read.
-_MAX_FILE = 4 * 1024 * 1024
 
 #: Runs a blocking call away from the reactor's thread and returns its result.
 RunBlocking = Callable[..., "Deferred[Any]"]
@@ -87,13 +85,9 @@ def read_htpasswd(path: str) -> dict[str, bytes]:
     @raise UnusableHtpasswd: if it cannot be read or parsed.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(_MAX_FILE + 1)
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or "not UTF-8 text"
-        raise UnusableHtpasswd(f"cannot be read: {reason}") from None
-    if len(text) > _MAX_FILE:
-        raise UnusableHtpasswd(f"is larger than {_MAX_FILE} bytes")
+        text = read_text_file(path)
+    except UnreadableFile as e:
+        raise UnusableHtpasswd(str(e)) from None
     return parse_htpasswd(text)
 
 
