@@ -61,28 +61,6 @@ class ByteRange:
 MAX_RANGES = 64
 
 
-def parse_range(header: str | None, length: int) -> ByteRange | None:
-    """
-    The single byte range C{header} asks for in a resource of C{length} bytes,
-    or L{None} if the whole resource should be sent (no header, a unit other
-    than bytes, or several ranges).
-
-    It never raises anything else, whatever the header holds.
-
-    @raise UnsatisfiableRange: if the header asks for bytes in a malformed way,
-        or only for bytes beyond the end.
-    """
-    if header is None:
-        return None
-    unit, _, specs = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in specs:
-        return None
-    byte_range = _one(specs, length, header)
-    if byte_range is None:
-        raise UnsatisfiableRange(f"the range selects none of the {length} bytes")
-    return byte_range
-
-
 def parse_ranges(header: str | None, length: int) -> list[ByteRange] | None:
     """
     The byte ranges C{header} asks for in a resource of C{length} bytes, in
