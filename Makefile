@@ -23,8 +23,9 @@ run: $(BIN)/python
 	$(BIN)/pip install --quiet .
 	$(BIN)/twistd --nodaemon --pidfile= blobserve $(ARGS)
 
-# Only packages that are not installed are installed, and nothing installed is
-# upgraded (--no-upgrade): the machine's other software stays as it is. A
+# Only packages that are not installed are installed, and none of those named
+# here is upgraded (--no-upgrade; apt may still upgrade a library one of the
+# missing ones needs). A
 # package removed but not purged ("deinstall ok config-files") counts as
 # missing.
 debian-packages:

@@ -5,6 +5,7 @@ blobserve-config-check prints the effective settings without a password.
 """
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -377,3 +378,22 @@ def test_an_endless_time_is_refused(tmp_path: Path, value: str) -> None:
     path = write(tmp_path / "blobserve.toml", f"client_timeout = {value}\n")
     with pytest.raises(UsageError, match="client_timeout"):
         Options().parseOptions(["--config", path])
+
+
+def test_the_readmes_example_is_a_configuration_blobserve_takes(
+    tmp_path: Path, files: dict[str, str]
+) -> None:
+    readme = (Path(__file__).parents[2] / "README.rst").read_text()
+    start = readme.index("listen = [", readme.index("\nConfiguration file\n"))
+    end = readme.index("\n``listen`` is a list", start)
+    example = textwrap.dedent("    " + readme[start:end])
+    example = example.replace(
+        "/etc/blobserve/dockerhub.cred", files["credentials"]
+    ).replace("/etc/blobserve/htpasswd", files["htpasswd"])
+    options = Options()
+    options.parseOptions(["--config", write(tmp_path / "blobserve.toml", example)])
+    assert options["listen"][1] == "unix:/run/blobserve/blobserve.sock"
+    assert options["max-size"] == 200 * 2**30
+    assert (options["log-format"], options["no-access-log"]) == ("json", True)
+    assert list(options["upstreams"]) == ["docker.io", "ghcr.io"]
+    assert list(options["registry-credentials"]) == ["docker.io"]
