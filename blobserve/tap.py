@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable
@@ -102,6 +103,27 @@ DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 
 #: Where blobserve listens when no --listen is given.
 DEFAULT_LISTEN = "tcp:5000:interface=127.0.0.1"
+
+#: How many connections the kernel queues for blobserve to accept, on an
+#: endpoint whose string does not say: a rollout's nodes connect at once, and
+#: beyond Twisted's default of 50 a connection waits for a SYN retry (a
+#: second or more). As many as --max-connections allows by default; Linux
+#: caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+# Endpoint types that take a backlog= argument.
+_WITH_BACKLOG = frozenset({"tcp", "tcp6", "unix", "ssl"})
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """
+    The server endpoint string C{description}, with C{backlog=} added if it
+    is of a type that takes one and does not give it.
+    """
+    kind = re.split(r"(?<!\\):", description, maxsplit=1)[0].strip().lower()
+    if kind not in _WITH_BACKLOG or re.search(r"(?<!\\):backlog=", description):
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def _positive_float(value: str) -> float:
@@ -991,7 +1013,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # to listen and runs on without a port, this one raises it at start, and
     # twistd exits non-zero.
     for endpoint in options["listen"]:
-        strports.service(endpoint, site, reactor).setServiceParent(service)
+        strports.service(with_backlog(endpoint), site, reactor).setServiceParent(
+            service
+        )
     if options["metrics-listen"] and metrics_page is not None:
         # Within the same bounds as the registry's site, but a few
         # connections: scrapers are few.

@@ -41,6 +41,7 @@ from blobserve.store.layout import index_path
 from blobserve.store.lock import StoreLock, StoreLocked
 from blobserve.tap import (
     BCRYPT_THREADS,
+    LISTEN_BACKLOG,
     PASSWORD_VARIABLE,
     Options,
     _log_start,
@@ -50,6 +51,7 @@ from blobserve.tap import (
     makeService,
     parse_size,
     raise_descriptor_limit,
+    with_backlog,
 )
 from blobserve.upstream.auth import Credentials
 from blobserve.web.clientauth import ClientAuthGate
@@ -244,8 +246,8 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     assert len(servers) == 1
 
     service.startService()
-    port, factory, _, interface = reactor.tcpServers[0]
-    assert (port, interface) == (5555, "127.0.0.1")
+    port, factory, backlog, interface = reactor.tcpServers[0]
+    assert (port, interface, backlog) == (5555, "127.0.0.1", LISTEN_BACKLOG)
     assert isinstance(factory, WrappingFactory)
     site = factory.wrappedFactory
     assert isinstance(site, Site)
@@ -255,6 +257,44 @@ def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> N
     assert (tmp_path / "blobs").is_dir()
     assert (tmp_path / "tmp").is_dir()
     service.stopService()
+
+
+@pytest.mark.parametrize(
+    "given, listened",
+    [
+        ("tcp:5000", f"tcp:5000:backlog={LISTEN_BACKLOG}"),
+        (
+            "TCP6:80:interface=\\:\\:1",
+            f"TCP6:80:interface=\\:\\:1:backlog={LISTEN_BACKLOG}",
+        ),
+        ("unix:/run/b.sock", f"unix:/run/b.sock:backlog={LISTEN_BACKLOG}"),
+        # A path that merely contains the word is no backlog given.
+        (
+            "unix:/run/a\\:backlog=3",
+            f"unix:/run/a\\:backlog=3:backlog={LISTEN_BACKLOG}",
+        ),
+        ("tcp:5000:backlog=64", "tcp:5000:backlog=64"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_the_listen_backlog_is_raised_where_not_given(
+    given: str, listened: str
+) -> None:
+    assert with_backlog(given) == listened
+
+
+def test_a_backlog_given_is_kept(tmp_path: Path) -> None:
+    options = Options()
+    options.parseOptions(
+        ["--listen", "tcp:5555:backlog=64", "--storage", str(tmp_path)]
+    )
+    reactor = ThreadedMemoryReactor()
+    service = makeService(options, reactor)
+    service.startService()
+    try:
+        assert reactor.tcpServers[0][2] == 64
+    finally:
+        service.stopService()
 
 
 def sites_of(flags: list[str], tmp_path: Path) -> tuple[Site, dict[str, Any]]:
