@@ -9,6 +9,8 @@ a hasher, so on a small machine the clients measure the server, not
 themselves. The other kind of client, C{read1}, reads with C{http.client}'s
 C{read1(1 MiB)} and hashes each piece, the way the independent harness of
 issue #14 does, whose late joiners waited three times longer than C{recv}'s.
+A third kind, C{drain}, reads like C{recv} and only counts the bytes: what a
+server can send when its clients cost it nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from attrs import define
@@ -29,6 +32,7 @@ from attrs import define
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _BUFFER = 256 * 1024
 _READ1 = 1024 * 1024
+T = TypeVar("T")
 
 
 @define
@@ -133,9 +137,28 @@ def fetch_read1(url: str, hash_body: bool = True, timeout: float = 600) -> Fetch
     return Fetch(response.status, size, first_byte, done, digest, started)
 
 
+def fetch_drain(url: str, hash_body: bool = False, timeout: float = 600) -> Fetch:
+    """
+    C{GET} C{url} like L{fetch} and count the body's bytes without hashing
+    them, whatever C{hash_body} says: a client that costs the machine as
+    little as a client can, so that the server sets the pace. Its C{sha256}
+    is C{""}: only the status and the size of its body can be checked.
+    """
+    return fetch(url, hash_body=False, timeout=timeout)
+
+
 #: The kinds of client a scenario can use, by name: C{recv} reads raw
-#: sockets into one buffer, C{read1} is L{fetch_read1}.
-CLIENTS: dict[str, Callable[..., Fetch]] = {"recv": fetch, "read1": fetch_read1}
+#: sockets into one buffer, C{read1} is L{fetch_read1}, C{drain} is
+#: L{fetch_drain}.
+CLIENTS: dict[str, Callable[..., Fetch]] = {
+    "recv": fetch,
+    "read1": fetch_read1,
+    "drain": fetch_drain,
+}
+
+#: The kinds of client that hash what they read, whose bodies can be checked
+#: against their digest.
+HASHING = frozenset({"recv", "read1"})
 
 
 def _fetch_or_fail(kind: str, url: str, hash_body: bool, timeout: float) -> Fetch:
@@ -151,6 +174,30 @@ def _fetch_or_fail(kind: str, url: str, hash_body: bool, timeout: float) -> Fetc
         return Fetch(0, 0, 0.0, failed, "", started, f"{type(e).__name__}: {e}")
 
 
+def together(count: int, client: Callable[[int, float], T]) -> list[T]:
+    """
+    C{client(n, began)} for each C{n} below C{count}, each on a thread of its
+    own, all let go at once at C{began} (on the monotonic clock): their
+    results, in order.
+    """
+    # Every thread is started before the first client is let go: starting
+    # threads one by one while the earlier ones already read spread 256
+    # clients "at once" over four seconds, each start waiting for the GIL
+    # behind the readers.
+    go = threading.Event()
+    began = 0.0
+
+    def run(n: int) -> T:
+        go.wait()
+        return client(n, began)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(run, n) for n in range(count)]
+        began = time.monotonic()
+        go.set()
+        return [f.result() for f in futures]
+
+
 def fetch_staggered(
     url: str,
     count: int,
@@ -164,15 +211,14 @@ def fetch_staggered(
     arriving evenly over C{spread} seconds (all together when it is 0).
     Clients that fail to connect or read come back with their error.
     """
-    began = time.monotonic()
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        futures = []
-        for n in range(count):
-            delay = began + spread * n / count - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            futures.append(pool.submit(_fetch_or_fail, kind, url, hash_body, timeout))
-        return [f.result() for f in futures]
+
+    def client(n: int, began: float) -> Fetch:
+        delay = began + spread * n / count - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        return _fetch_or_fail(kind, url, hash_body, timeout)
+
+    return together(count, client)
 
 
 def fetch_for(url: str, clients: int, seconds: float) -> tuple[int, float]:
