@@ -11,6 +11,9 @@ from typing import Any
 
 from bench import load
 from bench.__main__ import (
+    IMAGE_LAYERS_MIB,
+    SMOKE_IMAGE_LAYERS_KIB,
+    MiB,
     plan,
     wrong_bodies,
 )
@@ -45,7 +48,49 @@ def steps(**overrides: Any) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def test_smoke_runs_drain_clients_in_the_crowd() -> None:
+def test_image_measures_the_floor_then_each_system_with_prefetch_beside_blobserve() -> (
+    None
+):
+    layers = tuple(m * MiB for m in IMAGE_LAYERS_MIB)
+    assert sum(layers) == 472 * MiB
+    floor = {"name": "direct", "layer_sizes": layers, "clients": 1, "kind": "recv"}
+    assert steps(systems="blobserve,nginx-cache") == [("image", floor)] + [
+        ("image", {"name": name, "layer_sizes": layers, "clients": n, "kind": "recv"})
+        for n in (2, 32)
+        for name in ("blobserve", "nginx-cache", "blobserve-prefetch")
+    ]
+
+
+def test_image_without_blobserve_runs_no_prefetching_blobserve() -> None:
+    names = [keywords["name"] for _, keywords in steps(systems="nginx-cache")]
+    assert names == ["direct", "nginx-cache", "nginx-cache"]
+
+
+def test_image_clients_hash_even_when_only_drain_clients_are_asked_for() -> None:
+    kinds = {
+        keywords["kind"]
+        for _, keywords in steps(client_kinds="drain", systems="blobserve")
+    }
+    assert kinds == {"recv"}
+
+
+def test_image_runs_once_for_each_kind_of_client_that_hashes() -> None:
+    floors = [
+        keywords["kind"]
+        for _, keywords in steps(client_kinds="recv,read1,drain", systems="blobserve")
+        if keywords["name"] == "direct"
+    ]
+    assert floors == ["recv", "read1"]
+
+
+def test_smoke_pulls_a_tiny_image_with_two_clients_and_runs_drain_in_the_crowd() -> (
+    None
+):
+    image = steps(smoke=True, systems="blobserve", scenarios="image")
+    assert {keywords["layer_sizes"] for _, keywords in image} == {
+        tuple(k * 1024 for k in SMOKE_IMAGE_LAYERS_KIB)
+    }
+    assert {keywords["clients"] for _, keywords in image} == {1, 2}
     crowd = steps(smoke=True, systems="blobserve", scenarios="crowd")
     assert [keywords["kind"] for _, keywords in crowd] == ["read1", "drain"]
 
