@@ -42,10 +42,36 @@ CACHES: dict[str, Callable[[Path, str], tuple[servers.Server, str]]] = {
     "blobserve-quiet": lambda here, upstream: servers.blobserve(
         here, upstream, "--no-metrics", "--no-access-log"
     ),
+    # blobserve fetching an image's layers as soon as its manifest is served;
+    # the image scenario runs it beside "blobserve".
+    "blobserve-prefetch": lambda here, upstream: servers.blobserve(
+        here, upstream, "--prefetch-layers"
+    ),
 }
 
 #: The systems a run compares unless told otherwise.
 DEFAULT_SYSTEMS = ("blobserve", "registry-proxy", "nginx-cache")
+
+#: The image scenario's layers, in the manifest's order: the big ones last,
+#: as in most images; 472 MiB in all. The smoke run's are 64 to 512 KiB.
+IMAGE_LAYERS_MIB = (4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 96, 128)
+SMOKE_IMAGE_LAYERS_KIB = (64, 64, 96, 96, 128, 128, 192, 192, 256, 256, 384, 512)
+IMAGE = "bench/image"
+
+
+def wrong_bodies(
+    fetches: Sequence[load.Fetch], size: int, sha: str
+) -> list[load.Fetch]:
+    """
+    The fetches whose answer was not a 200 with C{size} bytes hashing to
+    C{sha}; of a client that does not hash (its C{sha256} is C{""}), only the
+    status and size are checked.
+    """
+    return [
+        f
+        for f in fetches
+        if f.status != 200 or f.size != size or (f.sha256 and f.sha256 != sha)
+    ]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -83,6 +109,9 @@ class Bench:
         self.upstream, self.upstream_url = servers.registry(workdir / "upstream")
         self.blobs: dict[int, tuple[str, str]] = {}
         self.blob_sets: dict[tuple[int, int], list[tuple[str, str]]] = {}
+        self.images: dict[tuple[int, ...], list[tuple[str, int]]] = {}
+        #: The image scenario's floor by client kind: see L{image}.
+        self.image_floors: dict[str, float] = {}
         self._scenario = 0
 
     def blob(self, size: int) -> tuple[str, str]:
@@ -131,9 +160,7 @@ class Bench:
         print(json.dumps(result), flush=True)
 
     def check(self, what: str, fetches: list[load.Fetch], size: int, sha: str) -> bool:
-        wrong = [
-            f for f in fetches if f.status != 200 or f.size != size or f.sha256 != sha
-        ]
+        wrong = wrong_bodies(fetches, size, sha)
         if wrong:
             self.failures.append(f"{what}: {len(wrong)} wrong bodies, e.g. {wrong[0]}")
         return not wrong
@@ -216,6 +243,9 @@ class Bench:
                 "scenario": scenario,
                 "system": name,
                 "client_kind": kind,
+                # Whether "correct" checked the bodies' digests too, or only
+                # their status and size.
+                "hashed": kind in load.HASHING,
                 "size_mib": size // MiB,
                 "clients": clients,
                 "upstream_gets": gets,
@@ -234,6 +264,120 @@ class Bench:
                 ),
             }
             return fetches, head, tail
+
+    def image_blobs(self, layer_sizes: tuple[int, ...]) -> list[tuple[str, int]]:
+        """
+        An image of random, incompressible layers of C{layer_sizes} bytes in
+        the upstream as C{bench/image:v1}, with its config and OCI manifest:
+        the digest and size of its config, then of each layer, in the
+        manifest's order.
+        """
+        if layer_sizes not in self.images:
+            layers = [
+                (servers.push_blob(self.upstream_url, IMAGE, os.urandom(size)), size)
+                for size in layer_sizes
+            ]
+            config = json.dumps(
+                {
+                    "architecture": "amd64",
+                    "os": "linux",
+                    "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]},
+                }
+            ).encode()
+            blobs = [(servers.push_blob(self.upstream_url, IMAGE, config), len(config))]
+            blobs += layers
+            servers.push_image_manifest(
+                self.upstream_url, IMAGE, "v1", blobs[0], blobs[1:]
+            )
+            self.images[layer_sizes] = blobs
+        return self.images[layer_sizes]
+
+    def image(
+        self, name: str, layer_sizes: tuple[int, ...], clients: int, kind: str
+    ) -> None:
+        """
+        C{clients} clients of C{kind} pulling one uncached image of layers
+        of C{layer_sizes} bytes at once, the way containerd does (see
+        L{load.pull_image}), every body hashed. C{direct} is the floor
+        instead: one client fetching the config and every layer at once
+        straight from the throttle, each over its own connection, the time
+        the upstream needs to deliver each blob once; the other systems'
+        rows are compared with the last floor measured for C{kind}. Notes a
+        failure when a body is wrong or blobserve asked the upstream for a
+        blob more than once.
+        """
+        blobs = self.image_blobs(layer_sizes)
+        total = sum(size for _, size in blobs)
+        timeout = max(layer_sizes) / self.rate * 10 + 60 + clients
+        with self.system(name) as (server, url, throttle):
+            cpu = server.cpu_seconds()
+            began = time.monotonic()
+            if name == "direct":
+                urls = [f"{url}/v2/{IMAGE}/blobs/{digest}" for digest, _ in blobs]
+                fetches = load.fetch_together(urls, timeout, kind)
+                pulls = [
+                    load.Pull(
+                        [(d, f) for (d, _), f in zip(blobs, fetches, strict=True)],
+                        began,
+                        max(f.started + f.done for f in fetches) - began,
+                    )
+                ]
+            else:
+                pulls = load.pull_together(url, IMAGE, "v1", clients, timeout, kind)
+            last_done = max(p.started + p.done for p in pulls) - began
+            time.sleep(0.2)  # nginx logs a request once its last byte went
+            traffic = [servers.upstream_traffic(throttle, d) for d, _ in blobs]
+            what = f"image {name} N={clients} {kind}"
+            wrong = [p.error for p in pulls if p.error]
+            wrong += [
+                f"{digest}: {f}"
+                for p in pulls
+                if not p.error
+                for digest, f in p.blobs
+                if wrong_bodies([f], dict(blobs).get(digest, -1), digest[7:])
+            ]
+            wrong += [
+                f"pulled {[d for d, _ in p.blobs]}"
+                for p in pulls
+                if not p.error and [d for d, _ in p.blobs] != [d for d, _ in blobs]
+            ]
+            if wrong:
+                self.failures.append(f"{what}: {len(wrong)} wrong, e.g. {wrong[0]}")
+            refetched = [
+                (digest, gets, sent)
+                for (digest, size), (gets, sent) in zip(blobs, traffic, strict=True)
+                if (gets, sent) != (1, size)
+            ]
+            if name.startswith("blobserve") and refetched:
+                self.failures.append(
+                    f"{what}: blobs fetched other than once from the upstream"
+                    f" (digest, GETs, bytes): {refetched}"
+                )
+            if name == "direct":
+                self.image_floors[kind] = last_done
+            floor = self.image_floors.get(kind)
+            self.record(
+                {
+                    "scenario": "image",
+                    "system": name,
+                    "client_kind": kind,
+                    "clients": clients,
+                    "image_mib": round(total / MiB, 1),
+                    "last_done_s": round(last_done, 2),
+                    "done_p50_s": round(percentile([p.done for p in pulls], 0.5), 2),
+                    "floor_s": round(floor, 2) if floor else "",
+                    "vs_floor": round(last_done / floor, 2) if floor else "",
+                    "upstream_gets": sum(g for g, _ in traffic),
+                    "max_gets_per_blob": max(g for g, _ in traffic),
+                    "upstream_ratio": round(sum(s for _, s in traffic) / total, 2),
+                    "correct": not wrong,
+                    "peak_rss_mib": round(server.peak_rss() / MiB, 1),
+                    # Per GiB sent to the clients.
+                    "cpu_s_per_gib": round(
+                        (server.cpu_seconds() - cpu) * GiB / (total * clients), 2
+                    ),
+                }
+            )
 
     def lazy(self, name: str, size: int, chunks: int, parallel: int) -> None:
         """
@@ -653,7 +797,7 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
         sizes, clients, stalled, warm_clients, seconds = [4 * MiB], [4], 4, [4], 1
         warm_size = 4 * MiB
         # The crowd's clients are the other kind, so that CI runs both.
-        crowd_size, crowd_clients, crowd_kinds = MiB, 8, ["read1"]
+        crowd_size, crowd_clients, crowd_kinds = MiB, 8, ["read1", "drain"]
     scenarios = arguments.scenarios.split(",")
     if "cold" in scenarios:
         for size in sizes:
@@ -674,6 +818,8 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
                     clients=crowd_clients,
                     kind=kind,
                 )
+    if "image" in scenarios:
+        yield from _image_plan(arguments, systems, kinds)
     if "lazy" in scenarios:
         chunks, parallel = (10, 4) if arguments.smoke else (100, 8)
         for name in systems:
@@ -726,6 +872,32 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
             )
 
 
+def _image_plan(
+    arguments: argparse.Namespace, systems: list[str], kinds: list[str]
+) -> Iterator[Callable[[Bench], None]]:
+    """
+    The image scenario's steps: for each kind of client that hashes (C{recv}
+    when none of C{kinds} does), the floor, then each number of clients on
+    each system, with blobserve-prefetch beside blobserve.
+    """
+    if arguments.smoke:
+        layers, clients = tuple(k * 1024 for k in SMOKE_IMAGE_LAYERS_KIB), [2]
+    else:
+        layers = tuple(m * MiB for m in IMAGE_LAYERS_MIB)
+        clients = [int(n) for n in arguments.image_clients.split(",")]
+    if "blobserve" in systems and "blobserve-prefetch" not in systems:
+        systems = [*systems, "blobserve-prefetch"]
+    for kind in [k for k in kinds if k in load.HASHING] or ["recv"]:
+        yield partial(
+            Bench.image, name="direct", layer_sizes=layers, clients=1, kind=kind
+        )
+        for n in clients:
+            for name in systems:
+                yield partial(
+                    Bench.image, name=name, layer_sizes=layers, clients=n, kind=kind
+                )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="a tiny run, for CI")
@@ -743,6 +915,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--crowd-size", type=int, default=64, help="the crowd's blob size, MiB"
     )
     parser.add_argument(
+        "--image-clients",
+        default="2,32",
+        help="the image scenario's numbers of clients pulling at once",
+    )
+    parser.add_argument(
         "--rate", type=float, default=25, help="throttle per connection, MiB/s"
     )
     parser.add_argument(
@@ -752,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default="cold,crowd,stalled,warm,small,eviction,lazy,cluster",
+        default="cold,crowd,image,stalled,warm,small,eviction,lazy,cluster",
         help="the scenarios to run",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))

@@ -9,26 +9,44 @@ a hasher, so on a small machine the clients measure the server, not
 themselves. The other kind of client, C{read1}, reads with C{http.client}'s
 C{read1(1 MiB)} and hashes each piece, the way the independent harness of
 issue #14 does, whose late joiners waited three times longer than C{recv}'s.
+A third kind, C{drain}, reads like C{recv} and only counts the bytes: what a
+server can send when its clients cost it nothing. L{pull_image} pulls a whole
+image the way containerd does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import re
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from attrs import define
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+#: What containerd accepts when it resolves a tag.
+IMAGE_ACCEPT = ", ".join(
+    [
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        OCI_MANIFEST,
+        "application/vnd.oci.image.index.v1+json",
+    ]
+)
+#: How many layers containerd fetches at once for one pull.
+LAYERS_AT_ONCE = 3
 _BUFFER = 256 * 1024
 _READ1 = 1024 * 1024
+T = TypeVar("T")
 
 
 @define
@@ -133,9 +151,28 @@ def fetch_read1(url: str, hash_body: bool = True, timeout: float = 600) -> Fetch
     return Fetch(response.status, size, first_byte, done, digest, started)
 
 
+def fetch_drain(url: str, hash_body: bool = False, timeout: float = 600) -> Fetch:
+    """
+    C{GET} C{url} like L{fetch} and count the body's bytes without hashing
+    them, whatever C{hash_body} says: a client that costs the machine as
+    little as a client can, so that the server sets the pace. Its C{sha256}
+    is C{""}: only the status and the size of its body can be checked.
+    """
+    return fetch(url, hash_body=False, timeout=timeout)
+
+
 #: The kinds of client a scenario can use, by name: C{recv} reads raw
-#: sockets into one buffer, C{read1} is L{fetch_read1}.
-CLIENTS: dict[str, Callable[..., Fetch]] = {"recv": fetch, "read1": fetch_read1}
+#: sockets into one buffer, C{read1} is L{fetch_read1}, C{drain} is
+#: L{fetch_drain}.
+CLIENTS: dict[str, Callable[..., Fetch]] = {
+    "recv": fetch,
+    "read1": fetch_read1,
+    "drain": fetch_drain,
+}
+
+#: The kinds of client that hash what they read, whose bodies can be checked
+#: against their digest.
+HASHING = frozenset({"recv", "read1"})
 
 
 def _fetch_or_fail(kind: str, url: str, hash_body: bool, timeout: float) -> Fetch:
@@ -151,6 +188,30 @@ def _fetch_or_fail(kind: str, url: str, hash_body: bool, timeout: float) -> Fetc
         return Fetch(0, 0, 0.0, failed, "", started, f"{type(e).__name__}: {e}")
 
 
+def together(count: int, client: Callable[[int, float], T]) -> list[T]:
+    """
+    C{client(n, began)} for each C{n} below C{count}, each on a thread of its
+    own, all let go at once at C{began} (on the monotonic clock): their
+    results, in order.
+    """
+    # Every thread is started before the first client is let go: starting
+    # threads one by one while the earlier ones already read spread 256
+    # clients "at once" over four seconds, each start waiting for the GIL
+    # behind the readers.
+    go = threading.Event()
+    began = 0.0
+
+    def run(n: int) -> T:
+        go.wait()
+        return client(n, began)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(run, n) for n in range(count)]
+        began = time.monotonic()
+        go.set()
+        return [f.result() for f in futures]
+
+
 def fetch_staggered(
     url: str,
     count: int,
@@ -164,15 +225,83 @@ def fetch_staggered(
     arriving evenly over C{spread} seconds (all together when it is 0).
     Clients that fail to connect or read come back with their error.
     """
-    began = time.monotonic()
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        futures = []
-        for n in range(count):
-            delay = began + spread * n / count - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            futures.append(pool.submit(_fetch_or_fail, kind, url, hash_body, timeout))
-        return [f.result() for f in futures]
+
+    def client(n: int, began: float) -> Fetch:
+        delay = began + spread * n / count - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        return _fetch_or_fail(kind, url, hash_body, timeout)
+
+    return together(count, client)
+
+
+def fetch_together(urls: Sequence[str], timeout: float, kind: str) -> list[Fetch]:
+    """
+    One client of C{kind} for each of C{urls}, all at once, each on its own
+    connection: their fetches, in the order of C{urls}.
+    """
+    return together(
+        len(urls), lambda n, _: _fetch_or_fail(kind, urls[n], True, timeout)
+    )
+
+
+@define
+class Pull:
+    """
+    One client's pull of one image.
+
+    @ivar blobs: the config's digest and fetch, then each layer's, in the
+        manifest's order; empty when the manifest could not be had.
+    @ivar started: when it started, on the monotonic clock.
+    @ivar done: seconds from its start to the end of its last body.
+    @ivar error: why the manifest could not be had or read, or C{""}.
+    """
+
+    blobs: list[tuple[str, Fetch]]
+    started: float
+    done: float
+    error: str = ""
+
+
+def pull_image(url: str, name: str, tag: str, timeout: float, kind: str) -> Pull:
+    """
+    Pull the image C{name:tag} from the registry at C{url} the way containerd
+    does: the manifest by tag, then its config, then its layers in the
+    manifest's order, L{LAYERS_AT_ONCE} at a time, each read by a client of
+    C{kind} on its own connection. A manifest that cannot be had or is not
+    an image manifest is a L{Pull} with no blobs and its error.
+    """
+    started = time.monotonic()
+    request = urllib.request.Request(
+        f"{url}/v2/{name}/manifests/{tag}", headers={"Accept": IMAGE_ACCEPT}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            manifest = json.load(response)
+        config = manifest["config"]["digest"]
+        layers = [layer["digest"] for layer in manifest["layers"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        failed = time.monotonic() - started
+        return Pull([], started, failed, f"manifest: {type(e).__name__}: {e}")
+    blob = f"{url}/v2/{name}/blobs/"
+    fetched = [(config, _fetch_or_fail(kind, blob + config, True, timeout))]
+    with ThreadPoolExecutor(max_workers=LAYERS_AT_ONCE) as pool:
+        fetched += zip(
+            layers,
+            pool.map(lambda d: _fetch_or_fail(kind, blob + d, True, timeout), layers),
+            strict=True,
+        )
+    return Pull(fetched, started, time.monotonic() - started)
+
+
+def pull_together(
+    url: str, name: str, tag: str, clients: int, timeout: float, kind: str
+) -> list[Pull]:
+    """
+    C{clients} clients pulling C{name:tag} from C{url} at once (see
+    L{pull_image}).
+    """
+    return together(clients, lambda *_: pull_image(url, name, tag, timeout, kind))
 
 
 def fetch_for(url: str, clients: int, seconds: float) -> tuple[int, float]:

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from blobserve.cluster import BALANCE_BY_SHARD, haproxy_config
@@ -149,21 +150,42 @@ def push_manifest(registry_url: str, name: str, tag: str, layer: bytes) -> str:
     Push a one-layer OCI image manifest as C{name:tag}; return its digest.
     """
     config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    return push_image_manifest(
+        registry_url,
+        name,
+        tag,
+        (push_blob(registry_url, name, config), len(config)),
+        [(push_blob(registry_url, name, layer), len(layer))],
+    )
+
+
+def push_image_manifest(
+    registry_url: str,
+    name: str,
+    tag: str,
+    config: tuple[str, int],
+    layers: Sequence[tuple[str, int]],
+) -> str:
+    """
+    Push an OCI image manifest as C{name:tag} naming C{config} and C{layers}
+    (each a digest and size, already pushed); return its digest.
+    """
     manifest = json.dumps(
         {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {
                 "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": push_blob(registry_url, name, config),
-                "size": len(config),
+                "digest": config[0],
+                "size": config[1],
             },
             "layers": [
                 {
                     "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": push_blob(registry_url, name, layer),
-                    "size": len(layer),
+                    "digest": digest,
+                    "size": size,
                 }
+                for digest, size in layers
             ],
         }
     ).encode()

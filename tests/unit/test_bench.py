@@ -1,0 +1,148 @@
+"""
+The benchmark's plan of steps for its flags, and how it judges a body: no
+servers are started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from bench import load
+from bench.__main__ import (
+    IMAGE_LAYERS_MIB,
+    SMOKE_IMAGE_LAYERS_KIB,
+    MiB,
+    plan,
+    wrong_bodies,
+)
+
+
+def arguments(**overrides: Any) -> argparse.Namespace:
+    """
+    The flags of C{python -m bench} at their defaults, but for C{overrides}.
+    """
+    defaults: dict[str, Any] = {
+        "smoke": False,
+        "sizes": "256,1024",
+        "clients": "1,8,32",
+        "client_kinds": "recv",
+        "crowd_clients": 256,
+        "crowd_size": 64,
+        "image_clients": "2,32",
+        "systems": "blobserve,registry-proxy,nginx-cache",
+        "scenarios": "image",
+    }
+    return argparse.Namespace(**{**defaults, **overrides})
+
+
+def steps(**overrides: Any) -> list[tuple[str, dict[str, Any]]]:
+    """
+    The steps C{plan} yields for the flags: each one's method name and
+    keyword arguments.
+    """
+    return [
+        (step.func.__name__, step.keywords)  # type: ignore[attr-defined]
+        for step in plan(arguments(**overrides))
+    ]
+
+
+def test_image_measures_the_floor_then_each_system_with_prefetch_beside_blobserve() -> (
+    None
+):
+    layers = tuple(m * MiB for m in IMAGE_LAYERS_MIB)
+    assert sum(layers) == 472 * MiB
+    floor = {"name": "direct", "layer_sizes": layers, "clients": 1, "kind": "recv"}
+    assert steps(systems="blobserve,nginx-cache") == [("image", floor)] + [
+        ("image", {"name": name, "layer_sizes": layers, "clients": n, "kind": "recv"})
+        for n in (2, 32)
+        for name in ("blobserve", "nginx-cache", "blobserve-prefetch")
+    ]
+
+
+def test_image_without_blobserve_runs_no_prefetching_blobserve() -> None:
+    names = [keywords["name"] for _, keywords in steps(systems="nginx-cache")]
+    assert names == ["direct", "nginx-cache", "nginx-cache"]
+
+
+def test_image_clients_hash_even_when_only_drain_clients_are_asked_for() -> None:
+    kinds = {
+        keywords["kind"]
+        for _, keywords in steps(client_kinds="drain", systems="blobserve")
+    }
+    assert kinds == {"recv"}
+
+
+def test_image_runs_once_for_each_kind_of_client_that_hashes() -> None:
+    floors = [
+        keywords["kind"]
+        for _, keywords in steps(client_kinds="recv,read1,drain", systems="blobserve")
+        if keywords["name"] == "direct"
+    ]
+    assert floors == ["recv", "read1"]
+
+
+def test_smoke_pulls_a_tiny_image_with_two_clients_and_runs_drain_in_the_crowd() -> (
+    None
+):
+    image = steps(smoke=True, systems="blobserve", scenarios="image")
+    assert {keywords["layer_sizes"] for _, keywords in image} == {
+        tuple(k * 1024 for k in SMOKE_IMAGE_LAYERS_KIB)
+    }
+    assert {keywords["clients"] for _, keywords in image} == {1, 2}
+    crowd = steps(smoke=True, systems="blobserve", scenarios="crowd")
+    assert [keywords["kind"] for _, keywords in crowd] == ["read1", "drain"]
+
+
+def test_cold_and_crowd_run_every_kind_of_client_asked_for() -> None:
+    planned = steps(
+        client_kinds="recv,read1,drain",
+        systems="blobserve",
+        scenarios="cold,crowd",
+        sizes="64",
+        clients="8",
+    )
+    assert [(name, keywords.get("kind")) for name, keywords in planned] == [
+        ("cold", None),  # the direct fetch, the floor
+        ("cold", "recv"),
+        ("cold", "read1"),
+        ("cold", "drain"),
+        ("crowd", "recv"),
+        ("crowd", "read1"),
+        ("crowd", "drain"),
+    ]
+
+
+def fetch(status: int = 200, size: int = 10, sha256: str = "ab") -> load.Fetch:
+    return load.Fetch(status, size, 0.0, 1.0, sha256, 0.0)
+
+
+def test_a_body_that_was_not_hashed_is_judged_by_its_status_and_size() -> None:
+    drained = fetch(sha256="")
+    short, refused = fetch(size=9, sha256=""), fetch(status=0, size=0, sha256="")
+    assert wrong_bodies([drained, short, refused], 10, "ab") == [short, refused]
+
+
+def test_a_hashed_body_must_match_the_digest() -> None:
+    right, other = fetch(), fetch(sha256="cd")
+    assert wrong_bodies([right, other], 10, "ab") == [other]
+
+
+def test_drain_is_a_client_kind_that_does_not_hash() -> None:
+    assert "drain" in load.CLIENTS
+    assert "drain" not in load.HASHING
+    assert set(load.CLIENTS) > load.HASHING
+
+
+def test_clients_together_are_all_let_go_once_every_thread_has_started() -> None:
+    seen: list[tuple[int, float, float]] = []
+
+    def client(n: int, began: float) -> int:
+        seen.append((n, began, time.monotonic()))
+        return n * n
+
+    assert load.together(64, client) == [n * n for n in range(64)]
+    let_go = {began for _, began, _ in seen}
+    assert len(let_go) == 1
+    assert all(ran >= began > 0 for _, began, ran in seen)
