@@ -31,7 +31,8 @@ from blobserve.upstream.client import IUpstream, Manifest
 
 log = Logger()
 
-#: How many prefetched downloads run at once, at most.
+#: How many prefetched downloads run at once, at most, when there is no
+#: bound on upstream slots.
 AT_ONCE = 2
 
 #: How many blobs may wait to be prefetched; more are not prefetched (a
@@ -66,8 +67,12 @@ class LayerPrefetcher(Service):
     to the store.
 
     It yields to downloads clients wait for: at most C{at_once} prefetches
-    run at a time, the rest wait in order, and one starts only when an
-    upstream slot is free and no other download waits for one. Blobs the
+    run at a time (by default half the upstream slots), the rest wait, and
+    one starts only when an upstream slot is free and no other download
+    waits for one. The blobs of a manifest are prefetched largest first: a
+    client asks for an image's blobs in the manifest's order, a few at a
+    time, so the small ones it asks for first get downloads of their own at
+    once, and the image is pulled when its largest layer has landed. Blobs the
     store holds, blobs in flight, foreign (non-distributable) layers and
     blobs declared larger than C{max_size} are not prefetched. Once stopped,
     it starts no more.
@@ -79,17 +84,22 @@ class LayerPrefetcher(Service):
         downloads: IInFlightTable,
         slots: UpstreamSlots | None = None,
         max_size: int | None = None,
-        at_once: int = AT_ONCE,
+        at_once: int | None = None,
         queue_limit: int = QUEUE_LIMIT,
         started: Callable[[], object] = lambda: None,
     ) -> None:
         """
+        @param at_once: how many prefetches may run at once; by default half
+            of C{slots} (at least one), leaving the other half to downloads
+            clients ask for, or L{AT_ONCE} without slots.
         @param started: called for each prefetch started (for the metrics).
         """
         self._store = store
         self._downloads = downloads
         self._slots = slots
         self._max_size = max_size
+        if at_once is None:
+            at_once = AT_ONCE if slots is None else max(1, slots.limit // 2)
         self._at_once = at_once
         self._queue_limit = queue_limit
         self._started = started
@@ -129,7 +139,8 @@ class LayerPrefetcher(Service):
             return
         if parsed.is_index:
             return
-        for descriptor in parsed.descriptors:
+        largest_first = sorted(parsed.descriptors, key=lambda d: -d.size)
+        for descriptor in largest_first:
             digest = descriptor.digest
             if (
                 not distributable(descriptor)

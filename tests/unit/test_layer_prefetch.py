@@ -103,25 +103,47 @@ def test_a_manifest_served_starts_downloads_of_the_blobs_neither_held_nor_in_fli
         media_type=media_type,
     )
     serve(registry, content, media_type)
+    # Largest first.
     assert fetched(registry) == [
         Digest.of(LAYER_B),
-        Digest.of(CONFIG),
         Digest.of(LAYER_C),
+        Digest.of(CONFIG),
     ]
     assert all(name == "library/busybox" for name, _, _ in registry.upstream.fetches)
 
 
-def test_at_most_two_prefetches_run_at_once_the_rest_in_order(
+def test_without_slots_two_prefetches_run_at_once_largest_first(
     registry: Registry,
 ) -> None:
-    serve(registry, image(descriptor(LAYER_A), descriptor(LAYER_B)))
-    assert fetched(registry) == [Digest.of(CONFIG), Digest.of(LAYER_A)]
+    serve(registry, image(descriptor(LAYER_A), descriptor(LAYER_C)))
+    assert fetched(registry) == [Digest.of(LAYER_C), Digest.of(LAYER_A)]
     deliver(registry, Digest.of(LAYER_A), LAYER_A)
     assert fetched(registry) == [
-        Digest.of(CONFIG),
+        Digest.of(LAYER_C),
         Digest.of(LAYER_A),
-        Digest.of(LAYER_B),
+        Digest.of(CONFIG),
     ]
+
+
+@pytest.mark.parametrize("concurrency", [2, 4, 7])
+def test_prefetches_take_at_most_half_the_upstream_slots_largest_first(
+    tmp_path: Path, concurrency: int
+) -> None:
+    clock = Clock()
+    slots = UpstreamSlots(concurrency, 10, 30.0, clock)
+    registry = registry_for(tmp_path, clock, prefetch_layers=True, slots=slots)
+    layers = [bytes([n]) * (1000 + 100 * n) for n in range(8)]
+    serve(registry, image(*(descriptor(layer) for layer in layers)))
+    share = concurrency // 2
+    by_size = [Digest.of(layer) for layer in reversed(layers)]
+    assert fetched(registry) == by_size[:share]
+    assert slots.taken == share
+    # The other half is left to clients: one asking for a blob gets a slot.
+    registry.get(f"/v2/library/busybox/blobs/{Digest.of(LAYER_B)}")
+    assert fetched(registry)[-1] == Digest.of(LAYER_B)
+    # One prefetch ending lets the next largest start.
+    deliver(registry, by_size[0], layers[-1])
+    assert fetched(registry)[-1] == by_size[share]
 
 
 @pytest.mark.parametrize(
@@ -240,7 +262,7 @@ def test_a_stopped_prefetcher_starts_no_more(registry: Registry) -> None:
     serve(registry, image(descriptor(LAYER_A), descriptor(LAYER_B)))
     assert registry.layers is not None
     registry.layers.stopService()
-    deliver(registry, Digest.of(CONFIG), CONFIG)
-    assert fetched(registry) == [Digest.of(CONFIG), Digest.of(LAYER_A)]
+    deliver(registry, Digest.of(LAYER_B), LAYER_B)
+    assert fetched(registry) == [Digest.of(LAYER_B), Digest.of(LAYER_A)]
     serve(registry, image(descriptor(LAYER_C)), path=TAG_PATH + "2")
     assert Digest.of(LAYER_C) not in fetched(registry)
