@@ -486,6 +486,52 @@ class Bench:
             self._throughput(name, server, blob_url, size, clients, seconds)
 
     def warm_nginx(self, size: int, clients: int, seconds: float) -> None:
+        with self.static_nginx(size) as (server, url):
+            self._throughput("nginx-static", server, url, size, clients, seconds)
+
+    def crowd_nginx(self, size: int, clients: int, kind: str) -> None:
+        """
+        The crowd's clients, all at once, fetching the crowd's blob from
+        nginx serving it as a file: what serving alone costs, with nothing
+        to wait for upstream.
+        """
+        _, sha = self.blob(size)
+        with self.static_nginx(size) as (server, url):
+            cpu = server.cpu_seconds()
+            began = time.monotonic()
+            fetches = load.fetch_staggered(
+                url, clients, spread=0, timeout=60 + clients, kind=kind
+            )
+            last_done = max(f.started + f.done for f in fetches) - began
+            answered = [f for f in fetches if not f.error]
+            what = f"crowd nginx-static {size // MiB} MiB N={clients} {kind}"
+            self.record(
+                {
+                    "scenario": "crowd",
+                    "system": "nginx-static",
+                    "client_kind": kind,
+                    "hashed": kind in load.HASHING,
+                    "size_mib": size // MiB,
+                    "clients": clients,
+                    "connection_errors": len(fetches) - len(answered),
+                    **_distribution("ttfb", [f.first_byte for f in answered]),
+                    "done_p50_s": round(percentile([f.done for f in fetches], 0.5), 2),
+                    "last_done_s": round(last_done, 2),
+                    "correct": self.check(what, fetches, size, sha),
+                    "peak_rss_mib": round(server.peak_rss() / MiB, 1),
+                    "cpu_s_per_gib": round(
+                        (server.cpu_seconds() - cpu) * GiB / (size * clients), 2
+                    ),
+                    "mib_per_s": round(size * len(answered) / MiB / last_done),
+                }
+            )
+
+    @contextmanager
+    def static_nginx(self, size: int) -> Iterator[tuple[servers.Server, str]]:
+        """
+        nginx serving the test blob of C{size} bytes as a file from disk,
+        with C{sendfile}: the server and the file's URL.
+        """
         digest, _ = self.blob(size)
         root = self.workdir / "static"
         (root / "blob").parent.mkdir(parents=True, exist_ok=True)
@@ -494,9 +540,7 @@ class Bench:
             (root / "blob").write_bytes(response.read())
         server, url = servers.static(self.workdir / "static-nginx", root)
         try:
-            self._throughput(
-                "nginx-static", server, f"{url}/blob", size, clients, seconds
-            )
+            yield server, f"{url}/blob"
         finally:
             server.stop()
             shutil.rmtree(root, ignore_errors=True)
@@ -818,6 +862,9 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
                     clients=crowd_clients,
                     kind=kind,
                 )
+            yield partial(
+                Bench.crowd_nginx, size=crowd_size, clients=crowd_clients, kind=kind
+            )
     if "image" in scenarios:
         yield from _image_plan(arguments, systems, kinds)
     if "lazy" in scenarios:

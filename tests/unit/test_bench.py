@@ -92,7 +92,12 @@ def test_smoke_pulls_a_tiny_image_with_two_clients_and_runs_drain_in_the_crowd()
     }
     assert {keywords["clients"] for _, keywords in image} == {1, 2}
     crowd = steps(smoke=True, systems="blobserve", scenarios="crowd")
-    assert [keywords["kind"] for _, keywords in crowd] == ["read1", "drain"]
+    assert [keywords["kind"] for _, keywords in crowd] == [
+        "read1",
+        "read1",
+        "drain",
+        "drain",
+    ]
 
 
 def test_cold_and_crowd_run_every_kind_of_client_asked_for() -> None:
@@ -108,9 +113,13 @@ def test_cold_and_crowd_run_every_kind_of_client_asked_for() -> None:
         ("cold", "recv"),
         ("cold", "read1"),
         ("cold", "drain"),
+        # Each kind against blobserve, then nginx serving the file.
         ("crowd", "recv"),
+        ("crowd_nginx", "recv"),
         ("crowd", "read1"),
+        ("crowd_nginx", "read1"),
         ("crowd", "drain"),
+        ("crowd_nginx", "drain"),
     ]
 
 
