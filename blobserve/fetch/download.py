@@ -432,7 +432,8 @@ class Download:
         try:
             self.progress = writer
             if self._reservation is not None:
-                self._reservation.follow(lambda: writer.written)
+                # Every byte landed, ahead of the prefix too, takes room.
+                self._reservation.follow(lambda: writer.received)
 
             def failed(reason: Failure) -> None:
                 nonlocal kept

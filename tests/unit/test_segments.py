@@ -26,6 +26,8 @@ from blobserve.fetch.download import Download, RetryPolicy
 from blobserve.fetch.segments import plan_segments
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import VerificationFailed
+from blobserve.store.eviction import Evictor, StoreFull
+from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream.client import RangeIgnored
 
 from fakes import FakeResponse, FakeUpstream, failure_of, has_fired, result_of, store_at
@@ -99,16 +101,17 @@ def subject_for(
     segments: int = 4,
     slots: UpstreamSlots | None = None,
     retries: int = 3,
-    clock: Clock | None = None,
+    evictor: Callable[[DirectoryBlobStore], Evictor] | None = None,
 ) -> Subject:
     upstream = FakeUpstream()
-    clock = clock or Clock()
+    clock = Clock()
     threads = Threads()
+    store = store_at(str(root))
     download = Download(
         upstream,
         "library/x",
         DIGEST,
-        store_at(str(root)),
+        store,
         clock,
         idle_timeout=10,
         retry=RetryPolicy(retries=retries, delay=1),
@@ -116,6 +119,7 @@ def subject_for(
         segments=segments,
         segment_size=SEGMENT_SIZE,
         in_thread=threads,
+        evictor=None if evictor is None else evictor(store),
     )
     download.start()
     return Subject(download, upstream, clock, root, threads, slots)
@@ -355,3 +359,33 @@ def test_stopping_keeps_only_the_contiguous_prefix(subject: Subject) -> None:
     assert has_fired(stopped)
     [kept] = subject.temporaries()
     assert kept.read_bytes() == DATA[:4096]
+
+
+def test_bytes_landed_ahead_of_the_prefix_count_as_on_disk_for_min_free(
+    tmp_path: Path,
+) -> None:
+    downloads: list[Download] = []
+    evictors: list[Evictor] = []
+    # The file system's free bytes: 100000 less what the download landed.
+    room = 100_000 - len(DATA) - 1000
+
+    def evictor(store: DirectoryBlobStore) -> Evictor:
+        made = Evictor(
+            store,
+            min_free=room - 2000,
+            free=lambda: 100_000 - sum(d.fetched for d in downloads),
+        )
+        evictors.append(made)
+        return made
+
+    subject = subject_for(tmp_path, evictor=evictor)
+    downloads.append(subject.download)
+    subject.answer_first()
+    deliver(subject.answer(2), DATA[8192:12288])
+    # 4096 bytes on disk, none of them in the prefix: the blob's reservation
+    # still has 12288 to come, not 16384, so another 1000 bytes fit.
+    other = Digest.of(b"another")
+    reserved = result_of(evictors[0].reserve(other, 1000))
+    reserved.release()
+    # 5000 do not.
+    failure_of(evictors[0].reserve(other, 5000)).trap(StoreFull)
