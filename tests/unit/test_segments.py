@@ -22,7 +22,13 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from blobserve.digest import Digest
-from blobserve.fetch.download import Download, RetryPolicy
+from blobserve.fetch.download import (
+    NO_EVENTS,
+    Download,
+    IDownloadEvents,
+    IgnoredEvents,
+    RetryPolicy,
+)
 from blobserve.fetch.segments import plan_segments
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import VerificationFailed
@@ -30,7 +36,15 @@ from blobserve.store.eviction import Evictor, StoreFull
 from blobserve.store.files import DirectoryBlobStore
 from blobserve.upstream.client import RangeIgnored
 
-from fakes import FakeResponse, FakeUpstream, failure_of, has_fired, result_of, store_at
+from fakes import (
+    FakeResponse,
+    FakeUpstream,
+    LoggedEvents,
+    failure_of,
+    has_fired,
+    result_of,
+    store_at,
+)
 
 DATA = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(512))
 DIGEST = Digest.of(DATA)
@@ -102,6 +116,7 @@ def subject_for(
     slots: UpstreamSlots | None = None,
     retries: int = 3,
     evictor: Callable[[DirectoryBlobStore], Evictor] | None = None,
+    events: IDownloadEvents = NO_EVENTS,
 ) -> Subject:
     upstream = FakeUpstream()
     clock = Clock()
@@ -120,6 +135,7 @@ def subject_for(
         segment_size=SEGMENT_SIZE,
         in_thread=threads,
         evictor=None if evictor is None else evictor(store),
+        events=events,
     )
     download.start()
     return Subject(download, upstream, clock, root, threads, slots)
@@ -389,3 +405,27 @@ def test_bytes_landed_ahead_of_the_prefix_count_as_on_disk_for_min_free(
     reserved.release()
     # 5000 do not.
     failure_of(evictors[0].reserve(other, 5000)).trap(StoreFull)
+
+
+class Resumes(IgnoredEvents):
+    def __init__(self) -> None:
+        self.causes: list[str] = []
+
+    def resumed(self, download: Download, cause: str) -> None:
+        self.causes.append(cause)
+
+
+def test_segmenting_and_each_segment_resume_are_said_and_counted(
+    tmp_path: Path,
+) -> None:
+    resumes = Resumes()
+    subject = subject_for(tmp_path, events=resumes)
+    with LoggedEvents() as logged:
+        subject.answer_first()
+        subject.upstream.fetches[3][2].errback(ConnectionLost())
+    assert logged.messages() == [
+        f"fetching {DIGEST} ({len(DATA)} bytes) over 4 segments",
+        f"segment 3 of {DIGEST} broke at byte 12288 (connection lost);"
+        " resuming in 1s, attempt 1 of 3",
+    ]
+    assert resumes.causes == ["broken"]
