@@ -169,6 +169,20 @@ def _positive_count(value: str) -> int:
     return number
 
 
+#: The most parallel range requests one blob is fetched over.
+MAX_SEGMENTS = 16
+
+
+def _segments(value: str) -> int:
+    text = value.strip()
+    if (
+        not (text.isascii() and text.isdigit())
+        or not 1 <= int(text[:3]) <= MAX_SEGMENTS
+    ):
+        raise ValueError(f"must be from 1 to {MAX_SEGMENTS}, not {value[:40]!r}")
+    return int(text)
+
+
 def _log_format(value: str) -> str:
     if value not in FORMATS:
         raise ValueError(f"must be one of {', '.join(FORMATS)}, not {value[:40]!r}")
@@ -278,6 +292,25 @@ class Options(usage.Options):
             "How many blob downloads may talk to upstreams at once; more wait"
             " their turn, first come first served.",
             _positive_count,
+        ],
+        [
+            "upstream-segments",
+            None,
+            4,
+            "Over how many parallel range requests a blob larger than"
+            " --segment-size is fetched, when its upstream declares its length"
+            " and honours ranges (1 to 16; 1: one connection per blob). Each"
+            " request past the first takes an --upstream-concurrency slot, only"
+            " if one is free.",
+            _segments,
+        ],
+        [
+            "segment-size",
+            None,
+            "64M",
+            "Blobs larger than this (bytes, or with K, M, G or T) are fetched"
+            " over --upstream-segments range requests.",
+            parse_size,
         ],
         [
             "upstream-queue",
@@ -487,6 +520,8 @@ class Options(usage.Options):
             raise usage.UsageError("--metrics-listen serves metrics: drop --no-metrics")
         if isinstance(self["max-blob-size"], str):  # the default is not coerced
             self["max-blob-size"] = parse_size(self["max-blob-size"])
+        if isinstance(self["segment-size"], str):
+            self["segment-size"] = parse_size(self["segment-size"])
         if self["log-format"] == "json":
             try:
                 check_destination(self.twistd_options())
@@ -884,6 +919,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             max_size=options["max-blob-size"],
             evictor=evictor,
             events=NO_EVENTS if metrics is None else metrics,
+            segments=options["upstream-segments"],
+            segment_size=options["segment-size"],
         )
     )
     manifests = ManifestCache(store, reactor, ttl=options["tag-ttl"])

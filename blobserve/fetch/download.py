@@ -14,6 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
@@ -21,11 +22,13 @@ from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
 from blobserve.failures import why
+from blobserve.fetch.segments import SegmentedTransfer, accepts_ranges
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import (
     BlobTooLarge,
     BodyReceiver,
     ChunkWriter,
+    InThread,
     VerificationFailed,
 )
 from blobserve.oneshot import OneShotEvent
@@ -207,6 +210,9 @@ class Download:
         registry: str | None = None,
         evictor: Evictor | None = None,
         events: IDownloadEvents = NO_EVENTS,
+        segments: int = 1,
+        segment_size: int = 64 * 1024 * 1024,
+        in_thread: InThread | None = None,
     ) -> None:
         """
         @param slots: bounds how many downloads talk to upstreams at once; a
@@ -221,6 +227,14 @@ class Download:
             ends; a blob that cannot fit fails the download with
             L{blobserve.store.eviction.StoreFull}.
         @param events: told how the download goes.
+        @param segments: over how many parallel range requests a fresh
+            download of a blob larger than C{segment_size} is fetched, when
+            its upstream declares the length and honours ranges; each one
+            past the first takes an upstream slot of its own, only if one is
+            free. 1 fetches every blob over one connection.
+        @param in_thread: runs the hashing of segments' bytes read back from
+            disk off the reactor thread (default: the reactor's thread
+            pool).
         """
         self.name = name
         self.digest = digest
@@ -234,6 +248,11 @@ class Download:
         self._max_size = max_size
         self._evictor = evictor
         self._events = events
+        self._segment_count = segments
+        self._segment_size = segment_size
+        self._in_thread = in_thread
+        # The segmented transfer under way, if the blob is fetched so.
+        self._segments: SegmentedTransfer | None = None
         # How it ends, for the events: failed unless it is found otherwise.
         self._result = "failed"
         # Bytes on disk before this run's first byte arrived (kept by an
@@ -319,6 +338,8 @@ class Download:
             self._pending.cancel()
         if self._receiver is not None:
             self._receiver.stop()
+        if self._segments is not None:
+            self._segments.stop()
         return self.when_done()
 
     @property
@@ -329,7 +350,15 @@ class Download:
         """
         if self.progress is None:
             return 0
-        return self.progress.written - self._kept_bytes
+        return self.progress.received - self._kept_bytes
+
+    @property
+    def segments(self) -> int:
+        """
+        How many segments of a segmented download are being fetched (0 when
+        it is fetched over one connection).
+        """
+        return 0 if self._segments is None else self._segments.in_flight
 
     @property
     def clients_waiting(self) -> int:
@@ -403,7 +432,8 @@ class Download:
         try:
             self.progress = writer
             if self._reservation is not None:
-                self._reservation.follow(lambda: writer.written)
+                # Every byte landed, ahead of the prefix too, takes room.
+                self._reservation.follow(lambda: writer.received)
 
             def failed(reason: Failure) -> None:
                 nonlocal kept
@@ -422,7 +452,7 @@ class Download:
             # Followers subscribe before the first byte arrives: none misses one.
             self._ready.succeed_with(Landing(start.length, writer, temporary))
             if not writer.complete:
-                await self._transfer(writer, start.response, start.skip)
+                await self._transfer_any(start)
             if writer.complete:
                 self.state = "committing"
                 await self._commit(temporary, writer.written)
@@ -665,6 +695,62 @@ class Download:
             except Exception:
                 reason = Failure()
                 response = None
+
+    async def _transfer_any(self, start: _Start) -> None:
+        """
+        Deliver the blob over several segments if it is fresh, large, of
+        declared length from an upstream that honours ranges, and upstream
+        slots are free for the extra segments; else over one stream, as
+        L{_transfer}.
+        """
+        response, length = start.response, start.length
+        if (
+            self._segment_count <= 1
+            or response is None
+            or response.code != 200
+            or start.skip
+            or self._kept_bytes
+            or length is None
+            or length <= self._segment_size
+            or not accepts_ranges(response)
+        ):
+            await self._transfer(start.writer, response, start.skip)
+            return
+        segments = SegmentedTransfer(
+            self._upstream,
+            self.name,
+            self.digest,
+            start.writer,
+            self._clock,
+            self._idle_timeout,
+            self._retry.retries,
+            self._retry.pause,
+            self._slots,
+            resumed=lambda: self._events.resumed(self, "broken"),
+            exhausted=lambda: self._events.retries_exhausted(self),
+        )
+        extra = segments.take_slots(self._segment_count - 1)
+        if not extra:
+            await self._transfer(start.writer, response, start.skip)
+            return
+        start.writer.segmented(self._in_thread or deferToThread)
+        self._segments = segments
+        try:
+            await segments.run(response, length, extra)
+        finally:
+            self._segments = None
+        writer = start.writer
+        if writer.failed:
+            self._log_failure(writer)
+        elif self._stopping and not writer.complete:
+            # Only the contiguous prefix is worth keeping: the next run
+            # resumes from its end over one stream.
+            try:
+                start.temporary.truncate(writer.written)
+            except OSError:
+                writer.fail(Failure())
+                return
+            self._keep(writer)
 
     def _keep(self, writer: ChunkWriter) -> None:
         """

@@ -36,6 +36,8 @@ class DownloadProgress:
         for its upstream's answer.
     @ivar age: seconds since the download started.
     @ivar state: what it does now (see L{Download.state}).
+    @ivar segments: how many parallel range requests fetch it now (0 when
+        it is fetched over one connection).
     """
 
     digest: str
@@ -47,6 +49,7 @@ class DownloadProgress:
     clients: int
     age: float
     state: str
+    segments: int = 0
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
@@ -135,6 +138,7 @@ class ProgressSampler:
                     + download.clients_waiting,
                     age=now - download.started_at,
                     state=download.state,
+                    segments=download.segments,
                 )
             )
         self._samples = samples

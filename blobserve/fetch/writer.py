@@ -5,6 +5,8 @@ and L{BodyReceiver}, the protocol that feeds it one upstream response body.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -15,7 +17,14 @@ from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest, Hasher
 from blobserve.oneshot import OneShotEvent
-from blobserve.store.files import TemporaryBlob
+from blobserve.store.files import BlobReader, TemporaryBlob
+
+#: How many bytes that landed ahead of the hash are read back and hashed in
+#: one job off the reactor thread.
+HASH_CHUNK = 4 * 1024 * 1024
+
+#: Runs a blocking call off the reactor thread (C{deferToThread}'s shape).
+InThread = Callable[[Callable[[], None]], Deferred[None]]
 
 
 class VerificationFailed(Exception):
@@ -86,6 +95,15 @@ class ChunkWriter:
         self._finished: OneShotEvent[int] = OneShotEvent()
         self._complete = False
         self._failure: Failure | None = None
+        # Set by segmented(): bytes may then land anywhere, and those that
+        # land ahead of the hash are read back and hashed in a thread.
+        self._in_thread: InThread | None = None
+        self._reader: BlobReader | None = None
+        # Landed ranges beyond the contiguous prefix, [start, end), sorted.
+        self._landed: list[tuple[int, int]] = []
+        self._hashed = 0
+        self._hashing = False
+        self._finishing = False
 
     @classmethod
     def resuming(
@@ -107,6 +125,28 @@ class ChunkWriter:
         writer._hasher = hasher
         writer.written = written
         return writer
+
+    def segmented(self, in_thread: InThread) -> None:
+        """
+        Let the bytes land at any offset (with L{write_at}), for a blob
+        fetched in segments. L{written} stays the contiguous prefix from 0,
+        all that observers are told of; bytes that land ahead of the hash
+        are read back from the file and hashed in order by C{in_thread}, one
+        bounded job at a time, and L{finish} verifies once the hash has
+        caught up. Call before any byte lands.
+        """
+        self._in_thread = in_thread
+        self._hashed = self.written
+        self._reader = self._temporary.open_reader()
+        self._finished.observe().addBoth(self._close_reader)
+
+    @property
+    def received(self) -> int:
+        """
+        How many bytes of the blob are on disk, the contiguous prefix and
+        those landed beyond it.
+        """
+        return self.written + sum(end - start for start, end in self._landed)
 
     @property
     def complete(self) -> bool:
@@ -195,6 +235,91 @@ class ChunkWriter:
             return
         self._notify()
 
+    def write_at(self, offset: int, data: bytes) -> None:
+        """
+        Write C{data} at C{offset} of a L{segmented} blob and tell the
+        observers how far the contiguous prefix now reaches.
+
+        A write error, or bytes past the expected length, fails the blob.
+        """
+        if self._complete or self._failure is not None:
+            return
+        end = offset + len(data)
+        if self.expected_length is not None and end > self.expected_length:
+            self.fail(
+                Failure(
+                    VerificationFailed(
+                        f"upstream sent bytes past its Content-Length of"
+                        f" {self.expected_length} bytes"
+                    )
+                )
+            )
+            return
+        try:
+            self._temporary.write_at(offset, data)
+        except OSError:
+            self.fail(Failure())
+            return
+        if offset == self._hashed == self.written and not self._hashing:
+            # The next bytes of the prefix, in hand: no need to read them back.
+            self._hasher.update(data)
+            self._hashed = end
+        self._land(offset, end)
+        self._notify()
+        self._hash_ahead()
+
+    def _land(self, start: int, end: int) -> None:
+        merged: list[tuple[int, int]] = []
+        for a, b in self._landed:
+            if b < start or a > end:
+                merged.append((a, b))
+            else:
+                start, end = min(a, start), max(b, end)
+        merged.append((start, end))
+        merged.sort()
+        while merged and merged[0][0] <= self.written:
+            self.written = max(self.written, merged.pop(0)[1])
+        self._landed = merged
+
+    def _hash_ahead(self) -> None:
+        """
+        Hash the next bytes of the prefix that were not hashed as they came,
+        reading them back in a thread; when the hash reaches the end of a
+        finished body, verify it.
+        """
+        if self._hashing or self._in_thread is None or self._reader is None:
+            return
+        if self._complete or self._failure is not None:
+            return
+        if self._hashed >= self.written:
+            if self._finishing:
+                self._finishing = False
+                self.finish()
+            return
+        start = self._hashed
+        size = min(HASH_CHUNK, self.written - start)
+        reader, hasher = self._reader, self._hasher
+        self._hashing = True
+
+        def hashed(_: None) -> None:
+            self._hashing = False
+            self._hashed = start + size
+            self._hash_ahead()
+
+        def failed(reason: Failure) -> None:
+            self._hashing = False
+            self.fail(reason)
+
+        self._in_thread(lambda: _hash_range(reader, hasher, start, size)).addCallbacks(
+            hashed, failed
+        )
+
+    def _close_reader(self, _: object) -> None:
+        # Its own observer of the end: what the end was is the others' to see.
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def verifies(self) -> bool:
         """
         Whether the bytes so far are the whole blob: its length, if known, and
@@ -210,6 +335,12 @@ class ChunkWriter:
         tell everyone the blob is complete, or failed.
         """
         if self._complete or self._failure is not None:
+            return
+        if self._in_thread is not None and (
+            self._hashing or self._hashed < self.written
+        ):
+            # Segmented, and the hash is behind: verify once it catches up.
+            self._finishing = True
             return
         digest = self._temporary.digest
         actual = Digest(digest.algorithm, self._hasher.hexdigest())
@@ -290,7 +421,7 @@ class BodyReceiver(Protocol):
         if self._idle is not None:
             self._idle.reset(self._idle_timeout)
         if data:
-            self._writer.append(data)
+            self._deliver(data)
         if self._writer.failed:
             self._stop()
 
@@ -319,6 +450,12 @@ class BodyReceiver(Protocol):
         else:
             self.ended.callback(None)
 
+    def _deliver(self, data: bytes) -> None:
+        """
+        Write C{data}, the next bytes of the body, to the writer.
+        """
+        self._writer.append(data)
+
     def stop(self) -> None:
         """
         Drop the upstream connection: the body ends as a break, with the
@@ -336,3 +473,17 @@ class BodyReceiver(Protocol):
     def _stop(self) -> None:
         if self.transport is not None:
             IPushProducer(self.transport).stopProducing()
+
+
+def _hash_range(reader: BlobReader, hasher: Hasher, start: int, size: int) -> None:
+    """
+    Feed C{hasher} the C{size} bytes of C{reader} from C{start}. Blocking:
+    run it in a thread.
+    """
+    end = start + size
+    while start < end:
+        data = reader.read(start, min(1024 * 1024, end - start))
+        if not data:
+            raise OSError(f"the temporary file ends at {start}, before {end}")
+        hasher.update(data)
+        start += len(data)

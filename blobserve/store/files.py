@@ -152,6 +152,28 @@ class TemporaryBlob:
             written = os.write(self._fd, view)
             view = view[written:]
 
+    def write_at(self, offset: int, data: bytes) -> None:
+        """
+        Write C{data} at C{offset}, leaving the append position where it is
+        (a segment of a blob fetched in parallel).
+
+        @raise OSError: if the file system refuses it.
+        """
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def truncate(self, length: int) -> None:
+        """
+        Cut the file to its first C{length} bytes, and append after them.
+
+        @raise OSError: if the file system refuses it.
+        """
+        os.ftruncate(self._fd, length)
+        os.lseek(self._fd, length, os.SEEK_SET)
+
     def open_reader(self) -> BlobReader:
         """
         A new, independent read handle on this file. It stays valid after the

@@ -106,6 +106,13 @@ class RangeNotSatisfiable(UpstreamError):
     """
 
 
+class RangeIgnored(UpstreamError):
+    """
+    The upstream answered a request for a closed range of a blob with the
+    whole blob (200) or with another range than the one asked for.
+    """
+
+
 class RepositoryUnknown(BlobUnknown, ManifestUnknown):
     """
     The upstream answered 404 with C{NAME_UNKNOWN}: it has no such
@@ -178,8 +185,8 @@ class IUpstream(Interface):
         Ask for the blob C{digest} of repository C{name}, from byte C{offset}
         on if it is not 0 (a C{Range} request, to resume a transfer), up to,
         not including, byte C{end} if it is given (a range a client asked
-        for: then only a 206 with exactly that C{Content-Range} is a success;
-        anything else fails with L{UpstreamError}).
+        for, or a segment: then only a 206 with exactly that C{Content-Range}
+        is a success; a 200 or another range fails with L{RangeIgnored}).
 
         @return: fires with a successful response (200, or 206 for a range)
             whose body has not been read yet (deliver it to a protocol); fails
@@ -569,7 +576,7 @@ class RegistryUpstream:
                     f"bytes {offset}-{end - 1}/"
                 ):
                     _discard(response, self._clock, self._timeout)
-                    raise UpstreamError(
+                    raise RangeIgnored(
                         f"upstream answered {response.code} {answered[:60]!r}"
                         f" to a request for bytes {offset}-{end - 1}"
                     )

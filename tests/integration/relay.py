@@ -47,6 +47,7 @@ class Relay(Factory):
     @ivar ignore_range: strip C{Range} headers, as an upstream that ignores
         them would (it answers 200 with the whole blob).
     @ivar requests: C{(method, path)} of every request relayed, in order.
+    @ivar ranges: the C{Range} header of each of those requests, if any.
     @ivar body_bytes: blob body bytes relayed, by path.
     @ivar most_open: the most connections that were open at once.
     """
@@ -61,6 +62,7 @@ class Relay(Factory):
         self.faults: list[Fault] = []
         self.ignore_range = False
         self.requests: list[tuple[str, str]] = []
+        self.ranges: list[bytes | None] = []
         self.body_bytes: dict[str, int] = defaultdict(int)
         self.connections = 0
         self.open: set[_Inbound] = set()
@@ -139,6 +141,10 @@ class _Inbound(Protocol):
                 )
             )
             self.relay.requests.append((method, path))
+            asked = _RANGE_HEADER.search(head)
+            self.relay.ranges.append(
+                None if asked is None else asked.group().split(b":", 1)[1].strip()
+            )
             if self.relay.ignore_range:
                 head = _RANGE_HEADER.sub(b"", head)
             head += b"\r\n\r\n"

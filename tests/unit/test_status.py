@@ -81,6 +81,7 @@ def test_a_download_in_flight_shows_its_bytes_rate_clients_and_age(
             "clients": 2,
             "age": 2.0,
             "state": "fetching",
+            "segments": 0,
         }
     ]
     response.protocol.dataReceived(DATA[1000:6000])

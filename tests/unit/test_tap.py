@@ -164,6 +164,12 @@ def test_flags() -> None:
         ["--upstream-retries", "-1"],
         ["--upstream-concurrency", "0"],
         ["--upstream-queue", "-1"],
+        ["--upstream-segments", "0"],
+        ["--upstream-segments", "17"],
+        ["--upstream-segments", "four"],
+        ["--upstream-segments", "9" * 5000],
+        ["--segment-size", "0"],
+        ["--segment-size", "big"],
         ["--max-blob-size", "0"],
         ["--max-blob-size", "12X"],
         ["--max-blob-size", "1" * 5000],
@@ -856,3 +862,25 @@ def test_the_node_name_goes_to_the_site_the_status_and_the_metrics(
 def test_a_node_name_a_header_cannot_carry_is_refused(name: str) -> None:
     with pytest.raises(UsageError, match="node name"):
         Options().parseOptions(["--node-name", name])
+
+
+def test_segmented_fetch_flags_reach_the_downloads(tmp_path: Path) -> None:
+    options = Options()
+    options.parseOptions(
+        ["--storage", str(tmp_path), "--upstream-segments", "3", "--segment-size", "2M"]
+    )
+    service = makeService(options, MemoryReactor())
+    [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    site = server.factory.wrappedFactory
+    made = resource_at(site, b"/v2/")._downloads._create.keywords
+    assert (made["segments"], made["segment_size"]) == (3, 2 * 1024 * 1024)
+
+
+def test_segmented_fetch_defaults_to_four_segments_of_64_mib(tmp_path: Path) -> None:
+    options = Options()
+    options.parseOptions(["--storage", str(tmp_path)])
+    service = makeService(options, MemoryReactor())
+    [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    site = server.factory.wrappedFactory
+    made = resource_at(site, b"/v2/")._downloads._create.keywords
+    assert (made["segments"], made["segment_size"]) == (4, 64 * 1024 * 1024)
