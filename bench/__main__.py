@@ -204,6 +204,77 @@ class Bench:
             }
         )
 
+    def segmented(
+        self, size: int, clients: int, segments: int, segment_size: int
+    ) -> None:
+        """
+        C{clients} clients at once fetching one uncached blob of C{size}
+        bytes from a blobserve that fetches it over C{segments} range
+        requests (blobs over C{segment_size}), or over one connection when
+        C{segments} is 1: how soon the blob lands, beside one client
+        fetching it straight from the throttle over one connection.
+        """
+        digest, sha = self.blob(size)
+        flags = [f"--upstream-segments={segments}", f"--segment-size={segment_size}"]
+        with self.system("blobserve", flags) as (server, url, throttle):
+            began = time.monotonic()
+            fetches = load.fetch_staggered(
+                f"{url}/v2/bench/blobs/blobs/{digest}",
+                clients,
+                spread=0,
+                timeout=size / self.rate * 10 + 60,
+            )
+            last_done = max(f.started + f.done for f in fetches) - began
+            time.sleep(0.2)  # nginx logs a request once its last byte went
+            gets, sent = servers.upstream_traffic(throttle, digest)
+            what = f"segmented {size // MiB} MiB K={segments}"
+            if not (gets <= segments and size <= sent <= size * 1.02):
+                self.failures.append(f"{what}: {gets} upstream GETs, {sent} bytes")
+            direct = next(
+                r["last_done_s"]
+                for r in reversed(self.results)
+                if r["scenario"] == "segmented" and r["system"] == "direct"
+            )
+            self.record(
+                {
+                    "scenario": "segmented",
+                    "system": "blobserve",
+                    "segments": segments,
+                    "size_mib": size // MiB,
+                    "clients": clients,
+                    "last_done_s": round(last_done, 2),
+                    "vs_direct": round(direct / last_done, 2),
+                    "upstream_gets": gets,
+                    "upstream_ratio": round(sent / size, 3),
+                    "correct": self.check(what, fetches, size, sha),
+                    "peak_rss_mib": round(server.peak_rss() / MiB, 1),
+                }
+            )
+
+    def segmented_floor(self, size: int) -> None:
+        """
+        One client fetching the blob of C{size} bytes straight from the
+        throttle, over one connection: what segmented fetch is compared with.
+        """
+        digest, sha = self.blob(size)
+        with self.system("direct") as (_, url, _):
+            fetch = load.fetch(
+                f"{url}/v2/bench/blobs/blobs/{digest}",
+                timeout=size / self.rate * 10 + 60,
+            )
+            self.check(f"segmented direct {size // MiB} MiB", [fetch], size, sha)
+            self.record(
+                {
+                    "scenario": "segmented",
+                    "system": "direct",
+                    "segments": 1,
+                    "size_mib": size // MiB,
+                    "clients": 1,
+                    "last_done_s": round(fetch.done, 2),
+                    "vs_direct": 1.0,
+                }
+            )
+
     def _fan_out(
         self,
         scenario: str,
@@ -870,6 +941,19 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
             yield partial(
                 Bench.crowd_nginx, size=crowd_size, clients=crowd_clients, kind=kind
             )
+    if "segmented" in scenarios:
+        size = (4 if arguments.smoke else arguments.segmented_size) * MiB
+        # Small segments in the smoke run, so that CI fetches a blob in four.
+        segment_size = MiB if arguments.smoke else 64 * MiB
+        yield partial(Bench.segmented_floor, size=size)
+        for segments in (1, 4):
+            yield partial(
+                Bench.segmented,
+                size=size,
+                clients=2 if arguments.smoke else 4,
+                segments=segments,
+                segment_size=segment_size,
+            )
     if "image" in scenarios:
         yield from _image_plan(arguments, systems, kinds)
     if "lazy" in scenarios:
@@ -950,7 +1034,10 @@ def _image_plan(
                 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def flags() -> argparse.ArgumentParser:
+    """
+    The command line of C{python -m bench}.
+    """
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="a tiny run, for CI")
     parser.add_argument("--sizes", default="256,1024", help="cold blob sizes, MiB")
@@ -967,6 +1054,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--crowd-size", type=int, default=64, help="the crowd's blob size, MiB"
     )
     parser.add_argument(
+        "--segmented-size",
+        type=int,
+        default=1024,
+        help="the blob size of the segmented scenario, MiB",
+    )
+    parser.add_argument(
         "--image-clients",
         default="2,32",
         help="the image scenario's numbers of clients pulling at once",
@@ -981,11 +1074,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default="cold,crowd,image,stalled,warm,small,eviction,lazy,cluster",
+        default="cold,crowd,image,segmented,stalled,warm,small,eviction,lazy,cluster",
         help="the scenarios to run",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = flags().parse_args(argv)
     rate = 2 * MiB if arguments.smoke else int(arguments.rate * MiB)
 
     workdir = Path(tempfile.mkdtemp(prefix="blobserve-bench-"))

@@ -14,6 +14,7 @@ from bench.__main__ import (
     IMAGE_LAYERS_MIB,
     SMOKE_IMAGE_LAYERS_KIB,
     MiB,
+    flags,
     plan,
     wrong_bodies,
 )
@@ -21,20 +22,11 @@ from bench.__main__ import (
 
 def arguments(**overrides: Any) -> argparse.Namespace:
     """
-    The flags of C{python -m bench} at their defaults, but for C{overrides}.
+    The flags of C{python -m bench} at their defaults, but for C{overrides}
+    (only the image scenario unless told).
     """
-    defaults: dict[str, Any] = {
-        "smoke": False,
-        "sizes": "256,1024",
-        "clients": "1,8,32",
-        "client_kinds": "recv",
-        "crowd_clients": 256,
-        "crowd_size": 64,
-        "image_clients": "2,32",
-        "systems": "blobserve,registry-proxy,nginx-cache",
-        "scenarios": "image",
-    }
-    return argparse.Namespace(**{**defaults, **overrides})
+    defaults = vars(flags().parse_args([]))
+    return argparse.Namespace(**{**defaults, "scenarios": "image", **overrides})
 
 
 def steps(**overrides: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -155,3 +147,21 @@ def test_clients_together_are_all_let_go_once_every_thread_has_started() -> None
     let_go = {began for _, began, _ in seen}
     assert len(let_go) == 1
     assert all(ran >= began > 0 for _, began, ran in seen)
+
+
+def test_segmented_runs_the_direct_floor_then_one_and_four_segments() -> None:
+    planned = steps(scenarios="segmented")
+    assert [(name, keywords.get("segments")) for name, keywords in planned] == [
+        ("segmented_floor", None),
+        ("segmented", 1),
+        ("segmented", 4),
+    ]
+    assert {keywords["size"] for _, keywords in planned} == {1024 * MiB}
+    assert {keywords["segment_size"] for _, keywords in planned[1:]} == {64 * MiB}
+
+
+def test_the_smoke_run_fetches_a_small_blob_in_small_segments() -> None:
+    planned = steps(smoke=True, scenarios="segmented")
+    assert {keywords["size"] for _, keywords in planned} == {4 * MiB}
+    # Four segments of 1 MiB: CI runs segmented fetch end to end.
+    assert {keywords["segment_size"] for _, keywords in planned[1:]} == {MiB}
