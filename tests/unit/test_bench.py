@@ -14,6 +14,7 @@ from bench.__main__ import (
     IMAGE_LAYERS_MIB,
     SMOKE_IMAGE_LAYERS_KIB,
     MiB,
+    fetched_once,
     flags,
     plan,
     wrong_bodies,
@@ -165,3 +166,15 @@ def test_the_smoke_run_fetches_a_small_blob_in_small_segments() -> None:
     assert {keywords["size"] for _, keywords in planned} == {4 * MiB}
     # Four segments of 1 MiB: CI runs segmented fetch end to end.
     assert {keywords["segment_size"] for _, keywords in planned[1:]} == {MiB}
+
+
+def test_a_blob_is_fetched_once_in_one_get_or_one_per_segment() -> None:
+    small, big = 64 * MiB, 64 * MiB + 1
+    assert fetched_once(1, small, small)
+    assert not fetched_once(2, small, small)
+    assert fetched_once(4, big + big // 100, big)
+    assert not fetched_once(5, big, big)
+    assert not fetched_once(4, big + big // 40, big)
+    assert not fetched_once(4, big - 1, big)
+    # Without segments, a big blob too is one GET of its bytes.
+    assert not fetched_once(2, big, big, segments=1)
