@@ -302,20 +302,30 @@ class ChunkWriter:
         self._hashing = True
 
         def hashed(_: None) -> None:
-            self._hashing = False
+            self._job_done()
             self._hashed = start + size
             self._hash_ahead()
 
         def failed(reason: Failure) -> None:
-            self._hashing = False
+            self._job_done()
             self.fail(reason)
 
         self._in_thread(lambda: _hash_range(reader, hasher, start, size)).addCallbacks(
             hashed, failed
         )
 
+    def _job_done(self) -> None:
+        self._hashing = False
+        if self._finished.happened:
+            # The blob ended while the job was reading: its turn to close.
+            self._close_reader(None)
+
     def _close_reader(self, _: object) -> None:
         # Its own observer of the end: what the end was is the others' to see.
+        if self._hashing:
+            # A job reads from it in a thread: closed once the job is done,
+            # or its descriptor could be closed, even reused, under the read.
+            return
         if self._reader is not None:
             self._reader.close()
             self._reader = None

@@ -6,6 +6,7 @@ landing at its offsets, followed by clients in order, verified in order.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,8 @@ class Threads:
     """
 
     jobs: list[tuple[Callable[[], None], Deferred[None]]] = field(factory=list)
+    #: What the jobs raised.
+    errors: list[Exception] = field(factory=list)
 
     def __call__(self, work: Callable[[], None]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -69,7 +72,8 @@ class Threads:
             work, d = self.jobs.pop(0)
             try:
                 work()
-            except Exception:
+            except Exception as e:
+                self.errors.append(e)
                 d.errback(Failure())
             else:
                 d.callback(None)
@@ -429,3 +433,30 @@ def test_segmenting_and_each_segment_resume_are_said_and_counted(
         " resuming in 1s, attempt 1 of 3",
     ]
     assert resumes.causes == ["broken"]
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_hash_job_under_way_when_the_download_stops_reads_an_open_file(
+    subject: Subject,
+) -> None:
+    first = subject.answer_first()
+    progress = result_of(subject.download.when_ready()).progress
+    deliver(subject.answer(1), DATA[4096:8192])
+    deliver(first, DATA[:4096], end=False)
+    cut(first)
+    # Bytes 4096..8192 landed ahead: their hash job is in the thread.
+    assert len(subject.threads.jobs) == 1
+    others = [subject.answer(2), subject.answer(3)]
+    stopped = subject.download.stop_and_keep()
+    for response in others:
+        cut(response)
+    failure_of(progress.when_finished())
+    before = open_files()
+    subject.threads.run()
+    assert subject.threads.errors == []
+    # The job's read handle is closed once the job is done.
+    assert open_files() == before - 1
+    assert has_fired(stopped)
