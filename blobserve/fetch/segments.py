@@ -167,6 +167,14 @@ class SegmentedTransfer:
             taken += 1
         return taken
 
+    def give_back(self, count: int) -> None:
+        """
+        Give back C{count} of the slots L{take_slots} took, unused.
+        """
+        if self._slots is not None:
+            for _ in range(count):
+                self._slots.release()
+
     async def run(self, response: IResponse, length: int, extra: int) -> None:
         """
         Fetch the blob over C{1 + extra} segments (C{extra} slots taken with
@@ -179,10 +187,8 @@ class SegmentedTransfer:
             _Segment(index, start, end, index > 0)
             for index, (start, end) in enumerate(bounds)
         ]
-        if self._slots is not None:
-            # A blob too short for as many segments as slots were taken.
-            for _ in range(1 + extra - len(self._segments)):
-                self._slots.release()
+        # A blob too short for as many segments as slots were taken.
+        self.give_back(1 + extra - len(self._segments))
         log.info(
             "fetching {digest} ({length} bytes) over {count} segments",
             digest=str(self._digest),

@@ -134,10 +134,13 @@ class ChunkWriter:
         are read back from the file and hashed in order by C{in_thread}, one
         bounded job at a time, and L{finish} verifies once the hash has
         caught up. Call before any byte lands.
+
+        @raise OSError: if the file cannot be opened for reading back; the
+            writer is then unchanged.
         """
+        self._reader = self._temporary.open_reader()
         self._in_thread = in_thread
         self._hashed = self.written
-        self._reader = self._temporary.open_reader()
         self._finished.observe().addBoth(self._close_reader)
 
     @property

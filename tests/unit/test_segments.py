@@ -5,6 +5,7 @@ landing at its offsets, followed by clients in order, verified in order.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -34,7 +35,7 @@ from blobserve.fetch.segments import plan_segments
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import VerificationFailed
 from blobserve.store.eviction import Evictor, StoreFull
-from blobserve.store.files import DirectoryBlobStore
+from blobserve.store.files import BlobReader, DirectoryBlobStore, TemporaryBlob
 from blobserve.upstream.client import RangeIgnored
 
 from fakes import (
@@ -460,3 +461,21 @@ def test_a_hash_job_under_way_when_the_download_stops_reads_an_open_file(
     # The job's read handle is closed once the job is done.
     assert open_files() == before - 1
     assert has_fired(stopped)
+
+
+def test_a_blob_that_cannot_be_read_back_is_fetched_over_one_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_more_files(self: TemporaryBlob) -> BlobReader:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(TemporaryBlob, "open_reader", no_more_files)
+    slots = UpstreamSlots(4, 10, 60, Clock())
+    subject = subject_for(tmp_path, slots=slots)
+    first = subject.answer_first()
+    # No slot is taken for segments that cannot be hashed.
+    assert subject.upstream.ends == [None]
+    assert slots.taken == 1
+    deliver(first, DATA)
+    assert subject.committed()
+    assert slots.taken == 0
