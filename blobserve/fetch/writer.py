@@ -243,10 +243,19 @@ class ChunkWriter:
         Write C{data} at C{offset} of a L{segmented} blob and tell the
         observers how far the contiguous prefix now reaches.
 
+        Bytes of the contiguous prefix already on disk are not written again:
+        they may have been hashed already, and the file must stay what the
+        hash saw (a fallback's stream sends them again).
+
         A write error, or bytes past the expected length, fails the blob.
         """
         if self._complete or self._failure is not None:
             return
+        if offset < self.written:
+            data = data[self.written - offset :]
+            offset = self.written
+            if not data:
+                return
         end = offset + len(data)
         if self.expected_length is not None and end > self.expected_length:
             self.fail(

@@ -479,3 +479,23 @@ def test_a_blob_that_cannot_be_read_back_is_fetched_over_one_stream(
     deliver(first, DATA)
     assert subject.committed()
     assert slots.taken == 0
+
+
+def test_bytes_sent_again_after_a_fallback_do_not_overwrite_the_hashed_prefix(
+    subject: Subject,
+) -> None:
+    first = subject.answer_first()
+    deliver(first, DATA[:2000], end=False)
+    deliver(subject.answer(1), DATA[4096:8192])
+    subject.upstream.fetches[2][2].errback(RangeIgnored("upstream answered 200"))
+    # The first segment carries the rest, bytes 4096..8192 again among them.
+    deliver(first, DATA[2000:4096], end=False)
+    subject.threads.run()
+    # Hashed from disk as they were; now sent again, other.
+    other = bytearray(DATA[4096:8192])
+    other[10] ^= 1
+    deliver(first, bytes(other) + DATA[8192:])
+    subject.threads.run()
+    assert subject.committed()
+    blob = subject.root / "blobs" / "sha256" / DIGEST.hex[:2] / DIGEST.hex
+    assert blob.read_bytes() == DATA
