@@ -231,6 +231,18 @@ class SegmentedTransfer:
     async def _fetch(self, segment: _Segment, response: IResponse | None) -> None:
         try:
             await self._fetch_segment(segment, response)
+        except Exception:
+            # Not an upstream's doing (those end the segment as a result): a
+            # bug. Said with its traceback, and the blob fails with it, not
+            # later as a hole mistaken for a short body.
+            reason = Failure()
+            log.failure(
+                "segment {segment} of {digest} failed",
+                reason,
+                segment=segment.index,
+                digest=str(self._digest),
+            )
+            self._writer.fail(reason)
         finally:
             if segment.slot and self._slots is not None:
                 segment.slot = False

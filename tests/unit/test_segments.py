@@ -499,3 +499,24 @@ def test_bytes_sent_again_after_a_fallback_do_not_overwrite_the_hashed_prefix(
     assert subject.committed()
     blob = subject.root / "blobs" / "sha256" / DIGEST.hex[:2] / DIGEST.hex
     assert blob.read_bytes() == DATA
+
+
+class BrokenEvents(IgnoredEvents):
+    def resumed(self, download: Download, cause: str) -> None:
+        raise RuntimeError("a bug in an observer")
+
+
+def test_a_bug_in_a_segment_fails_the_download_and_is_logged(tmp_path: Path) -> None:
+    slots = UpstreamSlots(8, 10, 60, Clock())
+    subject = subject_for(tmp_path, slots=slots, events=BrokenEvents())
+    first = subject.answer_first()
+    done = result_of(subject.download.when_ready()).progress.when_finished()
+    with LoggedEvents() as logged:
+        subject.upstream.fetches[3][2].errback(ConnectionLost())
+        # Not an upstream's fault: the blob fails with the bug, at once.
+        failure_of(done).trap(RuntimeError)
+        cut(first)
+    [logged_failure] = logged.failures()
+    logged_failure.trap(RuntimeError)
+    assert slots.taken == 0
+    assert has_fired(subject.download.when_done())
