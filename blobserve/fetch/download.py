@@ -730,10 +730,21 @@ class Download:
             exhausted=lambda: self._events.retries_exhausted(self),
         )
         extra = segments.take_slots(self._segment_count - 1)
+        if extra:
+            try:
+                start.writer.segmented(self._in_thread or deferToThread)
+            except OSError as e:
+                segments.give_back(extra)
+                extra = 0
+                log.warn(
+                    "cannot read {digest} back to hash its segments ({why}):"
+                    " fetching it over one connection",
+                    digest=str(self.digest),
+                    why=str(e),
+                )
         if not extra:
             await self._transfer(start.writer, response, start.skip)
             return
-        start.writer.segmented(self._in_thread or deferToThread)
         self._segments = segments
         try:
             await segments.run(response, length, extra)

@@ -167,6 +167,14 @@ class SegmentedTransfer:
             taken += 1
         return taken
 
+    def give_back(self, count: int) -> None:
+        """
+        Give back C{count} of the slots L{take_slots} took, unused.
+        """
+        if self._slots is not None:
+            for _ in range(count):
+                self._slots.release()
+
     async def run(self, response: IResponse, length: int, extra: int) -> None:
         """
         Fetch the blob over C{1 + extra} segments (C{extra} slots taken with
@@ -179,10 +187,8 @@ class SegmentedTransfer:
             _Segment(index, start, end, index > 0)
             for index, (start, end) in enumerate(bounds)
         ]
-        if self._slots is not None:
-            # A blob too short for as many segments as slots were taken.
-            for _ in range(1 + extra - len(self._segments)):
-                self._slots.release()
+        # A blob too short for as many segments as slots were taken.
+        self.give_back(1 + extra - len(self._segments))
         log.info(
             "fetching {digest} ({length} bytes) over {count} segments",
             digest=str(self._digest),
@@ -225,6 +231,18 @@ class SegmentedTransfer:
     async def _fetch(self, segment: _Segment, response: IResponse | None) -> None:
         try:
             await self._fetch_segment(segment, response)
+        except Exception:
+            # Not an upstream's doing (those end the segment as a result): a
+            # bug. Said with its traceback, and the blob fails with it, not
+            # later as a hole mistaken for a short body.
+            reason = Failure()
+            log.failure(
+                "segment {segment} of {digest} failed",
+                reason,
+                segment=segment.index,
+                digest=str(self._digest),
+            )
+            self._writer.fail(reason)
         finally:
             if segment.slot and self._slots is not None:
                 segment.slot = False

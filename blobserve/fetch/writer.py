@@ -134,10 +134,13 @@ class ChunkWriter:
         are read back from the file and hashed in order by C{in_thread}, one
         bounded job at a time, and L{finish} verifies once the hash has
         caught up. Call before any byte lands.
+
+        @raise OSError: if the file cannot be opened for reading back; the
+            writer is then unchanged.
         """
+        self._reader = self._temporary.open_reader()
         self._in_thread = in_thread
         self._hashed = self.written
-        self._reader = self._temporary.open_reader()
         self._finished.observe().addBoth(self._close_reader)
 
     @property
@@ -240,10 +243,19 @@ class ChunkWriter:
         Write C{data} at C{offset} of a L{segmented} blob and tell the
         observers how far the contiguous prefix now reaches.
 
+        Bytes of the contiguous prefix already on disk are not written again:
+        they may have been hashed already, and the file must stay what the
+        hash saw (a fallback's stream sends them again).
+
         A write error, or bytes past the expected length, fails the blob.
         """
         if self._complete or self._failure is not None:
             return
+        if offset < self.written:
+            data = data[self.written - offset :]
+            offset = self.written
+            if not data:
+                return
         end = offset + len(data)
         if self.expected_length is not None and end > self.expected_length:
             self.fail(
@@ -302,20 +314,30 @@ class ChunkWriter:
         self._hashing = True
 
         def hashed(_: None) -> None:
-            self._hashing = False
+            self._job_done()
             self._hashed = start + size
             self._hash_ahead()
 
         def failed(reason: Failure) -> None:
-            self._hashing = False
+            self._job_done()
             self.fail(reason)
 
         self._in_thread(lambda: _hash_range(reader, hasher, start, size)).addCallbacks(
             hashed, failed
         )
 
+    def _job_done(self) -> None:
+        self._hashing = False
+        if self._finished.happened:
+            # The blob ended while the job was reading: its turn to close.
+            self._close_reader(None)
+
     def _close_reader(self, _: object) -> None:
         # Its own observer of the end: what the end was is the others' to see.
+        if self._hashing:
+            # A job reads from it in a thread: closed once the job is done,
+            # or its descriptor could be closed, even reused, under the read.
+            return
         if self._reader is not None:
             self._reader.close()
             self._reader = None

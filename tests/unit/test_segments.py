@@ -5,7 +5,9 @@ landing at its offsets, followed by clients in order, verified in order.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +35,7 @@ from blobserve.fetch.segments import plan_segments
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import VerificationFailed
 from blobserve.store.eviction import Evictor, StoreFull
-from blobserve.store.files import DirectoryBlobStore
+from blobserve.store.files import BlobReader, DirectoryBlobStore, TemporaryBlob
 from blobserve.upstream.client import RangeIgnored
 
 from fakes import (
@@ -58,6 +60,8 @@ class Threads:
     """
 
     jobs: list[tuple[Callable[[], None], Deferred[None]]] = field(factory=list)
+    #: What the jobs raised.
+    errors: list[Exception] = field(factory=list)
 
     def __call__(self, work: Callable[[], None]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -69,7 +73,8 @@ class Threads:
             work, d = self.jobs.pop(0)
             try:
                 work()
-            except Exception:
+            except Exception as e:
+                self.errors.append(e)
                 d.errback(Failure())
             else:
                 d.callback(None)
@@ -429,3 +434,89 @@ def test_segmenting_and_each_segment_resume_are_said_and_counted(
         " resuming in 1s, attempt 1 of 3",
     ]
     assert resumes.causes == ["broken"]
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_hash_job_under_way_when_the_download_stops_reads_an_open_file(
+    subject: Subject,
+) -> None:
+    first = subject.answer_first()
+    progress = result_of(subject.download.when_ready()).progress
+    deliver(subject.answer(1), DATA[4096:8192])
+    deliver(first, DATA[:4096], end=False)
+    cut(first)
+    # Bytes 4096..8192 landed ahead: their hash job is in the thread.
+    assert len(subject.threads.jobs) == 1
+    others = [subject.answer(2), subject.answer(3)]
+    stopped = subject.download.stop_and_keep()
+    for response in others:
+        cut(response)
+    failure_of(progress.when_finished())
+    before = open_files()
+    subject.threads.run()
+    assert subject.threads.errors == []
+    # The job's read handle is closed once the job is done.
+    assert open_files() == before - 1
+    assert has_fired(stopped)
+
+
+def test_a_blob_that_cannot_be_read_back_is_fetched_over_one_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_more_files(self: TemporaryBlob) -> BlobReader:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(TemporaryBlob, "open_reader", no_more_files)
+    slots = UpstreamSlots(4, 10, 60, Clock())
+    subject = subject_for(tmp_path, slots=slots)
+    first = subject.answer_first()
+    # No slot is taken for segments that cannot be hashed.
+    assert subject.upstream.ends == [None]
+    assert slots.taken == 1
+    deliver(first, DATA)
+    assert subject.committed()
+    assert slots.taken == 0
+
+
+def test_bytes_sent_again_after_a_fallback_do_not_overwrite_the_hashed_prefix(
+    subject: Subject,
+) -> None:
+    first = subject.answer_first()
+    deliver(first, DATA[:2000], end=False)
+    deliver(subject.answer(1), DATA[4096:8192])
+    subject.upstream.fetches[2][2].errback(RangeIgnored("upstream answered 200"))
+    # The first segment carries the rest, bytes 4096..8192 again among them.
+    deliver(first, DATA[2000:4096], end=False)
+    subject.threads.run()
+    # Hashed from disk as they were; now sent again, other.
+    other = bytearray(DATA[4096:8192])
+    other[10] ^= 1
+    deliver(first, bytes(other) + DATA[8192:])
+    subject.threads.run()
+    assert subject.committed()
+    blob = subject.root / "blobs" / "sha256" / DIGEST.hex[:2] / DIGEST.hex
+    assert blob.read_bytes() == DATA
+
+
+class BrokenEvents(IgnoredEvents):
+    def resumed(self, download: Download, cause: str) -> None:
+        raise RuntimeError("a bug in an observer")
+
+
+def test_a_bug_in_a_segment_fails_the_download_and_is_logged(tmp_path: Path) -> None:
+    slots = UpstreamSlots(8, 10, 60, Clock())
+    subject = subject_for(tmp_path, slots=slots, events=BrokenEvents())
+    first = subject.answer_first()
+    done = result_of(subject.download.when_ready()).progress.when_finished()
+    with LoggedEvents() as logged:
+        subject.upstream.fetches[3][2].errback(ConnectionLost())
+        # Not an upstream's fault: the blob fails with the bug, at once.
+        failure_of(done).trap(RuntimeError)
+        cut(first)
+    [logged_failure] = logged.failures()
+    logged_failure.trap(RuntimeError)
+    assert slots.taken == 0
+    assert has_fired(subject.download.when_done())
