@@ -33,6 +33,12 @@ class _Routes(Resource):
     def getChild(self, path: bytes, request: Request) -> IResource:
         return self._otherwise
 
+    def render(self, request: Request) -> bytes | int:
+        # The folder itself (/_blobserve, with no page named) is no page of
+        # its own either: C{otherwise} answers it as it answers every path
+        # it does not know.
+        return self._otherwise.render(request)  # type: ignore[no-any-return]
+
 
 def site_root(
     registry: IResource,

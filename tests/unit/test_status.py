@@ -371,3 +371,19 @@ def test_the_status_names_the_node(tmp_path: Path) -> None:
     connection.request("GET", "/_blobserve/status")
     assert json.loads(connection.response()[2])["node"] == "cache-4"
     assert b'text("node", s.node' in PAGE
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
+@pytest.mark.parametrize("path", ["/_blobserve", "/_blobserve/"])
+def test_the_operator_folder_itself_is_answered_as_an_unknown_path(
+    tmp_path: Path, method: str, path: str
+) -> None:
+    registry = registry_for(tmp_path, Clock())
+    status = StatusResource(registry.store, registry.table, lambda: 0)
+    connection = connect(site_root(registry.resource, {b"status": status}))
+    connection.request(method, path)
+    code, _, body = connection.response()
+    expected = connect(registry.resource)
+    expected.request(method, "/v2/_unknown_")
+    assert (code, body) == expected.response()[0::2]
+    assert code in (404, 405)
