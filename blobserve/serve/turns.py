@@ -43,13 +43,18 @@ class TurnScheduler:
     def __init__(
         self,
         clock: IReactorTime,
-        budget: int = BUDGET_PER_TURN,
-        turn_cost: int = TURN_COST,
+        budget: int | None = None,
+        turn_cost: int | None = None,
     ) -> None:
+        """
+        @param budget: the bytes per turn of the reactor; by default
+            L{BUDGET_PER_TURN}.
+        @param turn_cost: the least a turn counts; by default L{TURN_COST}.
+        """
         self._clock = clock
-        self._budget = budget
-        self._turn_cost = turn_cost
-        self._left = budget
+        self._budget = BUDGET_PER_TURN if budget is None else budget
+        self._turn_cost = TURN_COST if turn_cost is None else turn_cost
+        self._left = self._budget
         # An insertion-ordered dict: a queue with removal in O(1).
         self._waiting: dict[Turn, None] = {}
         self._refill: IDelayedCall | None = None

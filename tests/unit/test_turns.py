@@ -8,6 +8,8 @@ pauses or stops leaves nothing behind.
 from __future__ import annotations
 
 import os
+from functools import partial
+from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
@@ -16,12 +18,24 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from blobserve.digest import Digest
+from blobserve.fetch.download import Download
+from blobserve.fetch.inflight import InFlightTable
 from blobserve.serve.producer import CompleteBlob, FollowingProducer
 from blobserve.serve.turns import TurnScheduler
 from blobserve.serve.zerocopy import IZeroCopySink
 from blobserve.store.files import BlobReader, DirectoryBlobStore, TemporaryBlob
+from blobserve.upstream.client import Upstreams
+from blobserve.web.manifests import ManifestCache
+from blobserve.web.resource import RegistryResource
 
-from fakes import ClientTransport, Connection, connect, store_at
+from fakes import (
+    ClientTransport,
+    Connection,
+    FakeUpstream,
+    commit_blob,
+    connect,
+    store_at,
+)
 
 DATA = os.urandom(12800)
 DIGEST = Digest.of(DATA)
@@ -252,3 +266,38 @@ def test_a_paused_or_stopped_response_leaves_the_queue_and_nothing_behind(
     assert connections[0].transport.value() == DATA
     assert resource.turns.waiting == 0
     assert not resource.clock.getDelayedCalls()
+
+
+def test_the_responses_of_one_registry_share_one_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blobserve.serve.producer.SEND_PER_TURN", SHARE)
+    monkeypatch.setattr("blobserve.serve.turns.BUDGET_PER_TURN", 2 * SHARE)
+    monkeypatch.setattr("blobserve.serve.turns.TURN_COST", 1)
+    store = store_at(str(tmp_path))
+    commit_blob(store, DATA)
+    store.saw("docker.io", "library/busybox", DIGEST)
+    clock = Clock()
+    sinks: list[WideSink] = []
+
+    def sink_for(request: Request) -> WideSink:
+        transport = request.channel.transport
+        assert isinstance(transport, ClientTransport)
+        transport.clear()
+        sinks.append(WideSink(transport))
+        return sinks[-1]
+
+    resource = RegistryResource(
+        store,
+        InFlightTable(partial(Download, store=store, clock=clock)),
+        ManifestCache(store, clock, ttl=60),
+        Upstreams({"docker.io": FakeUpstream()}, "docker.io"),
+        clock=clock,
+        sink_for=sink_for,
+    )
+    for _ in range(3):
+        connect(resource).request("GET", f"/v2/library/busybox/blobs/{DIGEST}")
+    assert [sink.sent for sink in sinks] == [SHARE] * 3
+
+    reactor_turn(clock)
+    assert sum(sink.sent for sink in sinks) == 5 * SHARE
