@@ -201,7 +201,7 @@ class FollowingProducer:
             self._take_turn(SEND_PER_TURN)
         else:
             # A new client's first bytes wait behind no one's catching up.
-            self._turns.first(self._take_turn, SEND_PER_TURN)
+            self._turns.first(self._take_turn)
 
     def when_released(self) -> Deferred[None]:
         """

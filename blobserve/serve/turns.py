@@ -33,11 +33,11 @@ class TurnScheduler:
 
     It promises that, within one turn of the reactor, the turns it runs send
     no more than C{budget} bytes together, each turn counting at least
-    C{turn_cost}, beyond the first turn of a new response (L{first}), which
-    never waits; that responses waiting for a turn
-    are served in the order they asked, each once before any is served
-    again; that a forgotten response is never called again; and that nothing
-    stays scheduled once there is nothing left to do.
+    C{turn_cost}; that a new response's first turn (L{first}) goes before
+    any turn of those catching up; that responses waiting for a turn are
+    served in the order they asked, each once before any is served again;
+    that a forgotten response is never called again; and that nothing stays
+    scheduled once there is nothing left to do.
     """
 
     def __init__(
@@ -55,7 +55,9 @@ class TurnScheduler:
         self._budget = BUDGET_PER_TURN if budget is None else budget
         self._turn_cost = TURN_COST if turn_cost is None else turn_cost
         self._left = self._budget
-        # An insertion-ordered dict: a queue with removal in O(1).
+        # Insertion-ordered dicts: queues with removal in O(1). New
+        # responses' first turns go before those catching up.
+        self._new: dict[Turn, None] = {}
         self._waiting: dict[Turn, None] = {}
         self._refill: IDelayedCall | None = None
         self._running = False
@@ -65,24 +67,29 @@ class TurnScheduler:
         """
         How many responses wait for a turn.
         """
-        return len(self._waiting)
+        return len(self._new) + len(self._waiting)
 
-    def first(self, turn: Turn, allowance: int) -> None:
+    def first(self, turn: Turn) -> None:
         """
-        Run the first turn of a new response now, ahead of everyone waiting,
-        with C{allowance} bytes: a new client's first byte waits behind no one.
-        It counts against this turn's budget.
+        Run the first turn of a new response ahead of everyone waiting: now,
+        if this turn of the reactor has work left to give, else first thing
+        in the next. A new client's first byte waits behind no one's
+        catching up, and a crowd arriving at once is still bounded.
         """
-        self._run(turn, allowance)
+        if self._left > 0 and not self._running:
+            self._run(turn, self._left)
+        else:
+            self._new[turn] = None
+            self._schedule()
 
     def now_or_later(self, turn: Turn) -> None:
         """
         Run C{turn} now, if no one is waiting before it and this turn of the
         reactor has work left to give; otherwise once its own turn comes.
         """
-        if turn in self._waiting:
+        if turn in self._waiting or turn in self._new:
             return
-        if self._waiting or self._running or self._left <= 0:
+        if self._new or self._waiting or self._running or self._left <= 0:
             self.later(turn)
         else:
             self._run(turn, self._left)
@@ -100,8 +107,9 @@ class TurnScheduler:
         Never run C{turn} again, unless it asks again; once no one waits and
         nothing was spent, nothing stays scheduled.
         """
+        self._new.pop(turn, None)
         self._waiting.pop(turn, None)
-        if not self._waiting and self._left >= self._budget:
+        if not self.waiting and self._left >= self._budget:
             self._cancel()
 
     def _run(self, turn: Turn, allowance: int) -> None:
@@ -113,7 +121,7 @@ class TurnScheduler:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self._refill is None and (self._waiting or self._left < self._budget):
+        if self._refill is None and (self.waiting or self._left < self._budget):
             self._refill = self._clock.callLater(0, self._next_turn)
 
     def _cancel(self) -> None:
@@ -124,17 +132,19 @@ class TurnScheduler:
 
     def _next_turn(self) -> None:
         """
-        A new turn of the reactor: a full budget, shared round robin among
-        those waiting, in the order they asked.
+        A new turn of the reactor: a full budget, for new responses' first
+        turns, then shared round robin among those waiting, in the order
+        they asked.
         """
         self._refill = None
         self._left = self._budget
-        # Only those waiting now: a turn that asks again goes to the back
-        # and waits for the next turn of the reactor.
-        for _ in range(len(self._waiting)):
-            if self._left <= 0 or not self._waiting:
-                break
-            turn = next(iter(self._waiting))
-            del self._waiting[turn]
-            self._run(turn, self._left)
+        for queue in (self._new, self._waiting):
+            # Only those waiting now: a turn that asks again goes to the
+            # back and waits for the next turn of the reactor.
+            for _ in range(len(queue)):
+                if self._left <= 0 or not queue:
+                    break
+                turn = next(iter(queue))
+                del queue[turn]
+                self._run(turn, self._left)
         self._schedule()

@@ -210,8 +210,8 @@ def test_all_responses_together_send_at_most_the_budget_a_turn(
     resource: SharedTurnsResource,
 ) -> None:
     clients(resource, 3)
-    # Each new client's first turn went at once.
-    assert sent(resource) == [SHARE] * 3
+    # Two first turns spent this turn of the reactor.
+    assert sent(resource) == [SHARE, SHARE, 0]
 
     before = sum(sent(resource))
     reactor_turn(resource.clock)
@@ -225,12 +225,14 @@ def test_responses_catching_up_are_served_round_robin(
     connections = clients(resource, 3)
 
     progressed = []
-    for _ in range(3):
+    for _ in range(6):
         before = sent(resource)
         reactor_turn(resource.clock)
         after = sent(resource)
         progressed.append([i for i in range(3) if after[i] > before[i]])
-    assert progressed == [[0], [1], [2]]
+    # The first client's first turn went at once; the others' went first
+    # in the next turns of the reactor, then each in turn.
+    assert progressed == [[1], [2], [0], [1], [2], [0]]
     resource.clock.advance(0)
     assert [c.transport.value() for c in connections] == [DATA] * 3
 
@@ -243,8 +245,25 @@ def test_a_new_clients_first_bytes_go_before_others_catching_up(
     assert resource.turns.waiting == 2
     waiting = sent(resource)
 
+    # The third comes when this turn of the reactor is spent: its first
+    # bytes go first thing in the next, before the others' next turns.
     clients(resource, 1)
-    assert sent(resource) == [*waiting, SHARE]
+    assert sent(resource) == [*waiting, 0]
+    reactor_turn(resource.clock)
+    assert sent(resource) == [waiting[0] + SHARE, waiting[1], SHARE]
+
+
+def test_a_crowd_arriving_at_once_shares_the_budget_too(
+    resource: SharedTurnsResource,
+) -> None:
+    clients(resource, 5)
+    # Two first turns spend this turn of the reactor; the next gives the
+    # three others theirs, and then those catching up.
+    assert sent(resource) == [SHARE, SHARE, 0, 0, 0]
+    reactor_turn(resource.clock)
+    assert sent(resource) == [SHARE, SHARE, SHARE, SHARE, 0]
+    reactor_turn(resource.clock)
+    assert sent(resource) == [2 * SHARE, SHARE, SHARE, SHARE, SHARE]
 
 
 def test_a_paused_or_stopped_response_leaves_the_queue_and_nothing_behind(
@@ -297,7 +316,7 @@ def test_the_responses_of_one_registry_share_one_budget(
     )
     for _ in range(3):
         connect(resource).request("GET", f"/v2/library/busybox/blobs/{DIGEST}")
-    assert [sink.sent for sink in sinks] == [SHARE] * 3
+    assert [sink.sent for sink in sinks] == [SHARE, SHARE, 0]
 
     reactor_turn(clock)
-    assert sum(sink.sent for sink in sinks) == 5 * SHARE
+    assert sum(sink.sent for sink in sinks) == 4 * SHARE
