@@ -24,6 +24,7 @@ from zope.interface import implementer
 from blobserve.failures import why
 from blobserve.fetch.writer import IBlobProgress
 from blobserve.oneshot import OneShotEvent
+from blobserve.serve.turns import TurnScheduler
 from blobserve.serve.zerocopy import IZeroCopySink, SocketSink
 from blobserve.store.files import BlobReader
 
@@ -35,11 +36,11 @@ log = Logger()
 #: copies (bench/: warm throughput +10-15 % over 128 KiB, RSS unchanged).
 CHUNK_SIZE = 256 * 1024
 
-#: The most a producer sends with C{sendfile} in one turn of the reactor: on
-#: a cold page cache that reads from disk in the reactor's thread, and a
-#: client that takes everything at once must not keep the others waiting.
-#: (bench/, 32 clients catching up on 256 MiB: a new client's first byte took
-#: up to 80 ms at 4 MiB a turn, 10-14 ms at 1 MiB.)
+#: The most a producer sends with C{sendfile} in one of its turns: on a cold
+#: page cache that reads from disk in the reactor's thread, and a client that
+#: takes everything at once must not keep the others waiting. (What all
+#: producers together send in one turn of the reactor is bounded by their
+#: L{TurnScheduler}.)
 SEND_PER_TURN = 1024 * 1024
 
 
@@ -124,6 +125,7 @@ class FollowingProducer:
         spans: Sequence[Span] = (),
         tail: bytes = b"",
         hold_back: bool = True,
+        turns: TurnScheduler | None = None,
     ) -> None:
         """
         @param start: the offset of the first byte to send.
@@ -137,6 +139,9 @@ class FollowingProducer:
             last span) waits until the blob is verified. Without it each byte
             goes as soon as it is on disk, and the body may end before the
             blob is verified.
+        @param turns: shares each turn of the reactor among this response and
+            the others that send bodies; without it, one of its own on
+            C{clock}, and with neither, each turn sends what it can at once.
         @param client_timeout: seconds a client may take nothing (keep the
             producer paused) before its connection is dropped; needs C{clock}.
         @param sink_for: finds where the request's body may be sent without
@@ -150,6 +155,10 @@ class FollowingProducer:
         self._end = end
         self._chunk_size = chunk_size
         self._offset = start
+        # Body bytes handed to the connection so far, to share out turns.
+        self._sent = 0
+        # Whether a turn is asking for progress, which may answer at once.
+        self._in_turn = False
         self._available = 0
         self._complete = False
         self._paused = False
@@ -161,7 +170,9 @@ class FollowingProducer:
         self._released: OneShotEvent[None] = OneShotEvent()
         self._sink_for = sink_for
         self._sink: IZeroCopySink | None = None
-        self._next_turn: IDelayedCall | None = None
+        if turns is None and clock is not None:
+            turns = TurnScheduler(clock)
+        self._turns = turns
         self._on_first_byte = on_first_byte
         self._spans = list(spans)
         self._tail = tail
@@ -186,7 +197,11 @@ class FollowingProducer:
             self._release()
             raise
         self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self._pump()
+        if self._turns is None:
+            self._take_turn(SEND_PER_TURN)
+        else:
+            # A new client's first bytes wait behind no one's catching up.
+            self._turns.first(self._take_turn)
 
     def when_released(self) -> Deferred[None]:
         """
@@ -197,6 +212,8 @@ class FollowingProducer:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if self._turns is not None:
+            self._turns.forget(self._take_turn)
         if (
             self._clock is not None
             and self._client_timeout is not None
@@ -222,29 +239,52 @@ class FollowingProducer:
 
     def _pump(self) -> None:
         """
-        Send what may be sent now; on an error (a failed read), abort.
+        Send what may be sent now, or once this response's turn comes.
         """
+        if self._turns is None:
+            self._take_turn(SEND_PER_TURN)
+        else:
+            self._turns.now_or_later(self._take_turn)
+
+    def _take_turn(self, allowance: int) -> int:
+        """
+        Send what may be sent, C{allowance} bytes at most with the sink; on an
+        error (a failed read), abort.
+
+        @return: how many bytes went.
+        """
+        before = self._sent
         try:
-            self._send_available()
+            self._send_available(before + min(allowance, SEND_PER_TURN))
         except Exception:
             self._abort(Failure())
+        return self._sent - before
 
-    def _send_available(self) -> None:
-        while not self._paused and not self._stopped and self._next_turn is None:
+    def _send_available(self, until: int) -> None:
+        """
+        Send bytes until the body is sent, the socket is full, the bytes
+        on disk run out, or L{_sent} reaches C{until} with the sink.
+        """
+        while not self._paused and not self._stopped:
             limit = self._available
             if self._end is not None:
                 # Hold the last byte back until the blob is verified.
                 held = self._hold_back and not self._complete and not self._spans
                 limit = min(limit, self._end - 1 if held else self._end)
-            if (
-                self._sink is not None
-                and self._send_from_page_cache(self._sink, limit)
-                and self._clock is not None
-            ):
+            left = until - self._sent
+            if self._offset < limit and left <= 0 and self._turns is not None:
                 # The socket takes more, but this turn is spent: the next one
                 # comes once the reactor has served everyone else.
-                self._next_turn = self._clock.callLater(0, self._take_turn)
+                self._turns.later(self._take_turn)
                 return
+            if (
+                self._sink is not None
+                and left > 0
+                and self._send_from_page_cache(
+                    self._sink, min(limit, self._offset + left)
+                )
+            ):
+                continue
             if self._offset < limit:
                 size = min(self._chunk_size, limit - self._offset)
                 data = self._reader.read(self._offset, size)
@@ -252,6 +292,7 @@ class FollowingProducer:
                     self._abort(Failure(ShortRead(f"file ends at {self._offset}")))
                     return
                 self._offset += len(data)
+                self._sent += len(data)
                 if self._on_first_byte is not None:
                     self._first_byte()
                 self._request.write(data)
@@ -268,35 +309,39 @@ class FollowingProducer:
                     # wake once those at the offset are there.
                     wanted = max(self._available, self._offset)
                     self._waiting = self._progress.when_beyond(wanted)
-                    self._waiting.addCallbacks(self._advanced, self._failed)
+                    self._in_turn = True
+                    try:
+                        self._waiting.addCallbacks(self._advanced, self._failed)
+                    finally:
+                        self._in_turn = False
+                    if self._waiting is None:
+                        # It was there already: go on in this turn.
+                        continue
                 return
 
     def _send_from_page_cache(self, sink: IZeroCopySink, limit: int) -> bool:
         """
-        Send what the socket takes at once, up to L{SEND_PER_TURN}, with the
-        sink. When the socket is full, what is left goes as a chunk through
-        the transport, which waits for the socket and resumes this producer
-        once it has drained.
+        Send what the socket takes at once, up to C{limit}, with the sink.
+        When the socket is full, what is left goes as a chunk through the
+        transport, which waits for the socket and resumes this producer once
+        it has drained.
 
-        @return: whether the turn ended with the socket still taking bytes.
+        @return: whether the socket took all that was asked of it.
         """
-        count = min(limit - self._offset, SEND_PER_TURN)
+        count = limit - self._offset
         if count <= 0:
             return False
         sent = sink.send(self._reader, self._offset, count)
         self._offset += sent
+        self._sent += sent
         if sent and self._on_first_byte is not None:
             self._first_byte()
-        return sent == count and self._offset < limit
+        return sent == count
 
     def _first_byte(self) -> None:
         told, self._on_first_byte = self._on_first_byte, None
         if told is not None:
             told()
-
-    def _take_turn(self) -> None:
-        self._next_turn = None
-        self._pump()
 
     def _advanced(self, available: int) -> None:
         self._waiting = None
@@ -304,6 +349,11 @@ class FollowingProducer:
             self._complete = True
         else:
             self._available = available
+        if self._in_turn or self._paused or self._stopped:
+            return
+        # The writer wakes every follower in its own turn as each chunk lands:
+        # those beyond this turn's budget wait for a later one, and take the
+        # chunks that landed meanwhile together.
         self._pump()
 
     def _failed(self, reason: Failure) -> None:
@@ -355,9 +405,8 @@ class FollowingProducer:
         if self._released.happened:
             return
         self._cancel_client_timer()
-        if self._next_turn is not None and self._next_turn.active():
-            self._next_turn.cancel()
-        self._next_turn = None
+        if self._turns is not None:
+            self._turns.forget(self._take_turn)
         self._stopped = True
         self._reader.close()
         if self._waiting is not None:

@@ -30,6 +30,7 @@ from blobserve.ops.access import Exchange, shown_uri
 from blobserve.serve.forwarded import ForwardedRange
 from blobserve.serve.multipart import byteranges
 from blobserve.serve.producer import CompleteBlob, FollowingProducer
+from blobserve.serve.turns import TurnScheduler
 from blobserve.serve.zerocopy import IZeroCopySink, SocketSink
 from blobserve.store.eviction import StoreFull
 from blobserve.store.files import BlobReader, IBlobStore
@@ -239,6 +240,9 @@ class RegistryResource(Resource):
         # Requests answered with a range asked of the upstream, until they end.
         self._forwarding = 0
         self._clock = clock
+        # One for every response, so that they share each turn of the
+        # reactor rather than each taking one of its own.
+        self._turns = None if clock is None else TurnScheduler(clock)
         self._client_timeout = client_timeout
         self._sink_for = sink_for
         self._store = store
@@ -661,6 +665,7 @@ class RegistryResource(Resource):
             start,
             end,
             clock=self._clock,
+            turns=self._turns,
             client_timeout=self._client_timeout,
             sink_for=self._sink_for,
             on_first_byte=self._first_byte_note(request),
