@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
 
 #: The most bytes all responses together send in one turn of the reactor
 #: before it goes back to its sockets. A new client's request is read only
@@ -36,8 +39,9 @@ class TurnScheduler:
     C{turn_cost}; that a new response's first turn (L{first}) goes before
     any turn of those catching up; that responses waiting for a turn are
     served in the order they asked, each once before any is served again;
-    that a forgotten response is never called again; and that nothing stays
-    scheduled once there is nothing left to do.
+    that a forgotten response is never called again; that a turn that raises
+    is logged, counts its cost and keeps no one else waiting; and that
+    nothing stays scheduled once there is nothing left to do.
     """
 
     def __init__(
@@ -115,9 +119,15 @@ class TurnScheduler:
     def _run(self, turn: Turn, allowance: int) -> None:
         self._running = True
         try:
-            self._left -= max(turn(allowance), self._turn_cost)
+            used = turn(allowance)
+        except Exception:
+            # A bug in one response: the others queued behind it must still
+            # get their turns, so it goes no further than the log.
+            log.failure("a response's turn failed")
+            used = 0
         finally:
             self._running = False
+        self._left -= max(used, self._turn_cost)
         self._schedule()
 
     def _schedule(self) -> None:

@@ -32,6 +32,7 @@ from fakes import (
     ClientTransport,
     Connection,
     FakeUpstream,
+    LoggedEvents,
     commit_blob,
     connect,
     store_at,
@@ -121,6 +122,34 @@ def test_forgotten_turns_are_not_run_and_nothing_stays_scheduled() -> None:
     assert served == ["a", "b"]
     assert scheduler.waiting == 0
     assert not clock.getDelayedCalls()
+
+
+def broken_turn(allowance: int) -> int:
+    raise RuntimeError("a bug in a response's turn")
+
+
+def test_a_turn_that_raises_is_logged_and_keeps_no_one_waiting() -> None:
+    clock = Clock()
+    scheduler = TurnScheduler(clock, budget=2 * SHARE, turn_cost=1)
+    served: list[str] = []
+    scheduler.later(broken_turn)
+    scheduler.later(Greedy("a", scheduler, served))
+    scheduler.later(Greedy("b", scheduler, served))
+
+    with LoggedEvents() as logged:
+        reactor_turn(clock)
+        reactor_turn(clock)
+        # The others had their turns, in this turn of the reactor and the
+        # next.
+        assert served == ["a", "b", "a", "b"]
+        # Nor does a new response whose first turn raises block the next.
+        scheduler.first(broken_turn)
+        scheduler.first(Greedy("c", scheduler, served))
+        reactor_turn(clock)
+    assert served == ["a", "b", "a", "b", "c", "a"]
+    assert [f.getErrorMessage() for f in logged.failures()] == [
+        "a bug in a response's turn"
+    ] * 2
 
 
 @implementer(IZeroCopySink)
