@@ -287,6 +287,10 @@ class FollowingProducer:
                 continue
             if self._offset < limit:
                 size = min(self._chunk_size, limit - self._offset)
+                if self._turns is not None:
+                    # A chunk is part of this turn's share like the sink's
+                    # bytes: beyond it, the reactor's turn is not bounded.
+                    size = min(size, left)
                 data = self._reader.read(self._offset, size)
                 if not data:
                     self._abort(Failure(ShortRead(f"file ends at {self._offset}")))

@@ -20,7 +20,7 @@ from zope.interface import implementer
 from blobserve.digest import Digest
 from blobserve.fetch.download import Download
 from blobserve.fetch.inflight import InFlightTable
-from blobserve.serve.producer import CompleteBlob, FollowingProducer
+from blobserve.serve.producer import CHUNK_SIZE, CompleteBlob, FollowingProducer
 from blobserve.serve.turns import TurnScheduler
 from blobserve.serve.zerocopy import IZeroCopySink
 from blobserve.store.files import BlobReader, DirectoryBlobStore, TemporaryBlob
@@ -186,6 +186,9 @@ class SharedTurnsResource(Resource):
         self.turns = turns
         self.sinks: list[WideSink] = []
         self.producers: list[FollowingProducer] = []
+        # Without zero copy, every byte goes as a chunk through the transport.
+        self.zero_copy = True
+        self.chunk_size = CHUNK_SIZE
 
     def render_GET(self, request: Request) -> int:
         request.setHeader(b"Content-Length", b"%d" % len(DATA))
@@ -203,7 +206,8 @@ class SharedTurnsResource(Resource):
             end=len(DATA),
             clock=self.clock,
             turns=self.turns,
-            sink_for=lambda _: sink,
+            sink_for=lambda _: sink if self.zero_copy else None,
+            chunk_size=self.chunk_size,
         )
         self.producers.append(producer)
         producer.start()
@@ -245,6 +249,25 @@ def test_all_responses_together_send_at_most_the_budget_a_turn(
     before = sum(sent(resource))
     reactor_turn(resource.clock)
     assert sum(sent(resource)) - before == 2 * SHARE
+
+
+def test_chunks_through_the_transport_count_within_the_budget_too(
+    resource: SharedTurnsResource,
+) -> None:
+    resource.zero_copy = False
+    resource.chunk_size = 3 * SHARE
+    connections = clients(resource, 2)
+
+    def body() -> int:
+        return sum(len(c.transport.value()) for c in connections)
+
+    # Each first turn sends its share, not a whole chunk, so the two spend
+    # this turn of the reactor between them; the next sends no more either.
+    assert body() == 2 * SHARE
+    reactor_turn(resource.clock)
+    assert body() == 4 * SHARE
+    resource.clock.advance(0)
+    assert [c.transport.value() for c in connections] == [DATA] * 2
 
 
 def test_responses_catching_up_are_served_round_robin(
