@@ -24,6 +24,11 @@ BUDGET_PER_TURN = 2 * 1024 * 1024
 #: writer's chunk wakes every client following it.
 TURN_COST = 64 * 1024
 
+#: The most a new response's first turn may send: enough for its first
+#: bytes to go at once, ahead of those catching up, and not so much that a
+#: steady stream of new clients starves them.
+FIRST_TURN = 256 * 1024
+
 #: A response's share of a turn: given how many bytes it may send, it sends
 #: at most that many and says how many it sent.
 Turn = Callable[[int], int]
@@ -37,7 +42,9 @@ class TurnScheduler:
     It promises that, within one turn of the reactor, the turns it runs send
     no more than C{budget} bytes together, each turn counting at least
     C{turn_cost}; that a new response's first turn (L{first}) goes before
-    any turn of those catching up; that responses waiting for a turn are
+    any turn of those catching up, and sends at most C{first_turn} bytes, so
+    that new clients arriving without end still leave those catching up
+    their share; that responses waiting for a turn are
     served in the order they asked, each once before any is served again;
     that a forgotten response is never called again; that a turn that raises
     is logged, counts its cost and keeps no one else waiting; and that
@@ -49,15 +56,19 @@ class TurnScheduler:
         clock: IReactorTime,
         budget: int | None = None,
         turn_cost: int | None = None,
+        first_turn: int | None = None,
     ) -> None:
         """
         @param budget: the bytes per turn of the reactor; by default
             L{BUDGET_PER_TURN}.
         @param turn_cost: the least a turn counts; by default L{TURN_COST}.
+        @param first_turn: the most a new response's first turn may send; by
+            default L{FIRST_TURN}.
         """
         self._clock = clock
         self._budget = BUDGET_PER_TURN if budget is None else budget
         self._turn_cost = TURN_COST if turn_cost is None else turn_cost
+        self._first_turn = FIRST_TURN if first_turn is None else first_turn
         self._left = self._budget
         # Insertion-ordered dicts: queues with removal in O(1). New
         # responses' first turns go before those catching up.
@@ -81,7 +92,7 @@ class TurnScheduler:
         catching up, and a crowd arriving at once is still bounded.
         """
         if self._left > 0 and not self._running:
-            self._run(turn, self._left)
+            self._run(turn, min(self._left, self._first_turn))
         else:
             self._new[turn] = None
             self._schedule()
@@ -156,5 +167,8 @@ class TurnScheduler:
                     break
                 turn = next(iter(queue))
                 del queue[turn]
-                self._run(turn, self._left)
+                allowance = self._left
+                if queue is self._new:
+                    allowance = min(allowance, self._first_turn)
+                self._run(turn, allowance)
         self._schedule()

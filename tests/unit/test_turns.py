@@ -21,7 +21,7 @@ from blobserve.digest import Digest
 from blobserve.fetch.download import Download
 from blobserve.fetch.inflight import InFlightTable
 from blobserve.serve.producer import CHUNK_SIZE, CompleteBlob, FollowingProducer
-from blobserve.serve.turns import TurnScheduler
+from blobserve.serve.turns import Turn, TurnScheduler
 from blobserve.serve.zerocopy import IZeroCopySink
 from blobserve.store.files import BlobReader, DirectoryBlobStore, TemporaryBlob
 from blobserve.upstream.client import Upstreams
@@ -372,3 +372,29 @@ def test_the_responses_of_one_registry_share_one_budget(
 
     reactor_turn(clock)
     assert sum(sink.sent for sink in sinks) == 4 * SHARE
+
+
+def test_new_clients_arriving_without_end_leave_those_catching_up_a_share() -> None:
+    clock = Clock()
+    scheduler = TurnScheduler(
+        clock, budget=2 * SHARE, turn_cost=1, first_turn=SHARE // 2
+    )
+    served: list[str] = []
+    scheduler.later(Greedy("old", scheduler, served))
+
+    def arrival() -> Turn:
+        def turn(allowance: int) -> int:
+            # A small response, whole in its first turn, taking all it may.
+            served.append("new")
+            return allowance
+
+        return turn
+
+    for _ in range(5):
+        before = len(served)
+        for _ in range(3):
+            scheduler.first(arrival())
+        reactor_turn(clock)
+        # Three new clients a turn, each first, and the old one still served.
+        assert served[before:].count("new") == 3
+        assert "old" in served[before:]
