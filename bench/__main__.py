@@ -37,6 +37,9 @@ CACHES: dict[str, Callable[[Path, str], tuple[servers.Server, str]]] = {
     "blobserve": servers.blobserve,
     "registry-proxy": lambda here, upstream: servers.registry(here, proxy_of=upstream),
     "nginx-cache": servers.caching_proxy,
+    # The C caches issue 14's targets compare blobserve with.
+    "varnish": servers.varnish,
+    "trafficserver": servers.trafficserver,
     # blobserve counting nothing and logging no line per request: what the
     # metrics and the access log cost, when run beside "blobserve".
     "blobserve-quiet": lambda here, upstream: servers.blobserve(
