@@ -196,6 +196,12 @@ def test_varnish_and_traffic_server_are_systems_to_compare() -> None:
     assert {"varnish", "trafficserver"} <= set(CACHES)
 
 
+def test_a_run_compares_varnish_but_not_traffic_server_unless_told() -> None:
+    systems = arguments().systems.split(",")
+    assert "varnish" in systems
+    assert "trafficserver" not in systems
+
+
 def test_blob_paths_are_the_urls_the_peers_keep_for_a_year() -> None:
     digest = "sha256:" + "ab" * 32
     assert re.search(BLOB_PATH, f"/v2/bench/blobs/blobs/{digest}")
