@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from blobserve.cluster import BALANCE_BY_SHARD, haproxy_config
@@ -37,6 +38,34 @@ def _binary(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is not installed: run `make bench`")
     return path
+
+
+def family(root: int, parents: dict[int, int]) -> list[int]:
+    """
+    C{root} and its descendants, given each process's parent.
+    """
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(children.get(pid, []))
+    return found
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The parent's PID is the second field after the name.
+            parents[int(stat.parent.name)] = int(
+                stat.read_text().rsplit(")", 1)[1].split()[1]
+            )
+        except OSError:
+            continue  # it has exited
+    return parents
 
 
 class Server:
@@ -70,22 +99,47 @@ class Server:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not answer {url}:\n{self.log.read_text()}")
 
+    def processes(self) -> list[int]:
+        """
+        The PIDs of the process and of its descendants alive now: Varnish's
+        manager forks the child that does the caching.
+        """
+        return family(self.pid, _parents())
+
+    def _proc(self, name: str) -> Iterator[str]:
+        """
+        The file C{/proc/<pid>/<name>} of each process of L{processes} still
+        alive.
+        """
+        for pid in self.processes():
+            try:
+                yield Path(f"/proc/{pid}/{name}").read_text()
+            except OSError:
+                continue  # it has exited
+
     def peak_rss(self) -> int:
         """
-        The process's peak resident memory so far, in bytes.
+        The peak resident memory so far, in bytes, summed over the process
+        and its descendants (each one's own peak, so an upper bound when they
+        peak at different times).
         """
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM")
+        return sum(
+            int(line.split()[1]) * 1024
+            for status in self._proc("status")
+            for line in status.splitlines()
+            if line.startswith("VmHWM:")
+        )
 
     def cpu_seconds(self) -> float:
         """
-        User and system CPU time the process has used so far.
+        User and system CPU time the process and its descendants have used
+        so far.
         """
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        ticks = 0
+        for stat in self._proc("stat"):
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -268,6 +322,154 @@ def caching_proxy(directory: Path, upstream: str) -> tuple[Server, str]:
         " proxy_read_timeout 1h;",
         http=f"proxy_cache_path {cache} keys_zone=blobs:1m max_size=8g;",
     )
+
+
+#: Blob URLs: content-addressed, so a 200 for one never goes stale.
+BLOB_PATH = "/blobs/sha256:[0-9a-f]{64}$"
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"{url} has no host and port")
+    return parts.hostname, parts.port
+
+
+def varnish_vcl(upstream: str) -> str:
+    """
+    The VCL making Varnish a pull-through cache of C{upstream}: blob 200s
+    kept for a year whatever the upstream's headers say, and streamed to
+    the waiting clients while they arrive. Concurrent misses wait for the
+    one fetch (the waiting list) without any setting.
+    """
+    host, port = _host_port(upstream)
+    return (
+        "vcl 4.1;\n"
+        f'backend throttle {{ .host = "{host}"; .port = "{port}";\n'
+        "  .first_byte_timeout = 1h; .between_bytes_timeout = 1h; }\n"
+        "sub vcl_backend_response {\n"
+        f'  if (beresp.status == 200 && bereq.url ~ "{BLOB_PATH}") {{\n'
+        "    set beresp.ttl = 365d;\n"
+        "    set beresp.do_stream = true;\n"
+        # Skips the built-in rules that would not cache a response with
+        # Set-Cookie, no-store or Vary: *.
+        "    return (deliver);\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def varnish(directory: Path, upstream: str) -> tuple[Server, str]:
+    """
+    Varnish in the foreground as a pull-through cache of C{upstream}, its
+    working directory and its 3 GiB file storage in C{directory}: a file
+    mapping rather than C{malloc}, so that the cache is not counted as the
+    process's own memory.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    vcl = directory / "blobs.vcl"
+    vcl.write_text(varnish_vcl(upstream))
+    server = Server(
+        "varnish",
+        [
+            _binary("varnishd"),
+            "-F",
+            "-j",
+            "none",  # run as we are, with no jail's user to switch to
+            "-n",
+            str(directory / "work"),
+            "-a",
+            f"127.0.0.1:{port}",
+            "-f",
+            str(vcl),
+            "-s",
+            f"file,{directory / 'cache.bin'},3G",
+        ],
+        directory,
+    )
+    url = f"http://127.0.0.1:{port}"
+    server.wait_for(f"{url}/")
+    return server, url
+
+
+def trafficserver_records(port: int) -> str:
+    """
+    Traffic Server's records.config for a reverse proxy on C{port}: it runs
+    as the user it is started by, logs no requests, and collapses
+    concurrent misses: the one that takes the cache's write lock fetches,
+    the others retry the cache read (open_write_fail_action 5, every 10 ms
+    for up to 10 s) and then read while it writes.
+    """
+    return "".join(
+        f"CONFIG proxy.config.{name} {kind} {value}\n"
+        for name, kind, value in (
+            ("http.server_ports", "STRING", f"{port}:ip-in=127.0.0.1"),
+            ("admin.user_id", "STRING", "#-1"),
+            ("reverse_proxy.enabled", "INT", 1),
+            ("url_remap.remap_required", "INT", 1),
+            ("http.cache.http", "INT", 1),
+            ("http.cache.required_headers", "INT", 0),
+            ("cache.max_doc_size", "INT", 0),
+            ("cache.enable_read_while_writer", "INT", 1),
+            ("http.cache.open_write_fail_action", "INT", 5),
+            ("http.cache.max_open_read_retries", "INT", 1000),
+            ("http.cache.open_read_retry_time", "INT", 10),
+            ("http.background_fill_active_timeout", "INT", 0),
+            ("http.background_fill_completed_threshold", "FLOAT", 0.0),
+            ("log.logging_enabled", "INT", 1),  # errors only
+        )
+    )
+
+
+def trafficserver(directory: Path, upstream: str) -> tuple[Server, str]:
+    """
+    Apache Traffic Server as a pull-through cache of C{upstream}, from a
+    runroot in C{directory}: its configuration, logs, runtime files and 3 GiB
+    cache file there, the programs and plugins where Debian installs them.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    folders = {name: directory / name for name in ("etc", "log", "run", "cache")}
+    for folder in folders.values():
+        folder.mkdir(exist_ok=True)
+    runroot = {
+        "prefix": directory,
+        "exec_prefix": "/usr",
+        "bindir": "/usr/bin",
+        "sbindir": "/usr/sbin",
+        "includedir": "/usr/include",
+        "libdir": "/usr/lib/trafficserver",
+        "libexecdir": "/usr/lib/trafficserver/modules",
+        "sysconfdir": folders["etc"],
+        "datadir": folders["cache"],
+        "localstatedir": directory,
+        "runtimedir": folders["run"],
+        "logdir": folders["log"],
+        "cachedir": folders["cache"],
+    }
+    (directory / "runroot.yaml").write_text(
+        "".join(f"{key}: {value}\n" for key, value in runroot.items())
+    )
+    etc = folders["etc"]
+    (etc / "records.config").write_text(trafficserver_records(port))
+    (etc / "remap.config").write_text(f"map / {upstream}/\n")
+    (etc / "cache.config").write_text(f"url_regex={BLOB_PATH} ttl-in-cache=365d\n")
+    # A folder and a size: Traffic Server makes its cache file in it.
+    (etc / "storage.config").write_text(f"{folders['cache']} 3G\n")
+    (etc / "ip_allow.yaml").write_text(
+        "ip_allow:\n  - apply: in\n    ip_addrs: 127.0.0.1\n    action: allow\n"
+    )
+    for empty in ("plugin.config", "hosting.config", "volume.config"):
+        (etc / empty).touch()
+    server = Server(
+        "trafficserver",
+        [_binary("traffic_server"), f"--run-root={directory / 'runroot.yaml'}"],
+        directory,
+    )
+    url = f"http://127.0.0.1:{port}"
+    server.wait_for(f"{url}/")
+    return server, url
 
 
 def upstream_traffic(nginx_directory: Path, digest: str) -> tuple[int, int]:

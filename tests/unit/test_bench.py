@@ -6,11 +6,15 @@ servers are started.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from typing import Any
 
+import pytest
+
 from bench import load
 from bench.__main__ import (
+    CACHES,
     IMAGE_LAYERS_MIB,
     SMOKE_IMAGE_LAYERS_KIB,
     MiB,
@@ -19,6 +23,7 @@ from bench.__main__ import (
     plan,
     wrong_bodies,
 )
+from bench.servers import BLOB_PATH, family, trafficserver_records, varnish_vcl
 
 
 def arguments(**overrides: Any) -> argparse.Namespace:
@@ -178,3 +183,66 @@ def test_a_blob_is_fetched_once_in_one_get_or_one_per_segment() -> None:
     assert not fetched_once(4, big - 1, big)
     # Without segments, a big blob too is one GET of its bytes.
     assert not fetched_once(2, big, big, segments=1)
+
+
+def test_varnish_and_traffic_server_are_systems_to_compare() -> None:
+    names = [
+        keywords["name"]
+        for _, keywords in steps(
+            scenarios="cold", systems="varnish,trafficserver", sizes="64", clients="8"
+        )
+    ]
+    assert names == ["direct", "varnish", "trafficserver"]
+    assert {"varnish", "trafficserver"} <= set(CACHES)
+
+
+def test_a_run_compares_varnish_but_not_traffic_server_unless_told() -> None:
+    systems = arguments().systems.split(",")
+    assert "varnish" in systems
+    assert "trafficserver" not in systems
+
+
+def test_blob_paths_are_the_urls_the_peers_keep_for_a_year() -> None:
+    digest = "sha256:" + "ab" * 32
+    assert re.search(BLOB_PATH, f"/v2/bench/blobs/blobs/{digest}")
+    assert not re.search(BLOB_PATH, f"/v2/bench/blobs/manifests/{digest}")
+    assert not re.search(BLOB_PATH, "/v2/bench/blobs/blobs/sha256:ab")
+
+
+def test_varnish_caches_blob_200s_and_streams_them() -> None:
+    vcl = varnish_vcl("http://127.0.0.1:8123")
+    assert '.host = "127.0.0.1"; .port = "8123";' in vcl
+    response = vcl[vcl.index("sub vcl_backend_response") :]
+    condition = f'if (beresp.status == 200 && bereq.url ~ "{BLOB_PATH}")'
+    assert condition in response
+    kept = response[response.index(condition) :]
+    for line in (
+        "set beresp.ttl = 365d;",
+        "set beresp.do_stream = true;",
+        "return (deliver);",
+    ):
+        assert line in kept
+
+
+def test_a_peer_needs_an_upstream_with_a_port() -> None:
+    with pytest.raises(ValueError, match="no host and port"):
+        varnish_vcl("http://127.0.0.1")
+
+
+def test_traffic_server_collapses_misses_and_reads_while_writing() -> None:
+    records = dict(
+        line.split(" ")[1::2]
+        for line in trafficserver_records(8124).splitlines()
+        if line.startswith("CONFIG ")
+    )
+    assert records["proxy.config.http.server_ports"] == "8124:ip-in=127.0.0.1"
+    assert records["proxy.config.cache.enable_read_while_writer"] == "1"
+    assert records["proxy.config.http.cache.open_write_fail_action"] == "5"
+    assert records["proxy.config.cache.max_doc_size"] == "0"
+    assert records["proxy.config.http.background_fill_completed_threshold"] == "0.0"
+
+
+def test_a_servers_family_is_it_and_its_descendants() -> None:
+    parents = {10: 1, 11: 10, 12: 11, 13: 10, 20: 1, 21: 20}
+    assert sorted(family(10, parents)) == [10, 11, 12, 13]
+    assert family(21, parents) == [21]
