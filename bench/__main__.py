@@ -45,6 +45,11 @@ CACHES: dict[str, Callable[[Path, str], tuple[servers.Server, str]]] = {
     "blobserve-quiet": lambda here, upstream: servers.blobserve(
         here, upstream, "--no-metrics", "--no-access-log"
     ),
+    # blobserve fetching every blob over one connection: what segmented
+    # fetch changes, when run beside "blobserve".
+    "blobserve-single": lambda here, upstream: servers.blobserve(
+        here, upstream, "--upstream-segments=1"
+    ),
     # blobserve fetching an image's layers as soon as its manifest is served;
     # the image scenario runs it beside "blobserve".
     "blobserve-prefetch": lambda here, upstream: servers.blobserve(
