@@ -166,6 +166,9 @@ def test_flags() -> None:
         ["--upstream-queue", "-1"],
         ["--upstream-segments", "0"],
         ["--upstream-segments", "17"],
+        # Leading zeros hide no number past the bound.
+        ["--upstream-segments", "0017"],
+        ["--upstream-segments", "0100"],
         ["--upstream-segments", "four"],
         ["--upstream-segments", "9" * 5000],
         ["--segment-size", "0"],
