@@ -520,3 +520,45 @@ def test_a_bug_in_a_segment_fails_the_download_and_is_logged(tmp_path: Path) -> 
     logged_failure.trap(RuntimeError)
     assert slots.taken == 0
     assert has_fired(subject.download.when_done())
+
+
+@define
+class RefusingThreads(Threads):
+    """
+    Takes the first hashing job, and refuses every later one (a thread pool
+    that is shutting down).
+    """
+
+    taken: int = 0
+
+    def __call__(self, work: Callable[[], None]) -> Deferred[None]:
+        if self.taken:
+            raise RuntimeError("no thread for the job")
+        self.taken += 1
+        return super().__call__(work)
+
+
+def test_a_hash_job_that_cannot_start_fails_the_download_and_is_logged(
+    tmp_path: Path,
+) -> None:
+    subject = subject_for(tmp_path)
+    threads = RefusingThreads()
+    subject.download._in_thread = threads
+    first = subject.answer_first()
+    done = result_of(subject.download.when_ready()).progress.when_finished()
+    deliver(subject.answer(1), DATA[4096:8192])
+    deliver(first, DATA[:4096], end=False)
+    cut(first)
+    for index in (2, 3):
+        deliver(subject.answer(index), DATA[QUARTERS[index][0] : QUARTERS[index][1]])
+    # The first job reads 4096..8192 back; the next one cannot start.
+    work, d = threads.jobs.pop(0)
+    work()
+    with LoggedEvents() as logged:
+        d.callback(None)
+    # The blob fails with the reason, rather than waiting for a job that
+    # never comes.
+    failure_of(done).trap(RuntimeError)
+    assert has_fired(subject.download.when_done())
+    assert not subject.committed()
+    assert any("no thread" in message for message in logged.messages())
