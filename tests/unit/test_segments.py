@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import tempfile
 from collections.abc import Callable
@@ -168,6 +169,25 @@ def cut(response: FakeResponse) -> None:
 
 
 QUARTERS = plan_segments(len(DATA), 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 10**12), st.integers(1, 16))
+def test_segments_cover_the_blob_once_in_at_most_as_many_ranges(
+    length: int, count: int
+) -> None:
+    planned = plan_segments(length, count)
+    assert 1 <= len(planned) <= count
+    assert planned[0][0] == 0
+    assert planned[-1][1] == length
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(planned))
+    assert all(start < end for start, end in planned)
+    # Equal ranges but the last, which is no longer.
+    sizes = [end - start for start, end in planned]
+    assert set(sizes[:-1]) <= {sizes[0]}
+    assert sizes[-1] <= sizes[0]
+    # Fewer only when the equal ranges reach the end before the last one.
+    assert len(planned) == count or (count - 1) * sizes[0] >= length
 
 
 def test_a_large_blob_from_an_upstream_honouring_ranges_is_fetched_in_segments(
