@@ -175,12 +175,16 @@ MAX_SEGMENTS = 16
 
 def _segments(value: str) -> int:
     text = value.strip()
+    # Leading zeros dropped, so that a bounded length bounds the number
+    # before int() reads it (CPython refuses more than 4300 digits).
+    digits = text.lstrip("0")
     if (
         not (text.isascii() and text.isdigit())
-        or not 1 <= int(text[:3]) <= MAX_SEGMENTS
+        or len(digits) > 2
+        or not 1 <= int(digits or "0") <= MAX_SEGMENTS
     ):
         raise ValueError(f"must be from 1 to {MAX_SEGMENTS}, not {value[:40]!r}")
-    return int(text)
+    return int(digits)
 
 
 def _log_format(value: str) -> str:

@@ -232,6 +232,8 @@ class Download:
             its upstream declares the length and honours ranges; each one
             past the first takes an upstream slot of its own, only if one is
             free. 1 fetches every blob over one connection.
+        @param segment_size: the size in bytes a blob must exceed to be
+            fetched in segments.
         @param in_thread: runs the hashing of segments' bytes read back from
             disk off the reactor thread (default: the reactor's thread
             pool).

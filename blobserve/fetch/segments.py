@@ -34,14 +34,15 @@ _T = TypeVar("_T")
 
 def plan_segments(length: int, count: int) -> list[tuple[int, int]]:
     """
-    Split C{[0, length)} into C{count} adjacent ranges C{[start, end)} of
-    nearly equal size, the first starting at 0 and the last ending at
-    C{length}.
+    Split C{[0, length)} (C{length} > 0) into at most C{count} adjacent,
+    non-empty ranges C{[start, end)}, the first starting at 0 and the last
+    ending at C{length}, all of C{ceil(length / count)} bytes but the last,
+    which may be shorter; fewer than C{count} when ranges of that size reach
+    the end sooner (5 bytes in 4 go as 2, 2 and 1).
     """
+    # Rounded up: ceil(length / step) ranges, never more than count.
     step = -(-length // count)
-    return [(start, min(start + step, length)) for start in range(0, length, step)][
-        :count
-    ]
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
 
 
 def accepts_ranges(response: IResponse) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -322,9 +322,12 @@ class ChunkWriter:
             self._job_done()
             self.fail(reason)
 
-        self._in_thread(lambda: _hash_range(reader, hasher, start, size)).addCallbacks(
-            hashed, failed
-        )
+        # maybeDeferred: a job that cannot even start fails the blob too.
+        # addErrback after addCallback: what raises in hashed (the next job
+        # refused, the verdict) fails the blob rather than leaving it waiting.
+        maybeDeferred(
+            self._in_thread, lambda: _hash_range(reader, hasher, start, size)
+        ).addCallback(hashed).addErrback(failed)
 
     def _job_done(self) -> None:
         self._hashing = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import tempfile
 from collections.abc import Callable
@@ -168,6 +169,25 @@ def cut(response: FakeResponse) -> None:
 
 
 QUARTERS = plan_segments(len(DATA), 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 10**12), st.integers(1, 16))
+def test_segments_cover_the_blob_once_in_at_most_as_many_ranges(
+    length: int, count: int
+) -> None:
+    planned = plan_segments(length, count)
+    assert 1 <= len(planned) <= count
+    assert planned[0][0] == 0
+    assert planned[-1][1] == length
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(planned))
+    assert all(start < end for start, end in planned)
+    # Equal ranges but the last, which is no longer.
+    sizes = [end - start for start, end in planned]
+    assert set(sizes[:-1]) <= {sizes[0]}
+    assert sizes[-1] <= sizes[0]
+    # Fewer only when the equal ranges reach the end before the last one.
+    assert len(planned) == count or (count - 1) * sizes[0] >= length
 
 
 def test_a_large_blob_from_an_upstream_honouring_ranges_is_fetched_in_segments(
@@ -520,3 +540,45 @@ def test_a_bug_in_a_segment_fails_the_download_and_is_logged(tmp_path: Path) -> 
     logged_failure.trap(RuntimeError)
     assert slots.taken == 0
     assert has_fired(subject.download.when_done())
+
+
+@define
+class RefusingThreads(Threads):
+    """
+    Takes the first hashing job, and refuses every later one (a thread pool
+    that is shutting down).
+    """
+
+    taken: int = 0
+
+    def __call__(self, work: Callable[[], None]) -> Deferred[None]:
+        if self.taken:
+            raise RuntimeError("no thread for the job")
+        self.taken += 1
+        return super().__call__(work)
+
+
+def test_a_hash_job_that_cannot_start_fails_the_download_and_is_logged(
+    tmp_path: Path,
+) -> None:
+    subject = subject_for(tmp_path)
+    threads = RefusingThreads()
+    subject.download._in_thread = threads
+    first = subject.answer_first()
+    done = result_of(subject.download.when_ready()).progress.when_finished()
+    deliver(subject.answer(1), DATA[4096:8192])
+    deliver(first, DATA[:4096], end=False)
+    cut(first)
+    for index in (2, 3):
+        deliver(subject.answer(index), DATA[QUARTERS[index][0] : QUARTERS[index][1]])
+    # The first job reads 4096..8192 back; the next one cannot start.
+    work, d = threads.jobs.pop(0)
+    work()
+    with LoggedEvents() as logged:
+        d.callback(None)
+    # The blob fails with the reason, rather than waiting for a job that
+    # never comes.
+    failure_of(done).trap(RuntimeError)
+    assert has_fired(subject.download.when_done())
+    assert not subject.committed()
+    assert any("no thread" in message for message in logged.messages())

@@ -166,6 +166,9 @@ def test_flags() -> None:
         ["--upstream-queue", "-1"],
         ["--upstream-segments", "0"],
         ["--upstream-segments", "17"],
+        # Leading zeros hide no number past the bound.
+        ["--upstream-segments", "0017"],
+        ["--upstream-segments", "0100"],
         ["--upstream-segments", "four"],
         ["--upstream-segments", "9" * 5000],
         ["--segment-size", "0"],
@@ -864,23 +867,21 @@ def test_a_node_name_a_header_cannot_carry_is_refused(name: str) -> None:
         Options().parseOptions(["--node-name", name])
 
 
-def test_segmented_fetch_flags_reach_the_downloads(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "segments", "segment_size"),
+    [
+        (["--upstream-segments", "3", "--segment-size", "2M"], 3, 2 * 1024 * 1024),
+        # The defaults: four segments for a blob over 64 MiB.
+        ([], 4, 64 * 1024 * 1024),
+    ],
+)
+def test_segmented_fetch_flags_reach_the_downloads(
+    tmp_path: Path, flags: list[str], segments: int, segment_size: int
+) -> None:
     options = Options()
-    options.parseOptions(
-        ["--storage", str(tmp_path), "--upstream-segments", "3", "--segment-size", "2M"]
-    )
+    options.parseOptions(["--storage", str(tmp_path), *flags])
     service = makeService(options, MemoryReactor())
     [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
     site = server.factory.wrappedFactory
     made = resource_at(site, b"/v2/")._downloads._create.keywords
-    assert (made["segments"], made["segment_size"]) == (3, 2 * 1024 * 1024)
-
-
-def test_segmented_fetch_defaults_to_four_segments_of_64_mib(tmp_path: Path) -> None:
-    options = Options()
-    options.parseOptions(["--storage", str(tmp_path)])
-    service = makeService(options, MemoryReactor())
-    [server] = [s for s in service if isinstance(s, StreamServerEndpointService)]
-    site = server.factory.wrappedFactory
-    made = resource_at(site, b"/v2/")._downloads._create.keywords
-    assert (made["segments"], made["segment_size"]) == (4, 64 * 1024 * 1024)
+    assert (made["segments"], made["segment_size"]) == (segments, segment_size)
