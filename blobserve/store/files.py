@@ -57,6 +57,15 @@ class BlobReader:
         """
         return os.pread(self._fd, size, offset)
 
+    def read_into(self, offset: int, buffer: memoryview) -> int:
+        """
+        Read up to C{len(buffer)} bytes at C{offset} into C{buffer}, without
+        a new object per read; fewer only at the end of the file.
+
+        @return: how many bytes were read.
+        """
+        return os.preadv(self._fd, [buffer], offset)
+
     def fileno(self) -> int:
         """
         The file descriptor, for calls such as C{sendfile} that read the file

@@ -25,6 +25,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from blobserve.digest import Digest
+from blobserve.fetch import writer
 from blobserve.fetch.download import (
     NO_EVENTS,
     Download,
@@ -582,3 +583,30 @@ def test_a_hash_job_that_cannot_start_fails_the_download_and_is_logged(
     assert has_fired(subject.download.when_done())
     assert not subject.committed()
     assert any("no thread" in message for message in logged.messages())
+
+
+def test_bytes_landed_ahead_are_read_back_into_one_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new object per read raised the process's peak RSS by a few MiB.
+    monkeypatch.setattr(writer, "READ_BACK", 1000)
+    buffers: list[object] = []
+    read_into = BlobReader.read_into
+
+    def recorded(self: BlobReader, offset: int, buffer: memoryview) -> int:
+        buffers.append(buffer.obj)
+        return read_into(self, offset, buffer)
+
+    monkeypatch.setattr(BlobReader, "read_into", recorded)
+    subject = subject_for(tmp_path)
+    first = subject.answer_first()
+    deliver(first, DATA[:4096], end=False)
+    cut(first)
+    # The last two quarters land ahead of the prefix, the second in it.
+    deliver(subject.answer(3), DATA[12288:])
+    deliver(subject.answer(2), DATA[8192:12288])
+    deliver(subject.answer(1), DATA[4096:8192])
+    subject.threads.run()
+    assert subject.committed()
+    assert len(buffers) == -(-8192 // 1000)
+    assert all(buffer is buffers[0] for buffer in buffers)
