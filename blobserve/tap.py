@@ -38,10 +38,11 @@ from blobserve.config import (
     read_config,
     upstream_url,
 )
-from blobserve.fetch.download import NO_EVENTS, Download, RetryPolicy
+from blobserve.fetch.download import NO_EVENTS, Download
 from blobserve.fetch.inflight import InFlightTable
 from blobserve.fetch.layers import LayerPrefetcher
 from blobserve.fetch.progress import ProgressLines, ProgressSampler
+from blobserve.fetch.retry import RetryPolicy
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.ops.access import AccessLog, IExchangeObserver
 from blobserve.ops.health import HealthResource, LagMonitor, store_check

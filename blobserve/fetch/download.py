@@ -22,6 +22,7 @@ from zope.interface import Interface, implementer
 
 from blobserve.digest import Digest
 from blobserve.failures import why
+from blobserve.fetch.retry import DEFAULT_RETRY, RetryPolicy
 from blobserve.fetch.segments import SegmentedTransfer, accepts_ranges
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import (
@@ -36,7 +37,6 @@ from blobserve.store.eviction import Evictor, Reservation
 from blobserve.store.files import BlobReader, IBlobStore, KeptPartial, TemporaryBlob
 from blobserve.store.index import Origin
 from blobserve.upstream.client import (
-    BlobUnknown,
     IUpstream,
     RangeNotSatisfiable,
     UpstreamError,
@@ -48,9 +48,6 @@ log = Logger()
 _T = TypeVar("_T")
 
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
-
-#: The longest pause between two attempts to resume a transfer.
-MAX_RETRY_DELAY = 30.0
 
 
 @frozen
@@ -162,21 +159,6 @@ class IgnoredEvents:
 NO_EVENTS = IgnoredEvents()
 
 
-@frozen
-class RetryPolicy:
-    """
-    How a broken transfer is resumed: up to C{retries} times, waiting
-    C{delay} seconds before the first attempt and twice as long before each
-    next (at most L{MAX_RETRY_DELAY}).
-    """
-
-    retries: int = 5
-    delay: float = 0.5
-
-    def pause(self, attempt: int) -> float:
-        return float(min(self.delay * 2 ** (attempt - 1), MAX_RETRY_DELAY))
-
-
 class Download:
     """
     Fetches one blob once, lands it in a temporary file, and commits it to the
@@ -204,7 +186,7 @@ class Download:
         store: IBlobStore,
         clock: IReactorTime,
         idle_timeout: float = 30.0,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         slots: UpstreamSlots | None = None,
         max_size: int | None = None,
         registry: str | None = None,
@@ -661,10 +643,8 @@ class Download:
                         " does not verify"
                     )
                 )
-            if attempt > self._retry.retries or reason.check(
-                BlobUnknown, VerificationFailed
-            ):
-                if attempt > self._retry.retries:
+            if self._retry.gives_up(attempt, reason):
+                if self._retry.exhausted(attempt):
                     self._events.retries_exhausted(self)
                 writer.fail(reason)
                 self._log_failure(writer)
@@ -725,8 +705,7 @@ class Download:
             start.writer,
             self._clock,
             self._idle_timeout,
-            self._retry.retries,
-            self._retry.pause,
+            self._retry,
             self._slots,
             resumed=lambda: self._events.resumed(self, "broken"),
             exhausted=lambda: self._events.retries_exhausted(self),

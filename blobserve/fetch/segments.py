@@ -18,10 +18,10 @@ from twisted.web.iweb import IResponse
 
 from blobserve.digest import Digest
 from blobserve.failures import why
+from blobserve.fetch.retry import RetryPolicy
 from blobserve.fetch.slots import UpstreamSlots
-from blobserve.fetch.writer import BodyReceiver, ChunkWriter, VerificationFailed
+from blobserve.fetch.writer import BodyReceiver, ChunkWriter
 from blobserve.upstream.client import (
-    BlobUnknown,
     IUpstream,
     RangeIgnored,
     UpstreamError,
@@ -124,8 +124,7 @@ class SegmentedTransfer:
         writer: ChunkWriter,
         clock: IReactorTime,
         idle_timeout: float,
-        retries: int,
-        pause: Callable[[int], float],
+        retry: RetryPolicy,
         slots: UpstreamSlots | None,
         resumed: Callable[[], None],
         exhausted: Callable[[], None],
@@ -136,8 +135,7 @@ class SegmentedTransfer:
         self._writer = writer
         self._clock = clock
         self._idle_timeout = idle_timeout
-        self._retries = retries
-        self._pause = pause
+        self._retry = retry
         self._slots = slots
         self._resumed = resumed
         self._exhausted = exhausted
@@ -265,8 +263,8 @@ class SegmentedTransfer:
             if segment.done or writer.failed or writer.complete or self._stopping:
                 return
             attempt += 1
-            if attempt > self._retries or reason.check(BlobUnknown, VerificationFailed):
-                if attempt > self._retries:
+            if self._retry.gives_up(attempt, reason):
+                if self._retry.exhausted(attempt):
                     self._exhausted()
                 writer.fail(reason)
                 return
@@ -278,9 +276,9 @@ class SegmentedTransfer:
                 digest=str(self._digest),
                 offset=segment.pos,
                 reason=why(reason),
-                pause=self._pause(attempt),
+                pause=self._retry.pause(attempt),
                 attempt=attempt,
-                retries=self._retries,
+                retries=self._retry.retries,
             )
 
     async def _receive(
@@ -319,7 +317,7 @@ class SegmentedTransfer:
             if attempt:
                 await self._wait(
                     segment,
-                    deferLater(self._clock, self._pause(attempt), lambda: None),
+                    deferLater(self._clock, self._retry.pause(attempt), lambda: None),
                 )
             if segment.done or self._stopping:
                 return None, 0, reason

@@ -25,7 +25,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from blobserve.digest import Digest
-from blobserve.fetch.download import Download, Landing, RetryPolicy, Stopped
+from blobserve.fetch.download import Download, Landing, Stopped
+from blobserve.fetch.retry import RetryPolicy
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import VerificationFailed
 from blobserve.store.eviction import Evictor, StoreFull
@@ -603,3 +604,15 @@ def test_a_failed_download_gives_its_room_back(tmp_path: Path) -> None:
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert not subject.committed()
     assert evictor.reserved == 0
+
+
+def test_a_transfer_is_given_up_after_its_retries_or_when_no_resume_can_mend_it() -> (
+    None
+):
+    policy = RetryPolicy(retries=2)
+    broken = Failure(ConnectionLost())
+    assert not policy.gives_up(2, broken)
+    assert policy.gives_up(3, broken) and policy.exhausted(3)
+    for hopeless in (BlobUnknown("gone"), VerificationFailed("wrong bytes")):
+        assert policy.gives_up(1, Failure(hopeless))
+        assert not policy.exhausted(1)

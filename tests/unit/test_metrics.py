@@ -22,8 +22,9 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from blobserve.digest import Digest
-from blobserve.fetch.download import Download, RetryPolicy
+from blobserve.fetch.download import Download
 from blobserve.fetch.inflight import InFlightTable
+from blobserve.fetch.retry import RetryPolicy
 from blobserve.ops.access import AccessLog, Exchange
 from blobserve.ops.metrics import Figures, Metrics, MetricsPage
 from blobserve.store.eviction import Evictor

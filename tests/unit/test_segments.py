@@ -31,8 +31,8 @@ from blobserve.fetch.download import (
     Download,
     IDownloadEvents,
     IgnoredEvents,
-    RetryPolicy,
 )
+from blobserve.fetch.retry import RetryPolicy
 from blobserve.fetch.segments import plan_segments
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.fetch.writer import VerificationFailed

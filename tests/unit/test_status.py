@@ -24,12 +24,12 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from blobserve.digest import Digest
-from blobserve.fetch.download import RetryPolicy
 from blobserve.fetch.progress import (
     ProgressLines,
     ProgressSampler,
     size_text,
 )
+from blobserve.fetch.retry import RetryPolicy
 from blobserve.fetch.slots import UpstreamSlots
 from blobserve.web.root import site_root
 from blobserve.web.status import StatusResource

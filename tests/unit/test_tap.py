@@ -244,19 +244,27 @@ def test_several_upstreams_first_is_default() -> None:
     ]
 
 
-def test_service_listens_where_told_and_serves_the_registry(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "listen, backlog",
+    [
+        ("tcp:5555:interface=127.0.0.1", LISTEN_BACKLOG),
+        # A backlog given is kept.
+        ("tcp:5555:interface=127.0.0.1:backlog=64", 64),
+    ],
+)
+def test_service_listens_where_told_and_serves_the_registry(
+    tmp_path: Path, listen: str, backlog: int
+) -> None:
     options = Options()
-    options.parseOptions(
-        ["--listen", "tcp:5555:interface=127.0.0.1", "--storage", str(tmp_path)]
-    )
+    options.parseOptions(["--listen", listen, "--storage", str(tmp_path)])
     reactor = ThreadedMemoryReactor()
     service = makeService(options, reactor)
     servers = [s for s in service if isinstance(s, StreamServerEndpointService)]
     assert len(servers) == 1
 
     service.startService()
-    port, factory, backlog, interface = reactor.tcpServers[0]
-    assert (port, interface, backlog) == (5555, "127.0.0.1", LISTEN_BACKLOG)
+    port, factory, queued, interface = reactor.tcpServers[0]
+    assert (port, interface, queued) == (5555, "127.0.0.1", backlog)
     assert isinstance(factory, WrappingFactory)
     site = factory.wrappedFactory
     assert isinstance(site, Site)
@@ -290,20 +298,6 @@ def test_the_listen_backlog_is_raised_where_not_given(
     given: str, listened: str
 ) -> None:
     assert with_backlog(given) == listened
-
-
-def test_a_backlog_given_is_kept(tmp_path: Path) -> None:
-    options = Options()
-    options.parseOptions(
-        ["--listen", "tcp:5555:backlog=64", "--storage", str(tmp_path)]
-    )
-    reactor = ThreadedMemoryReactor()
-    service = makeService(options, reactor)
-    service.startService()
-    try:
-        assert reactor.tcpServers[0][2] == 64
-    finally:
-        service.stopService()
 
 
 def sites_of(flags: list[str], tmp_path: Path) -> tuple[Site, dict[str, Any]]:
