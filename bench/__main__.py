@@ -136,6 +136,14 @@ def _distribution(name: str, seconds: Sequence[float]) -> dict[str, float | str]
     }
 
 
+def _at_the_wire(fetches: Sequence[load.Fetch]) -> list[float]:
+    """
+    The first bytes of C{fetches} as their sockets saw them arrive (see
+    L{load.Fetch.wire_first_byte}), for those that got one.
+    """
+    return [f.wire_first_byte for f in fetches if f.wire_first_byte is not None]
+
+
 class Bench:
     """
     One benchmark run: the upstream, its test blobs, and the results so far.
@@ -222,6 +230,10 @@ class Bench:
                 # The first client waits for the upstream's answer; the
                 # later ones are the late joiners.
                 **_distribution("late_ttfb", first_bytes[1:]),
+                # The same joiners' first bytes from the request's sending to
+                # their arrival, which the clients' own waits for the CPU do
+                # not stretch.
+                **_distribution("late_wire_ttfb", _at_the_wire(fetches[1:])),
                 **tail,
             }
         )
@@ -239,6 +251,7 @@ class Bench:
                 **head,
                 "connection_errors": len(fetches) - len(answered),
                 **_distribution("ttfb", [f.first_byte for f in answered]),
+                **_distribution("wire_ttfb", _at_the_wire(answered)),
                 **tail,
                 "mib_per_s": round(size * len(answered) / MiB / tail["last_done_s"]),
             }
@@ -626,6 +639,7 @@ class Bench:
                     "clients": clients,
                     "connection_errors": len(fetches) - len(answered),
                     **_distribution("ttfb", [f.first_byte for f in answered]),
+                    **_distribution("wire_ttfb", _at_the_wire(answered)),
                     "done_p50_s": round(percentile([f.done for f in fetches], 0.5), 2),
                     "last_done_s": round(last_done, 2),
                     "correct": self.check(what, fetches, size, sha),
@@ -666,9 +680,10 @@ class Bench:
         clients: int,
         seconds: float,
     ) -> None:
-        cpu = server.cpu_seconds()
+        cpu, machine = server.cpu_seconds(), servers.machine_cpu_seconds()
         moved, elapsed = load.fetch_for(url, clients, seconds)
         used = server.cpu_seconds() - cpu
+        gib = moved / GiB
         self.record(
             {
                 "scenario": "warm",
@@ -676,7 +691,14 @@ class Bench:
                 "size_mib": size // MiB,
                 "clients": clients,
                 "mib_per_s": round(moved / MiB / elapsed, 1),
-                "cpu_s_per_gib": round(used / (moved / 1024 / MiB), 2),
+                "cpu_s_per_gib": round(used / gib, 2),
+                # On loopback the kernel charges the sending of a packet
+                # either to the server or to the client that acknowledged
+                # room for it: the whole machine's CPU (clients alike for
+                # every system) is what the server's way of sending costs.
+                "machine_cpu_s_per_gib": round(
+                    (servers.machine_cpu_seconds() - machine) / gib, 2
+                ),
             }
         )
 

@@ -12,6 +12,13 @@ issue #14 does, whose late joiners waited three times longer than C{recv}'s.
 A third kind, C{drain}, reads like C{recv} and only counts the bytes: what a
 server can send when its clients cost it nothing. L{pull_image} pulls a whole
 image the way containerd does.
+
+Every kind also notes its first byte at the wire: the kernel stamps each
+packet with the time it arrived (C{SO_TIMESTAMPNS}), so the seconds from
+sending the request to the first response byte reaching the client's socket
+count what the server took, not how long the client's own thread, one of
+many on the same cores, waited for the CPU or the GIL before connecting or
+after the byte arrived.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import http.client
 import json
 import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -46,6 +54,11 @@ IMAGE_ACCEPT = ", ".join(
 LAYERS_AT_ONCE = 3
 _BUFFER = 256 * 1024
 _READ1 = 1024 * 1024
+#: Linux's C{SO_TIMESTAMPNS} (its C{SCM_TIMESTAMPNS} too), which Python's
+#: socket module does not name: a socket with it on is told, with what it
+#: receives, when the kernel received it, as a C{struct timespec}.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
 T = TypeVar("T")
 
 
@@ -60,6 +73,9 @@ class Fetch:
     @ivar started: when it started, on the monotonic clock.
     @ivar error: why it failed to connect or to read a response (then
         C{status} is 0), or C{""}.
+    @ivar wire_first_byte: seconds from sending the request, once
+        connected, to the first response byte's arrival at the client's
+        socket, by the kernel's stamp: L{None} if it failed.
     """
 
     status: int
@@ -69,6 +85,7 @@ class Fetch:
     sha256: str
     started: float
     error: str = ""
+    wire_first_byte: float | None = None
 
 
 def fetch(
@@ -92,10 +109,12 @@ def fetch(
     hasher = hashlib.sha256() if hash_body else None
     with socket.create_connection((parts.hostname, parts.port), timeout) as s:
         ranged = f"Range: {byte_range}\r\n" if byte_range else ""
+        sent = _stamped(s)
         s.sendall(
             f"GET {parts.path} HTTP/1.0\r\nHost: {parts.netloc}\r\n"
             f"Accept: {accept}\r\n{ranged}\r\n".encode()
         )
+        wire_first_byte = _arrival(s) - sent
         head = b""
         first_byte = 0.0
         while b"\r\n\r\n" not in head:
@@ -120,7 +139,7 @@ def fetch(
                 hasher.update(view[:received])
     done = time.monotonic() - started
     digest = hasher.hexdigest() if hasher is not None else ""
-    return Fetch(status, size, first_byte, done, digest, started)
+    return Fetch(status, size, first_byte, done, digest, started, "", wire_first_byte)
 
 
 def fetch_read1(url: str, hash_body: bool = True, timeout: float = 600) -> Fetch:
@@ -136,7 +155,10 @@ def fetch_read1(url: str, hash_body: bool = True, timeout: float = 600) -> Fetch
     hasher = hashlib.sha256() if hash_body else None
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
+        connection.connect()
+        sent = _stamped(connection.sock)
         connection.request("GET", parts.path, headers={"Accept": "*/*"})
+        wire_first_byte = _arrival(connection.sock) - sent
         response = connection.getresponse()
         first_byte = time.monotonic() - started
         size = 0
@@ -148,7 +170,34 @@ def fetch_read1(url: str, hash_body: bool = True, timeout: float = 600) -> Fetch
         connection.close()
     done = time.monotonic() - started
     digest = hasher.hexdigest() if hasher is not None else ""
-    return Fetch(response.status, size, first_byte, done, digest, started)
+    return Fetch(
+        response.status, size, first_byte, done, digest, started, "", wire_first_byte
+    )
+
+
+def _stamped(connection: socket.socket) -> float:
+    """
+    Have the kernel stamp what C{connection} receives with the time it
+    arrived: the time now, on the same clock, to measure from.
+    """
+    connection.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    return time.time()
+
+
+def _arrival(connection: socket.socket) -> float:
+    """
+    Wait for the first byte of the response on C{connection}, which must be
+    L{_stamped}, and leave it there to be read: when it arrived, by the
+    kernel's stamp (or now, on a connection closed without a byte).
+    """
+    data, ancillary, _, _ = connection.recvmsg(
+        1, socket.CMSG_SPACE(_TIMESPEC.size), socket.MSG_PEEK
+    )
+    for level, kind, stamp in ancillary:
+        if data and level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+            seconds, nanoseconds = _TIMESPEC.unpack(stamp[: _TIMESPEC.size])
+            return float(seconds + nanoseconds / 1e9)
+    return time.time()
 
 
 def fetch_drain(url: str, hash_body: bool = False, timeout: float = 600) -> Fetch:

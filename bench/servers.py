@@ -151,6 +151,19 @@ class Server:
                 self.process.wait(timeout=DEADLINE)
 
 
+def machine_cpu_seconds() -> float:
+    """
+    CPU time every process of the machine, and the kernel's own work for
+    them, has used so far (all of C{/proc/stat}'s time but idle and I/O
+    wait): what serving costs whichever process the kernel charges its
+    network work to.
+    """
+    with open("/proc/stat") as stat:
+        ticks = [int(field) for field in stat.readline().split()[1:]]
+    idle, iowait = ticks[3], ticks[4]
+    return (sum(ticks) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
 def registry(directory: Path, proxy_of: str | None = None) -> tuple[Server, str]:
     """
     Debian's docker-registry with a file-system store; with C{proxy_of}, in

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bench import load
+from bench import load, servers
 from bench.__main__ import (
     CACHES,
     IMAGE_LAYERS_MIB,
@@ -248,3 +248,12 @@ def test_a_servers_family_is_it_and_its_descendants() -> None:
     parents = {10: 1, 11: 10, 12: 11, 13: 10, 20: 1, 21: 20}
     assert sorted(family(10, parents)) == [10, 11, 12, 13]
     assert family(21, parents) == [21]
+
+
+def test_the_machines_cpu_time_counts_this_process_working() -> None:
+    before = servers.machine_cpu_seconds()
+    spent = time.process_time()
+    while time.process_time() - spent < 0.1:
+        pass
+    # In whole clock ticks, and other processes only add to it.
+    assert servers.machine_cpu_seconds() - before >= 0.08
