@@ -192,6 +192,11 @@ class FollowingProducer:
             # them now, not with the first body byte.
             self._request.write(b"")
             self._sink = self._sink_for(self._request)
+            if self._sink is not None:
+                # The headers on the wire now, not in the reactor's next
+                # round: the first bytes of the body can then follow them
+                # with the sink in this one.
+                self._sink.flush()
             self._request.registerProducer(self, True)
         except BaseException:
             self._release()

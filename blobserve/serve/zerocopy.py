@@ -55,6 +55,15 @@ class IZeroCopySink(Interface):
             failure and ends the connection as usual).
         """
 
+    def flush() -> None:
+        """
+        Have the transport write what it holds now, as far as the socket
+        takes it, rather than once the reactor next finds the socket
+        writable: so that the bytes sent next may go with the sink at once.
+        It does nothing where writing the transport's bytes could do more
+        than write them (resume a producer, end the connection).
+        """
+
 
 @implementer(IZeroCopySink)
 @define
@@ -89,15 +98,22 @@ class ConnectionSink:
             return None
         return cls(transport)
 
-    def send(self, reader: BlobReader, offset: int, count: int) -> int:
+    def _writable(self) -> bool:
+        """
+        Whether the connection still takes bytes: not closing, not closed,
+        not broken.
+        """
         connection = self._connection
-        if (
+        return not (
             self._broken
             or connection.disconnecting
             or connection.disconnected
             or getattr(connection, "_aborting", False)
-            or _buffered(connection)
-        ):
+        )
+
+    def send(self, reader: BlobReader, offset: int, count: int) -> int:
+        connection = self._connection
+        if not self._writable() or _buffered(connection):
             return 0
         try:
             return os.sendfile(connection.fileno(), reader.fileno(), offset, count)
@@ -106,6 +122,21 @@ class ConnectionSink:
         except OSError:
             self._broken = True
             return 0
+
+    def flush(self) -> None:
+        connection = self._connection
+        if (
+            not self._writable()
+            or getattr(connection, "_writeDisconnecting", True)
+            or connection.producerPaused
+            or not _buffered(connection)
+        ):
+            return
+        # What the reactor does when the socket is writable. Once the buffer
+        # is empty it only stops watching for that: the checks above leave
+        # no producer to resume and no close to carry out. A failure stays
+        # for the reactor's own next call, which ends the connection.
+        connection.doWrite()
 
 
 @implementer(IZeroCopySink)
@@ -145,6 +176,9 @@ class SocketSink:
         sent = self._socket.send(reader, offset, count)
         self._request.sentLength += sent
         return sent
+
+    def flush(self) -> None:
+        self._socket.flush()
 
 
 #: The methods through which a wrapper passes writes on, and through which

@@ -168,6 +168,9 @@ class WideSink:
         self.sent += len(data)
         return len(data)
 
+    def flush(self) -> None:
+        pass
+
 
 class SharedTurnsResource(Resource):
     """
