@@ -202,6 +202,28 @@ def test_sink_sends_a_bounded_amount_a_turn(
     assert resource.reader.reads == [(4000, 1000), (9000, 1000)]
 
 
+def test_what_waits_for_a_full_socket_is_a_small_chunk(
+    store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blobserve.serve.producer.FULL_SOCKET_CHUNK", 600)
+    writer, resource, connection = serve(store, [2000], limit=500)
+    connection.transport.drain()
+    writer.append(DATA)
+    writer.finish()
+
+    # The socket took 2000 bytes: what waits in the transport for it to
+    # drain is 600 bytes, not a whole chunk of 1000, and it is enough to
+    # pause the producer.
+    assert resource.reader.reads == [(2000, 600)]
+    assert connection.transport.producerState == "paused"
+    for _ in range(len(DATA)):
+        if connection.response()[2] == DATA:
+            break
+        connection.transport.drain()
+    assert connection.response()[2] == DATA
+    assert all(size <= 600 for _, size in resource.reader.reads)
+
+
 def test_sink_takes_turns_with_other_clients_while_the_socket_takes_all(
     store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
