@@ -37,9 +37,11 @@ log = Logger()
 CHUNK_SIZE = 256 * 1024
 
 #: The most read into the chunk that waits in the transport for a full
-#: socket, when the rest goes with C{sendfile}: that chunk is only there so
-#: that the transport pauses this producer and resumes it once the socket has
-#: drained, and the socket's own buffer keeps the client busy meanwhile. Just
+#: socket, when the rest goes with C{sendfile} but the sink cannot have the
+#: producer wait for room itself (the transport holds bytes, such as a
+#: part's head): that chunk is only there so that the transport pauses this
+#: producer and resumes it once the socket has drained, and the socket's own
+#: buffer keeps the client busy meanwhile. Just
 #: over the 64 KiB Twisted's transports buffer before they pause a producer,
 #: so one chunk does it. 32 clients catching up at once from the page cache
 #: each held a chunk: at 256 KiB the heap peaked 4.5 MiB higher (bench/'s
@@ -111,11 +113,12 @@ class FollowingProducer:
 
     It reads only while the request's transport wants data, so a slow client
     costs one chunk of memory, never more. Where the connection allows it
-    (see L{blobserve.serve.zerocopy}), whatever the socket takes at once goes with
-    C{sendfile}, straight from the page cache, and only the chunk that waits
-    for a full socket passes through this process. It sends the last byte of
-    a blob of known length only once the blob is verified, so a blob that fails
-    verification never reaches a client as a complete body: the connection is
+    (see L{blobserve.serve.zerocopy}), whatever the socket takes goes with
+    C{sendfile}, straight from the page cache, and a full socket pauses the
+    producer until it has room, with nothing read into this process. It sends
+    the last byte of a blob of known length only once the blob is verified, so
+    a blob that fails verification never reaches a client as a complete body:
+    the connection is
     aborted instead. It owns its reader and closes it when it stops, for
     whatever reason.
     """
@@ -292,14 +295,15 @@ class FollowingProducer:
                 # comes once the reactor has served everyone else.
                 self._turns.later(self._take_turn)
                 return
-            if (
-                self._sink is not None
-                and left > 0
-                and self._send_from_page_cache(
+            if self._sink is not None and left > 0:
+                if self._send_from_page_cache(
                     self._sink, min(limit, self._offset + left)
-                )
-            ):
-                continue
+                ):
+                    continue
+                if self._offset < limit and self._sink.wait_for_room():
+                    # The socket is full: paused until it has room again,
+                    # with nothing read into the process meanwhile.
+                    return
             if self._offset < limit:
                 size = min(self._chunk_size, limit - self._offset)
                 if self._sink is not None:
@@ -343,9 +347,10 @@ class FollowingProducer:
     def _send_from_page_cache(self, sink: IZeroCopySink, limit: int) -> bool:
         """
         Send what the socket takes at once, up to C{limit}, with the sink.
-        When the socket is full, what is left goes as a chunk through the
-        transport, which waits for the socket and resumes this producer once
-        it has drained.
+        When the socket is full, the sink has this producer paused until the
+        socket has room again; where it cannot, what is left goes as a chunk
+        through the transport, which waits for the socket and resumes this
+        producer once it has drained.
 
         @return: whether the socket took all that was asked of it.
         """

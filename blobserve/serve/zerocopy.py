@@ -9,8 +9,9 @@ C{sendfile}. A sink is used only between two writes through the transport, at
 a moment when the transport has nothing buffered, so the bytes it sends follow
 everything written before them, and whatever is written after them follows
 them. It never waits: when the socket is full it sends what fits and says so,
-and the caller writes its next chunk through the transport, which waits for
-the socket and resumes the caller's producer once it has drained.
+and the caller has the sink pause its producer until the socket has room
+again, as the transport would after a chunk that filled its buffer (or, where
+the sink cannot, writes its next chunk through the transport, which waits).
 
 Going around the transport relies on private parts of Twisted: how a TCP
 transport takes bytes and where it keeps those it has not sent yet. What the
@@ -23,9 +24,10 @@ L{blobserve.serve.zerocopy_check} tests, at start-up, that what it relies on hol
 from __future__ import annotations
 
 import os
-from typing import TypeGuard
+from typing import TypeGuard, cast
 
 from attrs import define
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -53,6 +55,17 @@ class IZeroCopySink(Interface):
             none when the transport holds data, the socket takes nothing now,
             or it failed (the transport's own next write then finds the
             failure and ends the connection as usual).
+        """
+
+    def wait_for_room() -> bool:
+        """
+        When the socket is full and the transport holds nothing, have the
+        response's producer paused now and resumed once the socket has room
+        again, as the transport does once its buffer fills, without a chunk
+        written through the transport to wait on.
+
+        @return: whether the producer is paused and will be resumed; if not,
+            the caller writes through the transport, which waits instead.
         """
 
     def flush() -> None:
@@ -123,6 +136,26 @@ class ConnectionSink:
             self._broken = True
             return 0
 
+    def wait_for_room(self) -> bool:
+        connection = self._connection
+        producer = connection.producer
+        if (
+            not self._writable()
+            or _buffered(connection)
+            or producer is None
+            or not connection.streamingProducer
+            or connection.producerPaused
+        ):
+            return False
+        # What the transport does when its buffer fills: pause its producer
+        # (the HTTP channel, which pauses the response's) and watch for the
+        # socket to take bytes. Once it does, the reactor's doWrite finds
+        # the buffer empty and resumes the producer it paused.
+        connection.producerPaused = True
+        cast(IPushProducer, producer).pauseProducing()
+        connection.startWriting()
+        return True
+
     def flush(self) -> None:
         connection = self._connection
         if (
@@ -176,6 +209,9 @@ class SocketSink:
         sent = self._socket.send(reader, offset, count)
         self._request.sentLength += sent
         return sent
+
+    def wait_for_room(self) -> bool:
+        return self._socket.wait_for_room()
 
     def flush(self) -> None:
         self._socket.flush()

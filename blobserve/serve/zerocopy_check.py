@@ -26,7 +26,9 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
     IListeningPort,
+    IPushProducer,
     IReactorTCP,
     IReactorTime,
     ITCPTransport,
@@ -37,6 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from blobserve.oneshot import OneShotEvent
 from blobserve.serve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
@@ -150,9 +153,11 @@ def self_test(
     """
     Check, over a real loopback connection with the running reactor and
     Twisted, what the socket sink relies on: bytes written through the
-    transport (as a response's headers), then a file sent with the sink of
-    C{sink_under} once the transport holds nothing, then bytes written
-    through the transport again, arrive in that order and nothing else does.
+    transport (as a response's headers) and flushed, then a file sent with
+    the sink of C{sink_under} once the transport holds nothing, then bytes
+    written through the transport again, arrive in that order and nothing
+    else does; and a producer the sink pauses to wait for room in the socket
+    is resumed by the reactor.
 
     @return: fires once they did, and the connection and listening port are
         closed. Fails with L{SelfTestFailed} if the bytes came otherwise or
@@ -199,12 +204,22 @@ async def _self_test(
                 f"no sink for a loopback connection, {_layers(transport)}"
             )
         transport.write(_PREFIX)
+        sink.flush()
         sent = 0
         while sent < len(content):
             taken = sink.send(reader, sent, len(content) - sent)
             sent += taken
             if not taken:
                 await deferLater(clock, _RETRY_DELAY)
+        # As when the socket is full: the producer paused, and resumed by the
+        # reactor once the socket takes bytes (here at once: it has room).
+        waiting = _Waiting()
+        consumer = cast(IConsumer, transport)
+        consumer.registerProducer(waiting, True)
+        if not sink.wait_for_room():
+            raise SelfTestFailed("the sink cannot have a producer wait for room")
+        await waiting.resumed
+        consumer.unregisterProducer()
         transport.write(_SUFFIX)
         transport.loseConnection()
         received = await client.lost
@@ -235,6 +250,26 @@ class _Peer(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost.callback(b"".join(self._received))
+
+
+@implementer(IPushProducer)
+class _Waiting:
+    """
+    A producer with nothing to send, that tells when it is resumed.
+    """
+
+    def __init__(self) -> None:
+        self.resumed: Deferred[None] = Deferred()
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        if not self.resumed.called:
+            self.resumed.callback(None)
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class _Refused(Protocol):

@@ -168,6 +168,9 @@ class WideSink:
         self.sent += len(data)
         return len(data)
 
+    def wait_for_room(self) -> bool:
+        return False
+
     def flush(self) -> None:
         pass
 

@@ -17,7 +17,7 @@ from functools import partial
 from http.client import HTTPSConnection
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -33,6 +33,7 @@ from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
 )
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import KeyPair
 from twisted.internet.task import Clock
@@ -69,11 +70,15 @@ class ScriptedSink:
     bytes), and puts what it takes straight on the wire.
     """
 
-    def __init__(self, transport: ClientTransport, amounts: list[int]) -> None:
+    def __init__(
+        self, transport: ClientTransport, amounts: list[int], waits: bool = True
+    ) -> None:
         self._transport = transport
         self._amounts = iter(amounts)
+        self._waits = waits
         self.sent = 0
         self.flushed = 0
+        self.waited = 0
         self.asked: list[int] = []
 
     def send(self, reader: BlobReader, offset: int, count: int) -> int:
@@ -88,6 +93,22 @@ class ScriptedSink:
         self.sent += len(data)
         return len(data)
 
+    def wait_for_room(self) -> bool:
+        # As the socket sink: only while the transport holds nothing and has
+        # its producer running; the client's next read (drain) resumes it.
+        transport = self._transport
+        if (
+            not self._waits
+            or len(transport.value()) > transport._sent
+            or transport.producer is None
+            or transport.producerState == "paused"
+        ):
+            return False
+        self.waited += 1
+        transport.producerState = "paused"
+        transport.producer.pauseProducing()
+        return True
+
     def flush(self) -> None:
         # The socket takes whatever the transport holds, unless its producer
         # is paused: then the sink must leave the bytes to the reactor.
@@ -101,15 +122,16 @@ class SinkResource(FollowingResource):
     Serves one blob with a producer that has a L{ScriptedSink}.
     """
 
-    def __init__(self, *args: Any, amounts: list[int]) -> None:
+    def __init__(self, *args: Any, amounts: list[int], waits: bool = True) -> None:
         super().__init__(*args)
         self.amounts = amounts
+        self.waits = waits
         self.sinks: list[ScriptedSink] = []
 
     def sink_for(self, request: Request) -> ScriptedSink:
         transport = request.channel.transport
         assert isinstance(transport, ClientTransport)
-        sink = ScriptedSink(transport, self.amounts)
+        sink = ScriptedSink(transport, self.amounts, self.waits)
         self.sinks.append(sink)
         return sink
 
@@ -120,12 +142,12 @@ def store(tmp_path: Path) -> DirectoryBlobStore:
 
 
 def serve(
-    store: DirectoryBlobStore, amounts: list[int], limit: int
+    store: DirectoryBlobStore, amounts: list[int], limit: int, waits: bool = True
 ) -> tuple[ChunkWriter, SinkResource, Connection]:
     temporary = store.create_temporary(DIGEST)
     writer = ChunkWriter(temporary, len(DATA))
     reader = CountingReader(temporary.open_reader())
-    resource = SinkResource(reader, writer, len(DATA), amounts=amounts)
+    resource = SinkResource(reader, writer, len(DATA), amounts=amounts, waits=waits)
     connection = connect(resource)
     connection.transport.buffer_limit = limit
     connection.request("GET", "/blob")
@@ -142,15 +164,17 @@ def pieces(data: bytes, cuts: list[int]) -> Iterator[bytes]:
     amounts=st.lists(st.integers(0, 4000), max_size=20),
     cuts=st.lists(st.integers(0, len(DATA)), max_size=8),
     limit=st.integers(100, 5000),
+    waits=st.booleans(),
 )
 def test_every_byte_arrives_in_order_whatever_the_sink_takes(
     tmp_path_factory: pytest.TempPathFactory,
     amounts: list[int],
     cuts: list[int],
     limit: int,
+    waits: bool,
 ) -> None:
     store = store_at(tmp_path_factory.mktemp("s"))
-    writer, resource, connection = serve(store, amounts, limit)
+    writer, resource, connection = serve(store, amounts, limit, waits)
     for piece in pieces(DATA, cuts):
         writer.append(piece)
         connection.transport.drain()
@@ -206,14 +230,14 @@ def test_what_waits_for_a_full_socket_is_a_small_chunk(
     store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("blobserve.serve.producer.FULL_SOCKET_CHUNK", 600)
-    writer, resource, connection = serve(store, [2000], limit=500)
+    writer, resource, connection = serve(store, [2000], limit=500, waits=False)
     connection.transport.drain()
     writer.append(DATA)
     writer.finish()
 
-    # The socket took 2000 bytes: what waits in the transport for it to
-    # drain is 600 bytes, not a whole chunk of 1000, and it is enough to
-    # pause the producer.
+    # The socket took 2000 bytes and the sink cannot wait for room: what
+    # waits in the transport for it to drain is 600 bytes, not a whole chunk
+    # of 1000, and it is enough to pause the producer.
     assert resource.reader.reads == [(2000, 600)]
     assert connection.transport.producerState == "paused"
     for _ in range(len(DATA)):
@@ -222,6 +246,30 @@ def test_what_waits_for_a_full_socket_is_a_small_chunk(
         connection.transport.drain()
     assert connection.response()[2] == DATA
     assert all(size <= 600 for _, size in resource.reader.reads)
+
+
+def test_a_full_socket_pauses_the_producer_with_nothing_read_into_the_process(
+    store: DirectoryBlobStore,
+) -> None:
+    writer, resource, connection = serve(store, [2000, 3000], limit=500)
+    writer.append(DATA)
+    writer.finish()
+
+    # The socket took 2000 bytes: the producer waits for room, paused, with
+    # no chunk read to wait in the transport.
+    sink = resource.sinks[0]
+    assert (sink.sent, sink.waited) == (2000, 1)
+    assert connection.transport.producerState == "paused"
+    assert resource.reader.reads == []
+    connection.transport.drain()
+    assert (sink.sent, sink.waited) == (5000, 2)
+    for _ in range(len(DATA)):
+        if connection.response()[2] == DATA:
+            break
+        connection.transport.drain()
+    assert connection.response()[2] == DATA
+    assert sink.sent == len(DATA)
+    assert resource.reader.reads == []
 
 
 def test_sink_takes_turns_with_other_clients_while_the_socket_takes_all(
@@ -508,6 +556,68 @@ def test_socket_sink_leaves_held_bytes_to_the_reactor_when_flushing_does_more(
         setattr(plain.transport, state, False)
 
 
+@implementer(IPushProducer)
+class CountingProducer:
+    """
+    A response's producer that counts how often it was paused and resumed.
+    """
+
+    paused = 0
+    resumed = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def test_socket_sink_has_its_producer_wait_for_room_in_a_full_socket(
+    plain: PlainConnection, tmp_path: Path
+) -> None:
+    size = 32 << 20
+    (tmp_path / "big").write_bytes(os.urandom(size))
+    reader = BlobReader(os.open(tmp_path / "big", os.O_RDONLY))
+    producer = CountingProducer()
+    plain.start(size)
+    plain.request.registerProducer(producer, True)
+    sink = SocketSink.under(plain.request)
+    assert sink is not None
+    sink.flush()
+    # The peer reads nothing: the socket is full long before the file ends.
+    assert 0 < sink.send(reader, 0, size) < size
+
+    # Paused now, with the reactor watching for room in the socket.
+    assert sink.wait_for_room()
+    assert (producer.paused, producer.resumed) == (1, 0)
+    assert plain.transport in plain.transport.reactor.getWriters()
+    # The client reads; the reactor finds the socket writable, and the
+    # transport, holding nothing, resumes the response.
+    plain.peer.recv(1 << 20)
+    plain.transport.doWrite()
+    assert (producer.paused, producer.resumed) == (1, 1)
+    assert plain.transport not in plain.transport.reactor.getWriters()
+    reader.close()
+
+
+def test_socket_sink_has_no_producer_wait_while_the_transport_holds_bytes(
+    plain: PlainConnection,
+) -> None:
+    producer = CountingProducer()
+    plain.start(len(DATA))
+    plain.request.registerProducer(producer, True)
+    sink = SocketSink.under(plain.request)
+    assert sink is not None
+
+    # The headers wait in the transport: it will resume its producer itself
+    # once they are written, so the caller writes through it.
+    assert not sink.wait_for_room()
+    assert producer.paused == 0
+
+
 def test_socket_sink_stops_after_a_lasting_failure(
     plain: PlainConnection, reader: BlobReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -684,6 +794,9 @@ class SendingNothing:
     def send(self, reader: BlobReader, offset: int, count: int) -> int:
         return 0
 
+    def wait_for_room(self) -> bool:
+        return False
+
     def flush(self) -> None:
         pass
 
@@ -720,6 +833,25 @@ def socket_never_taking(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return {"sink_under": lambda transport: SendingNothing(), "timeout": 0.2}
 
 
+def producers_never_waiting(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    # A Twisted whose transport the sink cannot pause for room.
+    monkeypatch.setattr(ConnectionSink, "wait_for_room", lambda sink: False)
+    return {}
+
+
+def producers_never_resumed(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    # A Twisted that never tells a transport holding nothing that its socket
+    # has room: the producer is paused and stays so.
+    def pausing(sink: ConnectionSink) -> bool:
+        connection = sink._connection
+        connection.producerPaused = True
+        cast(IPushProducer, connection.producer).pauseProducing()
+        return True
+
+    monkeypatch.setattr(ConnectionSink, "wait_for_room", pausing)
+    return {"timeout": 0.5}
+
+
 def sink_raising(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     def raising(transport: object) -> IZeroCopySink:
         raise RuntimeError("unexpected")
@@ -734,6 +866,8 @@ def sink_raising(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         (sendfile_sending_other_bytes, "as they were sent"),
         (wrappers_setting_write, "no sink for a loopback connection"),
         (socket_never_taking, "it took too long"),
+        (producers_never_waiting, "cannot have a producer wait for room"),
+        (producers_never_resumed, "it took too long"),
         (sink_raising, "RuntimeError: unexpected"),
     ],
 )
