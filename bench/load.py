@@ -14,11 +14,11 @@ server can send when its clients cost it nothing. L{pull_image} pulls a whole
 image the way containerd does.
 
 Every kind also notes its first byte at the wire: the kernel stamps each
-packet with the time it arrived (C{SO_TIMESTAMPNS}), so the seconds from
-sending the request to the first response byte reaching the client's socket
-count what the server took, not how long the client's own thread, one of
-many on the same cores, waited for the CPU or the GIL before connecting or
-after the byte arrived.
+packet with the time it left or arrived (C{SO_TIMESTAMPING}), so the seconds
+from the request leaving the client's socket to the first response byte
+reaching it count what the server took, not how long the client's own
+thread, one of many on the same cores, waited for the CPU or the GIL before
+its request went or after the byte arrived.
 """
 
 from __future__ import annotations
@@ -54,11 +54,17 @@ IMAGE_ACCEPT = ", ".join(
 LAYERS_AT_ONCE = 3
 _BUFFER = 256 * 1024
 _READ1 = 1024 * 1024
-#: Linux's C{SO_TIMESTAMPNS} (its C{SCM_TIMESTAMPNS} too), which Python's
-#: socket module does not name: a socket with it on is told, with what it
-#: receives, when the kernel received it, as a C{struct timespec}.
-_SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("qq")
+#: Linux's C{SO_TIMESTAMPING} (its C{SCM_TIMESTAMPING} too), which Python's
+#: socket module does not name, and the flags asking for the kernel's
+#: software stamps of what a socket sends (as the packet reaches the device,
+#: reported on the error queue without the packet) and receives:
+#: C{TX_SOFTWARE | RX_SOFTWARE | SOFTWARE | OPT_TSONLY}.
+_SO_TIMESTAMPING = 37
+_STAMPS = (1 << 1) | (1 << 3) | (1 << 4) | (1 << 11)
+#: What a stamp comes as: three C{struct timespec}, the software one first.
+_TIMESTAMPING = struct.Struct("qqqqqq")
+#: Room for a stamp and the error that carries a sent packet's stamp.
+_ANCILLARY = 256
 T = TypeVar("T")
 
 
@@ -109,11 +115,12 @@ def fetch(
     hasher = hashlib.sha256() if hash_body else None
     with socket.create_connection((parts.hostname, parts.port), timeout) as s:
         ranged = f"Range: {byte_range}\r\n" if byte_range else ""
-        sent = _stamped(s)
+        sending = _stamped(s)
         s.sendall(
             f"GET {parts.path} HTTP/1.0\r\nHost: {parts.netloc}\r\n"
             f"Accept: {accept}\r\n{ranged}\r\n".encode()
         )
+        sent = _departure(s, sending)
         wire_first_byte = _arrival(s) - sent
         head = b""
         first_byte = 0.0
@@ -156,8 +163,9 @@ def fetch_read1(url: str, hash_body: bool = True, timeout: float = 600) -> Fetch
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         connection.connect()
-        sent = _stamped(connection.sock)
+        sending = _stamped(connection.sock)
         connection.request("GET", parts.path, headers={"Accept": "*/*"})
+        sent = _departure(connection.sock, sending)
         wire_first_byte = _arrival(connection.sock) - sent
         response = connection.getresponse()
         first_byte = time.monotonic() - started
@@ -177,11 +185,30 @@ def fetch_read1(url: str, hash_body: bool = True, timeout: float = 600) -> Fetch
 
 def _stamped(connection: socket.socket) -> float:
     """
-    Have the kernel stamp what C{connection} receives with the time it
-    arrived: the time now, on the same clock, to measure from.
+    Have the kernel stamp what C{connection} sends and receives with the
+    time it left or arrived: the time now, on the same clock, for a request
+    whose stamp does not come.
     """
-    connection.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    connection.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPING, _STAMPS)
     return time.time()
+
+
+def _departure(connection: socket.socket, otherwise: float) -> float:
+    """
+    When the request just sent on C{connection}, which must be L{_stamped},
+    left it, by the kernel's stamp; C{otherwise} if none has come.
+    """
+    timeout = connection.gettimeout()
+    # Not readable however long it waits: only an error queue is there.
+    connection.settimeout(0)
+    try:
+        _, ancillary, _, _ = connection.recvmsg(1, _ANCILLARY, socket.MSG_ERRQUEUE)
+    except BlockingIOError:
+        return otherwise
+    finally:
+        connection.settimeout(timeout)
+    stamp = _stamp(ancillary)
+    return otherwise if stamp is None else stamp
 
 
 def _arrival(connection: socket.socket) -> float:
@@ -190,14 +217,21 @@ def _arrival(connection: socket.socket) -> float:
     L{_stamped}, and leave it there to be read: when it arrived, by the
     kernel's stamp (or now, on a connection closed without a byte).
     """
-    data, ancillary, _, _ = connection.recvmsg(
-        1, socket.CMSG_SPACE(_TIMESPEC.size), socket.MSG_PEEK
-    )
-    for level, kind, stamp in ancillary:
-        if data and level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-            seconds, nanoseconds = _TIMESPEC.unpack(stamp[: _TIMESPEC.size])
-            return float(seconds + nanoseconds / 1e9)
-    return time.time()
+    data, ancillary, _, _ = connection.recvmsg(1, _ANCILLARY, socket.MSG_PEEK)
+    stamp = _stamp(ancillary) if data else None
+    return time.time() if stamp is None else stamp
+
+
+def _stamp(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    """
+    The kernel's software stamp among a message's C{ancillary} data, if any.
+    """
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPING:
+            seconds, nanoseconds, *_ = _TIMESTAMPING.unpack_from(data)
+            if seconds or nanoseconds:
+                return float(seconds + nanoseconds / 1e9)
+    return None
 
 
 def fetch_drain(url: str, hash_body: bool = False, timeout: float = 600) -> Fetch:
