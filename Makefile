@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := apache2-utils chromium containerd docker-registry haproxy nginx-light skopeo systemd trafficserver varnish
+DEBIAN_PACKAGES := apache2-utils chromium containerd docker-registry haproxy nginx-light skopeo systemd trafficserver varnish wrk
 
 .PHONY: run test bench debian-packages
 

@@ -704,8 +704,10 @@ class Bench:
 
     def small(self, names: Sequence[str], seconds: int) -> None:
         """
-        Cached 4 KiB blobs and C{HEAD} of a cached manifest by tag, from
-        each blobserve of C{names} and from docker-registry serving what it
+        Cached 4 KiB blobs (with wrk, over HTTP/1.1 connections kept alive
+        as registry clients keep theirs) and C{HEAD} of a cached manifest by
+        tag (with ApacheBench, a new connection per request), from each
+        blobserve of C{names} and from docker-registry serving what it
         stores itself.
         """
         layer = os.urandom(4096)
@@ -734,7 +736,7 @@ class Bench:
         manifest: str,
         seconds: int,
     ) -> None:
-        blobs = load.ab(url + blob, seconds, 16)
+        blobs = load.wrk(url + blob, seconds, 16)
         heads = load.ab(url + manifest, seconds, 16, head=True)
         self.record(
             {

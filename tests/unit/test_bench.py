@@ -257,3 +257,44 @@ def test_the_machines_cpu_time_counts_this_process_working() -> None:
         pass
     # In whole clock ticks, and other processes only add to it.
     assert servers.machine_cpu_seconds() - before >= 0.08
+
+
+WRK_REPORT = """Running 5s test @ http://127.0.0.1:8080/v2/small/blobs/sha256:ab
+  2 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     7.93ms    2.04ms  30.02ms   87.88%
+    Req/Sec     1.01k    88.10     1.19k    73.00%
+  Latency Distribution
+     50%  {p50}
+     75%    8.35ms
+     90%    9.57ms
+     99%  {p99}
+  10102 requests in 5.01s, 41.62MB read
+{errors}Requests/sec:   2016.51
+Transfer/sec:      8.31MB
+"""
+
+
+@pytest.mark.parametrize(
+    ("p99", "ms"), [("15.39ms", 15.39), ("812.00us", 0.812), ("1.20s", 1200.0)]
+)
+def test_wrk_figures_are_its_rate_and_99th_percentile_in_ms(
+    p99: str, ms: float
+) -> None:
+    report = WRK_REPORT.format(p50="7.62ms", p99=p99, errors="")
+    figures = load.wrk_figures(report)
+    assert figures.requests_per_second == 2016.51
+    assert figures.p99_ms == pytest.approx(ms)
+
+
+@pytest.mark.parametrize(
+    "errors",
+    [
+        "  Non-2xx or 3xx responses: 12\n",
+        "  Socket errors: connect 0, read 3, write 0, timeout 0\n",
+    ],
+)
+def test_a_wrk_run_with_errors_fails(errors: str) -> None:
+    report = WRK_REPORT.format(p50="7.62ms", p99="15.39ms", errors=errors)
+    with pytest.raises(RuntimeError, match="wrk saw failed requests"):
+        load.wrk_figures(report)
