@@ -48,6 +48,12 @@ CHUNK_SIZE = 256 * 1024
 #: cold 256 MiB with 4 segments: 65-66 MiB of RSS, 61 with 80 KiB).
 FULL_SOCKET_CHUNK = 80 * 1024
 
+#: The largest body sent through the transport, behind its headers, where
+#: C{sendfile} could send it: one write of both is one system call and,
+#: for the 4 KiB of a config blob, one packet, where C{sendfile} after the
+#: headers makes two of each.
+SMALL_BODY = 16 * 1024
+
 #: The most a producer sends with C{sendfile} in one of its turns: on a cold
 #: page cache that reads from disk in the reactor's thread, and a client that
 #: takes everything at once must not keep the others waiting. (What all
@@ -183,6 +189,8 @@ class FollowingProducer:
         self._released: OneShotEvent[None] = OneShotEvent()
         self._sink_for = sink_for
         self._sink: IZeroCopySink | None = None
+        # Where a small body, sent through the transport, is flushed.
+        self._flushed: IZeroCopySink | None = None
         if turns is None and clock is not None:
             turns = TurnScheduler(clock)
         self._turns = turns
@@ -204,12 +212,18 @@ class FollowingProducer:
             # Clients give up on a response whose headers do not come: send
             # them now, not with the first body byte.
             self._request.write(b"")
-            self._sink = self._sink_for(self._request)
-            if self._sink is not None:
+            sink = self._sink_for(self._request)
+            if sink is not None and self._small():
+                # A small body goes through the transport behind its headers,
+                # and both in one write at the end of the turn: sendfile
+                # would cost a system call and a packet of its own.
+                self._flushed = sink
+            elif sink is not None:
                 # The headers on the wire now, not in the reactor's next
                 # round: the first bytes of the body can then follow them
                 # with the sink in this one.
-                self._sink.flush()
+                self._sink = sink
+                sink.flush()
             self._request.registerProducer(self, True)
         except BaseException:
             self._release()
@@ -274,9 +288,21 @@ class FollowingProducer:
         before = self._sent
         try:
             self._send_available(before + min(allowance, SEND_PER_TURN))
+            if self._flushed is not None:
+                self._flushed.flush()
         except Exception:
             self._abort(Failure())
         return self._sent - before
+
+    def _small(self) -> bool:
+        """
+        Whether the body is no more than L{SMALL_BODY} bytes, in one stretch.
+        """
+        return (
+            self._end is not None
+            and not self._spans
+            and self._end - self._offset <= SMALL_BODY
+        )
 
     def _send_available(self, until: int) -> None:
         """

@@ -152,6 +152,14 @@ def test_a_turn_that_raises_is_logged_and_keeps_no_one_waiting() -> None:
     ] * 2
 
 
+@pytest.fixture(autouse=True)
+def sink_for_every_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    # These blobs are a few KiB: bodies that small go through the transport
+    # (see test_a_small_body_goes_with_its_headers_in_one_write), and these
+    # tests pin how bodies go with the sink.
+    monkeypatch.setattr("blobserve.serve.producer.SMALL_BODY", 0)
+
+
 @implementer(IZeroCopySink)
 class WideSink:
     """

@@ -136,6 +136,14 @@ class SinkResource(FollowingResource):
         return sink
 
 
+@pytest.fixture(autouse=True)
+def sink_for_every_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    # These blobs are a few KiB: bodies that small go through the transport
+    # (see test_a_small_body_goes_with_its_headers_in_one_write), and these
+    # tests pin how bodies go with the sink.
+    monkeypatch.setattr("blobserve.serve.producer.SMALL_BODY", 0)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> DirectoryBlobStore:
     return store_at(str(tmp_path))
@@ -204,6 +212,26 @@ def test_sink_carries_the_body_when_the_socket_takes_it(
     # the sink, none was read into this process.
     assert resource.sinks[0].sent == len(DATA)
     assert resource.reader.reads == []
+
+
+def test_a_small_body_goes_with_its_headers_in_one_write(
+    store: DirectoryBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blobserve.serve.producer.SMALL_BODY", len(DATA))
+    temporary = store.create_temporary(DIGEST)
+    temporary.write(DATA)
+    reader = CountingReader(temporary.open_reader())
+    resource = SinkResource(reader, CompleteBlob(len(DATA)), len(DATA), amounts=[])
+    connection = connect(resource)
+    connection.request("GET", "/blob")
+
+    # Read into the process behind the headers, and both flushed together at
+    # the end of the first turn: nothing went with sendfile.
+    sink = resource.sinks[0]
+    assert sink.sent == 0
+    assert sum(size for _, size in reader.reads) == len(DATA)
+    assert connection.response()[2] == DATA
+    assert sink.flushed == len(connection.transport.value())
 
 
 def test_sink_sends_a_bounded_amount_a_turn(
