@@ -51,6 +51,7 @@ from blobserve.ops.logs import (
     CannotLogThere,
     check_destination,
     twistd_json_observer,
+    twistd_text_observer,
 )
 from blobserve.ops.metrics import Figures, Metrics, MetricsPage
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
@@ -779,6 +780,22 @@ def raise_descriptor_limit(needed: int) -> int:
     return soft
 
 
+def _log_observer(options: Options) -> Callable[[], ILogObserver] | None:
+    """
+    What makes the log observer of C{options}' C{--log-format}, where
+    blobserve writes its log in twistd's place; L{None} where twistd writes
+    it (its syslog, or a daemon's standard output, which it refuses).
+    """
+    twistd = options.twistd_options()
+    if options["log-format"] == "json":
+        return partial(twistd_json_observer, twistd)
+    try:
+        check_destination(twistd)
+    except CannotLogThere:
+        return None
+    return partial(twistd_text_observer, twistd)
+
+
 class _BlobserveService(StopInOrder):
     """
     blobserve's services, stopped in order, which give the twistd
@@ -1017,11 +1034,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         node_name=options["node-name"],
     )
 
-    service = _BlobserveService(
-        partial(twistd_json_observer, options.twistd_options())
-        if options["log-format"] == "json"
-        else None
-    )
+    service = _BlobserveService(_log_observer(options))
 
     # Once the index is loaded, a store over a limit lowered since the last
     # run is evicted down at once, not at the next commit.

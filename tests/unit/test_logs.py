@@ -16,13 +16,19 @@ from typing import Any, cast
 import pytest
 from twisted.application.service import Application
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatTime,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.python.usage import UsageError
 from twisted.scripts._twistd_unix import ServerOptions
 
-from blobserve.ops.logs import json_line, log_destination
+from blobserve.ops.logs import SecondStamps, json_line, log_destination
 from blobserve.tap import Options, makeService
 
 
@@ -166,12 +172,45 @@ def test_json_lines_replace_twistds_text_in_the_logfile(
     assert json.loads(path.read_text())["text"] == "hello"
 
 
-def test_text_leaves_the_log_to_twistd(tmp_path: Path) -> None:
+def test_text_lines_are_twistds_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     options = twistd("--nodaemon", "blobserve", "--storage", str(tmp_path))
     assert options.subOptions["log-format"] == "text"
     application = Application("blobserve")
     makeService(options.subOptions, MemoryReactor()).setServiceParent(application)
+    observer = application.getComponent(ILogObserver)
+    twistds = io.StringIO()
+    # Events a second apart, and two within one second, either side of its
+    # middle: each line says its own second.
+    for who, when in [("a", 1e9 + 0.9), ("b", 1e9 + 1.2), ("c", 1e9 + 1.7)]:
+        said = {**event(format="hello {who}", who=who), "log_time": when}
+        observer(said)
+        textFileLogObserver(twistds)(said)
+    assert capsys.readouterr().out == twistds.getvalue()
+    assert len({line[:24] for line in twistds.getvalue().splitlines()}) == 2
+
+
+def test_text_leaves_the_log_to_twistds_syslog(tmp_path: Path) -> None:
+    options = twistd("--syslog", "blobserve", "--storage", str(tmp_path))
+    application = Application("blobserve")
+    makeService(options.subOptions, MemoryReactor()).setServiceParent(application)
     assert application.getComponent(ILogObserver) is None
+
+
+def test_each_second_is_formatted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    formatted: list[float | None] = []
+
+    def counting(when: float | None, time_format: str) -> str:
+        formatted.append(when)
+        return formatTime(when, time_format)
+
+    monkeypatch.setattr("blobserve.ops.logs.formatTime", counting)
+    stamps = SecondStamps()
+    said = [stamps(when) for when in (10.1, 10.9, 11.0, 11.5, 9.99)]
+    assert said == [formatTime(when) for when in (10, 10, 11, 11, 9)]
+    assert formatted == [10, 11, 9]
+    assert stamps(None) == "-"
 
 
 @pytest.mark.parametrize(
