@@ -470,8 +470,8 @@ def ab(url: str, seconds: int, connections: int, head: bool = False) -> Throughp
 
 
 #: wrk's latencies: a number and its unit.
-_WRK_LATENCY = re.compile(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", re.M)
-_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+_WRK_LATENCY = re.compile(r"^\s+99%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
 
 def wrk(url: str, seconds: int, connections: int) -> Throughput:

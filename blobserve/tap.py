@@ -784,9 +784,14 @@ def _log_observer(options: Options) -> Callable[[], ILogObserver] | None:
     """
     What makes the log observer of C{options}' C{--log-format}, where
     blobserve writes its log in twistd's place; L{None} where twistd writes
-    it (its syslog, or a daemon's standard output, which it refuses).
+    it (its syslog, or a daemon's standard output, which it refuses), where
+    twistd's C{--logger} names another observer, and where blobserve runs
+    under something else than twistd (C{twist}), whose log is its own: the
+    observer opens its file at once.
     """
     twistd = options.twistd_options()
+    if "nodaemon" not in twistd or twistd.get("logger"):
+        return None
     if options["log-format"] == "json":
         return partial(twistd_json_observer, twistd)
     try:

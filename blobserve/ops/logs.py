@@ -149,16 +149,18 @@ class SecondStamps:
 
     def __init__(self, time_format: str = timeFormatRFC3339) -> None:
         self._format = time_format
-        self._second: int | None = None
-        self._text = ""
+        # One tuple, replaced whole: threads that log see a second and its
+        # text together.
+        self._last: tuple[int, str] | None = None
 
     def __call__(self, when: float | None) -> str:
         if when is None:
             return formatTime(when, self._format)
         second = math.floor(when)
-        if second != self._second:
-            self._second, self._text = second, formatTime(second, self._format)
-        return self._text
+        last = self._last
+        if last is None or last[0] != second:
+            last = self._last = (second, formatTime(second, self._format))
+        return last[1]
 
 
 def twistd_text_observer(twistd: Mapping[str, Any]) -> ILogObserver:

@@ -378,7 +378,10 @@ class FollowingProducer:
         through the transport, which waits for the socket and resumes this
         producer once it has drained.
 
-        @return: whether the socket took all that was asked of it.
+        @return: whether the socket took any of it: if so, the caller asks
+            again, and the sink's next answer tells a full socket (nothing,
+            and it can wait for room) from a file that ended (nothing, and
+            the read that follows finds it short).
         """
         count = limit - self._offset
         if count <= 0:
@@ -388,7 +391,7 @@ class FollowingProducer:
         self._sent += sent
         if sent and self._on_first_byte is not None:
             self._first_byte()
-        return sent == count
+        return sent > 0
 
     def _first_byte(self) -> None:
         told, self._on_first_byte = self._on_first_byte, None

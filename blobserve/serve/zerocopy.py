@@ -51,18 +51,19 @@ class IZeroCopySink(Interface):
         Send up to C{count} bytes of C{reader}'s file from C{offset}, if the
         transport has nothing buffered that would have to go first.
 
-        @return: how many bytes went: C{count}, fewer when the socket is full,
-            none when the transport holds data, the socket takes nothing now,
-            or it failed (the transport's own next write then finds the
-            failure and ends the connection as usual).
+        @return: how many bytes went: C{count}, fewer when the socket took
+            no more or the file ended, none when the transport holds data,
+            the socket takes nothing now, the file has no bytes at
+            C{offset}, or it failed (the transport's own next write then
+            finds the failure and ends the connection as usual).
         """
 
     def wait_for_room() -> bool:
         """
-        When the socket is full and the transport holds nothing, have the
-        response's producer paused now and resumed once the socket has room
-        again, as the transport does once its buffer fills, without a chunk
-        written through the transport to wait on.
+        When the last L{send} found the socket full and the transport holds
+        nothing, have the response's producer paused now and resumed once
+        the socket has room again, as the transport does once its buffer
+        fills, without a chunk written through the transport to wait on.
 
         @return: whether the producer is paused and will be resumed; if not,
             the caller writes through the transport, which waits instead.
@@ -91,6 +92,10 @@ class ConnectionSink:
 
     _connection: Connection
     _broken: bool = False
+    # Whether the last send found the socket taking nothing: only then is
+    # there room to wait for (sendfile taking nothing may also mean that the
+    # file ended early, which only a read tells).
+    _full: bool = False
 
     @classmethod
     def under(cls, transport: object) -> ConnectionSink | None:
@@ -126,11 +131,13 @@ class ConnectionSink:
 
     def send(self, reader: BlobReader, offset: int, count: int) -> int:
         connection = self._connection
+        self._full = False
         if not self._writable() or _buffered(connection):
             return 0
         try:
             return os.sendfile(connection.fileno(), reader.fileno(), offset, count)
         except BlockingIOError:
+            self._full = True
             return 0
         except OSError:
             self._broken = True
@@ -140,7 +147,8 @@ class ConnectionSink:
         connection = self._connection
         producer = connection.producer
         if (
-            not self._writable()
+            not self._full
+            or not self._writable()
             or _buffered(connection)
             or producer is None
             or not connection.streamingProducer
@@ -162,6 +170,7 @@ class ConnectionSink:
             not self._writable()
             or getattr(connection, "_writeDisconnecting", True)
             or connection.producerPaused
+            or (connection.producer is not None and not connection.streamingProducer)
             or not _buffered(connection)
         ):
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterable
+from socket import SO_SNDBUF, SOL_SOCKET, socket
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -31,10 +32,10 @@ from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTCP,
     IReactorTime,
+    ISystemHandle,
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -133,12 +134,15 @@ class SelfTestFailed(Exception):
 
 #: What the self-test writes through the transport before and after the
 #: file: a response's headers, and the next response on the connection.
-_FILE_SIZE = 64 * 1024
+#: The file is larger than what a socket with L{_SEND_BUFFER} and a peer
+#: that has read nothing take, so that the socket fills.
+_FILE_SIZE = 1024 * 1024
 _PREFIX = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % _FILE_SIZE
 _SUFFIX = b"HTTP/1.1 304 Not Modified\r\n\r\n"
 
-#: Seconds between the self-test's tries while the transport holds bytes.
-_RETRY_DELAY = 0.005
+#: The self-test's socket's send buffer (the kernel doubles it), small so
+#: that it fills soon.
+_SEND_BUFFER = 16 * 1024
 
 #: Seconds the self-test waits for its connection and port to close.
 _CLOSE_TIMEOUT = 1.0
@@ -195,6 +199,8 @@ async def _self_test(
         await TCP4ClientEndpoint(reactor, "127.0.0.1", address.port).connect(
             _Quiet(client)
         )
+        # The client reads nothing until the socket is full.
+        cast(IPushProducer, client.transport).pauseProducing()
         await server.peer.made
         transport = server.peer.transport
         assert transport is not None
@@ -203,22 +209,29 @@ async def _self_test(
             raise SelfTestFailed(
                 f"no sink for a loopback connection, {_layers(transport)}"
             )
-        transport.write(_PREFIX)
-        sink.flush()
-        sent = 0
-        while sent < len(content):
-            taken = sink.send(reader, sent, len(content) - sent)
-            sent += taken
-            if not taken:
-                await deferLater(clock, _RETRY_DELAY)
-        # As when the socket is full: the producer paused, and resumed by the
-        # reactor once the socket takes bytes (here at once: it has room).
+        handle = cast(socket, cast(ISystemHandle, transport).getHandle())
+        handle.setsockopt(SOL_SOCKET, SO_SNDBUF, _SEND_BUFFER)
         waiting = _Waiting()
         consumer = cast(IConsumer, transport)
         consumer.registerProducer(waiting, True)
-        if not sink.wait_for_room():
-            raise SelfTestFailed("the sink cannot have a producer wait for room")
-        await waiting.resumed
+        transport.write(_PREFIX)
+        sink.flush()
+        sent = waits = 0
+        while sent < len(content):
+            taken = sink.send(reader, sent, len(content) - sent)
+            sent += taken
+            if taken:
+                continue
+            # The socket is full: the producer waits, paused, until the
+            # reactor finds room once the client reads.
+            resumed = waiting.resumed()
+            if not sink.wait_for_room():
+                raise SelfTestFailed("the sink cannot have a producer wait for room")
+            waits += 1
+            cast(IPushProducer, client.transport).resumeProducing()
+            await resumed
+        if not waits:
+            raise SelfTestFailed("the socket never filled")
         consumer.unregisterProducer()
         transport.write(_SUFFIX)
         transport.loseConnection()
@@ -259,14 +272,22 @@ class _Waiting:
     """
 
     def __init__(self) -> None:
-        self.resumed: Deferred[None] = Deferred()
+        self._resumed: Deferred[None] | None = None
+
+    def resumed(self) -> Deferred[None]:
+        """
+        Fire when this producer is next resumed.
+        """
+        self._resumed = Deferred()
+        return self._resumed
 
     def pauseProducing(self) -> None:
         pass
 
     def resumeProducing(self) -> None:
-        if not self.resumed.called:
-            self.resumed.callback(None)
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.callback(None)
 
     def stopProducing(self) -> None:
         pass

@@ -261,6 +261,8 @@ class ClientTransport(StringTransport):
     aborted = False
     buffer_limit: int | None = None
     _sent = 0
+    #: How many times the client has read everything (L{drain}).
+    drains = 0
 
     def abortConnection(self) -> None:
         self.aborted = True
@@ -282,6 +284,7 @@ class ClientTransport(StringTransport):
         """
         Act as if the client read everything: resume the producer.
         """
+        self.drains += 1
         self._sent = len(self.io.getvalue())
         if self.producer is not None and self.producerState == "paused":
             self.producerState = "producing"

@@ -276,7 +276,13 @@ Transfer/sec:      8.31MB
 
 
 @pytest.mark.parametrize(
-    ("p99", "ms"), [("15.39ms", 15.39), ("812.00us", 0.812), ("1.20s", 1200.0)]
+    ("p99", "ms"),
+    [
+        ("15.39ms", 15.39),
+        ("812.00us", 0.812),
+        ("1.20s", 1200.0),
+        ("1.50m", 90_000.0),
+    ],
 )
 def test_wrk_figures_are_its_rate_and_99th_percentile_in_ms(
     p99: str, ms: float

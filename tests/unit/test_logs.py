@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import pytest
 from twisted.application.service import Application
+from twisted.application.twist._options import TwistOptions
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import (
     ILogObserver,
@@ -196,6 +197,31 @@ def test_text_leaves_the_log_to_twistds_syslog(tmp_path: Path) -> None:
     application = Application("blobserve")
     makeService(options.subOptions, MemoryReactor()).setServiceParent(application)
     assert application.getComponent(ILogObserver) is None
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("runner", ["twist", "twistd --logger"])
+def test_no_log_is_opened_where_twistd_does_not_take_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    usr1: None,
+    log_format: str,
+    runner: str,
+) -> None:
+    # twistd --logger takes that observer over the application's; twist
+    # logs on its own.
+    monkeypatch.chdir(tmp_path)
+    storage = ["blobserve", "--storage", str(tmp_path), "--log-format", log_format]
+    if runner == "twist":
+        options: Any = TwistOptions()
+        options.parseOptions(storage)
+    else:
+        options = twistd("--logger=twisted.logger.globalLogPublisher", *storage)
+    application = Application("blobserve")
+    makeService(options.subOptions, MemoryReactor()).setServiceParent(application)
+    assert application.getComponent(ILogObserver) is None
+    assert not (tmp_path / "twistd.log").exists()
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
 
 
 def test_each_second_is_formatted_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ start-up self-test has passed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -49,7 +50,7 @@ from zope.interface.verify import verifyObject
 
 from blobserve.digest import Digest
 from blobserve.fetch.writer import ChunkWriter
-from blobserve.serve.producer import CompleteBlob
+from blobserve.serve.producer import CompleteBlob, FollowingProducer
 from blobserve.serve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
 from blobserve.serve.zerocopy_check import ZeroCopy, self_test
 from blobserve.store.files import BlobReader, DirectoryBlobStore
@@ -67,7 +68,9 @@ class ScriptedSink:
     """
     A sink in front of an in-memory transport: it takes the amounts it is
     given in turn (at most what is asked, nothing while the transport holds
-    bytes), and puts what it takes straight on the wire.
+    bytes), and puts what it takes straight on the wire. Once it has taken
+    less than asked, the socket is full: it takes nothing more until the
+    client next reads.
     """
 
     def __init__(
@@ -80,12 +83,21 @@ class ScriptedSink:
         self.flushed = 0
         self.waited = 0
         self.asked: list[int] = []
+        self._full = False
+        self._room_at = 0
 
     def send(self, reader: BlobReader, offset: int, count: int) -> int:
+        self._full = False
         if len(self._transport.value()) > self._transport._sent:
+            return 0
+        if self._transport.drains < self._room_at:
+            self._full = True
             return 0
         self.asked.append(count)
         amount = min(count, next(self._amounts, count))
+        if amount < count:
+            self._room_at = self._transport.drains + 1
+            self._full = amount == 0
         # As sendfile does: from the file itself, not through the reader.
         data = os.pread(reader.fileno(), amount, offset)
         self._transport.io.write(data)
@@ -99,6 +111,7 @@ class ScriptedSink:
         transport = self._transport
         if (
             not self._waits
+            or not self._full
             or len(transport.value()) > transport._sent
             or transport.producer is None
             or transport.producerState == "paused"
@@ -616,7 +629,10 @@ def test_socket_sink_has_its_producer_wait_for_room_in_a_full_socket(
     assert sink is not None
     sink.flush()
     # The peer reads nothing: the socket is full long before the file ends.
-    assert 0 < sink.send(reader, 0, size) < size
+    sent = sink.send(reader, 0, size)
+    assert 0 < sent < size
+    assert not sink.wait_for_room()
+    assert sink.send(reader, sent, size - sent) == 0
 
     # Paused now, with the reactor watching for room in the socket.
     assert sink.wait_for_room()
@@ -629,6 +645,50 @@ def test_socket_sink_has_its_producer_wait_for_room_in_a_full_socket(
     assert (producer.paused, producer.resumed) == (1, 1)
     assert plain.transport not in plain.transport.reactor.getWriters()
     reader.close()
+
+
+def test_socket_sink_has_no_producer_wait_when_the_file_ends_early(
+    plain: PlainConnection, tmp_path: Path
+) -> None:
+    (tmp_path / "short").write_bytes(b"x" * 100)
+    reader = BlobReader(os.open(tmp_path / "short", os.O_RDONLY))
+    producer = CountingProducer()
+    plain.start(1000)
+    plain.request.registerProducer(producer, True)
+    sink = SocketSink.under(plain.request)
+    assert sink is not None
+    sink.flush()
+
+    # sendfile takes nothing more past the file's end: that is no full
+    # socket, and a producer waiting for room would wait for ever.
+    assert sink.send(reader, 0, 1000) == 100
+    assert sink.send(reader, 100, 900) == 0
+    assert not sink.wait_for_room()
+    assert producer.paused == 0
+    reader.close()
+
+
+def test_a_file_shorter_than_promised_aborts_with_the_socket_sink(
+    plain: PlainConnection, tmp_path: Path
+) -> None:
+    promised, on_disk = 1 << 20, 100_000
+    (tmp_path / "blob").write_bytes(os.urandom(on_disk))
+    reader = BlobReader(os.open(tmp_path / "blob", os.O_RDONLY))
+    plain.request.setHeader(b"Content-Length", b"%d" % promised)
+    FollowingProducer(
+        plain.request, reader, CompleteBlob(promised), end=promised
+    ).start()
+    plain.peer.setblocking(False)
+    for _ in range(20):
+        # The client reads all there is; the reactor finds the socket
+        # writable.
+        with contextlib.suppress(BlockingIOError):
+            while plain.peer.recv(1 << 20):
+                pass
+        if plain.transport._aborting:
+            break
+        plain.transport.doWrite()
+    assert plain.transport._aborting
 
 
 def test_socket_sink_has_no_producer_wait_while_the_transport_holds_bytes(
@@ -808,7 +868,10 @@ async def test_self_test_passes_over_loopback_with_this_twisted(
             await zero_copy.stopService()
 
     assert on
-    assert sum(sendfile_calls) == 64 * 1024
+    # The whole file, in pieces: the socket filled, and the sink waited for
+    # room (the self-test fails if it never did).
+    assert sum(sendfile_calls) == 1024 * 1024
+    assert len(sendfile_calls) > 1
     assert zero_copy.sink_for(plain.request) is not None
     assert warnings_in(events) == []
 
@@ -816,14 +879,14 @@ async def test_self_test_passes_over_loopback_with_this_twisted(
 @implementer(IZeroCopySink)
 class SendingNothing:
     """
-    A sink whose socket never takes anything.
+    A sink whose socket never takes anything: full, and never finding room.
     """
 
     def send(self, reader: BlobReader, offset: int, count: int) -> int:
         return 0
 
     def wait_for_room(self) -> bool:
-        return False
+        return True
 
     def flush(self) -> None:
         pass
