@@ -137,6 +137,7 @@ class SelfTestFailed(Exception):
 #: The file is larger than what a socket with L{_SEND_BUFFER} and a peer
 #: that has read nothing take, so that the socket fills.
 _FILE_SIZE = 1024 * 1024
+_PIECE = 64 * 1024
 _PREFIX = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % _FILE_SIZE
 _SUFFIX = b"HTTP/1.1 304 Not Modified\r\n\r\n"
 
@@ -184,13 +185,15 @@ async def _self_test(
     clock: IReactorTime,
     sink_under: Callable[[object], IZeroCopySink | None],
 ) -> None:
-    content = os.urandom(_FILE_SIZE)
     with tempfile.TemporaryFile() as file:
-        file.write(content)
+        # A piece at a time: the self-test holds no more than a piece of the
+        # file, sent or received, so the process's peak memory stays its own.
+        for _ in range(_FILE_SIZE // _PIECE):
+            file.write(os.urandom(_PIECE))
         file.flush()
         reader = BlobReader(os.dup(file.fileno()))
     server = _FirstConnection()
-    client = _Peer()
+    client = _Peer(_Expected(reader))
     port: IListeningPort | None = None
     try:
         endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
@@ -217,8 +220,8 @@ async def _self_test(
         transport.write(_PREFIX)
         sink.flush()
         sent = waits = 0
-        while sent < len(content):
-            taken = sink.send(reader, sent, len(content) - sent)
+        while sent < _FILE_SIZE:
+            taken = sink.send(reader, sent, _FILE_SIZE - sent)
             sent += taken
             if taken:
                 continue
@@ -236,33 +239,85 @@ async def _self_test(
         transport.write(_SUFFIX)
         transport.loseConnection()
         received = await client.lost
-        expected = _PREFIX + content + _SUFFIX
-        if received != expected:
-            raise SelfTestFailed(_difference(expected, received))
+        length = len(_PREFIX) + _FILE_SIZE + len(_SUFFIX)
+        if received != length or client.first_difference is not None:
+            same = min(received, length)
+            if client.first_difference is not None:
+                same = client.first_difference
+            raise SelfTestFailed(
+                f"{received} bytes arrived for {length},"
+                f" only the first {same} as they were sent"
+            )
     finally:
         reader.close()
         await _close(clock, port, (server.peer, client))
 
 
-class _Peer(Protocol):
+class _Expected:
     """
-    One end of the self-test's connection: keeps what arrives, and tells
-    when it is connected and, with everything that arrived, when it is gone.
+    What the self-test's client should receive: L{_PREFIX}, the file, then
+    L{_SUFFIX}, read a piece at a time.
     """
 
-    def __init__(self) -> None:
-        self._received: list[bytes] = []
+    def __init__(self, reader: BlobReader) -> None:
+        self._reader = reader
+
+    def at(self, offset: int, size: int) -> bytes:
+        """
+        The C{size} bytes expected from C{offset} (fewer at the end).
+        """
+        pieces = []
+        end = offset + size
+        file_start = len(_PREFIX)
+        file_end = file_start + _FILE_SIZE
+        if offset < file_start:
+            pieces.append(_PREFIX[offset:end])
+        if offset < file_end and end > file_start:
+            start = max(offset, file_start)
+            pieces.append(
+                self._reader.read(start - file_start, min(end, file_end) - start)
+            )
+        if end > file_end:
+            pieces.append(_SUFFIX[max(offset, file_end) - file_end : end - file_end])
+        return b"".join(pieces)
+
+
+class _Peer(Protocol):
+    """
+    One end of the self-test's connection: compares what arrives with what
+    is expected, and tells when it is connected and, with how many bytes
+    arrived, when it is gone.
+
+    @ivar first_difference: where the bytes that arrived first differed
+        from those expected, if they did.
+    """
+
+    def __init__(self, expected: _Expected | None = None) -> None:
+        self._expected = expected
+        self._received = 0
+        self.first_difference: int | None = None
         self.made: Deferred[None] = Deferred()
-        self.lost: Deferred[bytes] = Deferred()
+        self.lost: Deferred[int] = Deferred()
 
     def connectionMade(self) -> None:
         self.made.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
-        self._received.append(data)
+        if self._expected is not None and self.first_difference is None:
+            wanted = self._expected.at(self._received, len(data))
+            if wanted != data:
+                self.first_difference = self._received + next(
+                    (
+                        i
+                        for i, (a, b) in enumerate(zip(wanted, data, strict=False))
+                        if a != b
+                    ),
+                    min(len(wanted), len(data)),
+                )
+        self._received += len(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost.callback(b"".join(self._received))
+        self.lost.callback(self._received)
 
 
 @implementer(IPushProducer)
@@ -365,20 +420,6 @@ def _layers(transport: object) -> str:
         names.append(type(transport).__qualname__)
         transport = getattr(transport, "transport", None)
     return " over ".join(names)
-
-
-def _difference(expected: bytes, received: bytes) -> str:
-    """
-    Say how C{received} differs from C{expected}.
-    """
-    same = next(
-        (i for i, (a, b) in enumerate(zip(expected, received, strict=False)) if a != b),
-        min(len(expected), len(received)),
-    )
-    return (
-        f"{len(received)} bytes arrived for {len(expected)},"
-        f" only the first {same} as they were sent"
-    )
 
 
 def _why(reason: Failure) -> str:

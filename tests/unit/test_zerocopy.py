@@ -52,7 +52,14 @@ from blobserve.digest import Digest
 from blobserve.fetch.writer import ChunkWriter
 from blobserve.serve.producer import CompleteBlob, FollowingProducer
 from blobserve.serve.zerocopy import ConnectionSink, IZeroCopySink, SocketSink
-from blobserve.serve.zerocopy_check import ZeroCopy, self_test
+from blobserve.serve.zerocopy_check import (
+    _FILE_SIZE,
+    _PREFIX,
+    _SUFFIX,
+    ZeroCopy,
+    _Expected,
+    self_test,
+)
 from blobserve.store.files import BlobReader, DirectoryBlobStore
 from blobserve.web.site import registry_site
 
@@ -874,6 +881,22 @@ async def test_self_test_passes_over_loopback_with_this_twisted(
     assert len(sendfile_calls) > 1
     assert zero_copy.sink_for(plain.request) is not None
     assert warnings_in(events) == []
+
+
+def test_the_self_tests_expected_bytes_are_read_a_piece_at_a_time(
+    tmp_path: Path,
+) -> None:
+    content = os.urandom(_FILE_SIZE)
+    (tmp_path / "file").write_bytes(content)
+    reader = BlobReader(os.open(tmp_path / "file", os.O_RDONLY))
+    whole = _PREFIX + content + _SUFFIX
+    expected = _Expected(reader)
+    edges = [0, 5, len(_PREFIX), len(_PREFIX) + _FILE_SIZE, len(whole)]
+    for offset in {edge + d for edge in edges for d in (-3, 0, 3)}:
+        for size in (1, 7, 70_000, 2 * len(whole)):
+            if 0 <= offset <= len(whole):
+                assert expected.at(offset, size) == whole[offset : offset + size]
+    reader.close()
 
 
 @implementer(IZeroCopySink)
