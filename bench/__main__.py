@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,6 +134,48 @@ def _distribution(name: str, seconds: Sequence[float]) -> dict[str, float | str]
     return {
         f"{name}_{point}_ms": _ms(percentile(seconds, fraction)) if seconds else ""
         for point, fraction in points.items()
+    }
+
+
+def _serving(
+    server: servers.Server, url: str, clients: int, seconds: float
+) -> dict[str, float]:
+    """
+    C{clients} clients fetching C{url} from C{server} over and over for
+    C{seconds}: the MiB per second, the server's CPU seconds per GiB, and
+    the whole machine's (on loopback the kernel charges the sending of a
+    packet either to the server or to the client whose acknowledgement made
+    room for it: the machine's CPU, clients alike for every system, is what
+    the server's way of sending costs).
+    """
+    cpu, machine = server.cpu_seconds(), servers.machine_cpu_seconds()
+    moved, elapsed = load.fetch_for(url, clients, seconds)
+    used = server.cpu_seconds() - cpu
+    gib = moved / GiB
+    return {
+        "mib_per_s": moved / MiB / elapsed,
+        "cpu_s_per_gib": used / gib,
+        "machine_cpu_s_per_gib": (servers.machine_cpu_seconds() - machine) / gib,
+    }
+
+
+def _medians(figures: Sequence[dict[str, float]]) -> dict[str, float]:
+    """
+    The median of each figure over C{figures}.
+    """
+    return {key: statistics.median(f[key] for f in figures) for key in figures[0]}
+
+
+def _rounded(figures: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{figures} with their floats rounded for a table: MiB per second to a
+    tenth, the rest to hundredths.
+    """
+    return {
+        key: round(value, 1 if key == "mib_per_s" else 2)
+        if isinstance(value, float)
+        else value
+        for key, value in figures.items()
     }
 
 
@@ -680,27 +723,60 @@ class Bench:
         clients: int,
         seconds: float,
     ) -> None:
-        cpu, machine = server.cpu_seconds(), servers.machine_cpu_seconds()
-        moved, elapsed = load.fetch_for(url, clients, seconds)
-        used = server.cpu_seconds() - cpu
-        gib = moved / GiB
         self.record(
             {
                 "scenario": "warm",
                 "system": name,
                 "size_mib": size // MiB,
                 "clients": clients,
-                "mib_per_s": round(moved / MiB / elapsed, 1),
-                "cpu_s_per_gib": round(used / gib, 2),
-                # On loopback the kernel charges the sending of a packet
-                # either to the server or to the client that acknowledged
-                # room for it: the whole machine's CPU (clients alike for
-                # every system) is what the server's way of sending costs.
-                "machine_cpu_s_per_gib": round(
-                    (servers.machine_cpu_seconds() - machine) / gib, 2
-                ),
+                **_rounded(_serving(server, url, clients, seconds)),
             }
         )
+
+    def warm_rounds(self, size: int, clients: int, seconds: float, rounds: int) -> None:
+        """
+        blobserve and nginx serving the same cached blob to C{clients}
+        clients, measured in turn for C{rounds} rounds: the median of each
+        figure, and for blobserve the median of its figures over nginx's
+        round by round, so that the machine's drift from one moment to the
+        next weighs on both alike.
+        """
+        digest, sha = self.blob(size)
+        with (
+            self.system("blobserve") as (server, url, _),
+            self.static_nginx(size) as (nginx, nginx_url),
+        ):
+            blob_url = f"{url}/v2/bench/blobs/blobs/{digest}"
+            self.check("warm-rounds fill", [load.fetch(blob_url)], size, sha)
+            time.sleep(1)
+            served: dict[str, list[dict[str, float]]] = {"blobserve": [], "nginx": []}
+            for _ in range(rounds):
+                served["blobserve"].append(_serving(server, blob_url, clients, seconds))
+                served["nginx"].append(_serving(nginx, nginx_url, clients, seconds))
+        for name, figures in (
+            ("blobserve", served["blobserve"]),
+            ("nginx-static", served["nginx"]),
+        ):
+            row: dict[str, Any] = {
+                "scenario": "warm-rounds",
+                "system": name,
+                "size_mib": size // MiB,
+                "clients": clients,
+                "rounds": rounds,
+                **_rounded(_medians(figures)),
+            }
+            if name == "blobserve":
+                ratios = [
+                    {key: ours[key] / theirs[key] for key in ours}
+                    for ours, theirs in zip(figures, served["nginx"], strict=True)
+                ]
+                row.update(
+                    {
+                        f"vs_nginx_{key}": value
+                        for key, value in _medians(ratios).items()
+                    }
+                )
+            self.record(_rounded(row))
 
     def small(self, names: Sequence[str], seconds: int) -> None:
         """
@@ -1033,6 +1109,10 @@ def plan(arguments: argparse.Namespace) -> Iterator[Callable[[Bench], None]]:
                     Bench.warm, name=name, size=warm_size, clients=n, seconds=seconds
                 )
             yield partial(Bench.warm_nginx, size=warm_size, clients=n, seconds=seconds)
+    if "warm-rounds" in scenarios:
+        rounds = partial(Bench.warm_rounds, size=warm_size, seconds=seconds)
+        for n in warm_clients:
+            yield partial(rounds, clients=n, rounds=2 if arguments.smoke else 4)
     if "small" in scenarios:
         yield partial(
             Bench.small,
@@ -1133,7 +1213,10 @@ def flags() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scenarios",
-        default="cold,crowd,image,segmented,stalled,warm,small,eviction,lazy,cluster",
+        default=(
+            "cold,crowd,image,segmented,stalled,warm,warm-rounds,small,eviction,"
+            "lazy,cluster"
+        ),
         help="the scenarios to run",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))

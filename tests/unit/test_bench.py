@@ -19,6 +19,8 @@ from bench.__main__ import (
     IN_FLIGHT_WHEN_CUT,
     SMOKE_IMAGE_LAYERS_KIB,
     MiB,
+    _medians,
+    _rounded,
     fetched_once,
     flags,
     plan,
@@ -304,3 +306,31 @@ def test_a_wrk_run_with_errors_fails(errors: str) -> None:
     report = WRK_REPORT.format(p50="7.62ms", p99="15.39ms", errors=errors)
     with pytest.raises(RuntimeError, match="wrk saw failed requests"):
         load.wrk_figures(report)
+
+
+def test_warm_rounds_alternate_blobserve_and_nginx_for_each_number_of_clients() -> None:
+    planned = steps(scenarios="warm-rounds")
+    assert [(name, kw["clients"], kw["rounds"]) for name, kw in planned] == [
+        ("warm_rounds", 8, 4),
+        ("warm_rounds", 32, 4),
+    ]
+    smoke = steps(scenarios="warm-rounds", smoke=True)
+    assert [(name, kw["rounds"]) for name, kw in smoke] == [("warm_rounds", 2)]
+
+
+def test_the_default_run_and_the_smoke_run_alternate_warm_rounds() -> None:
+    assert "warm-rounds" in flags().parse_args([]).scenarios.split(",")
+
+
+def test_figures_over_rounds_are_their_medians() -> None:
+    rounds = [
+        {"mib_per_s": 3000.0, "cpu_s_per_gib": 0.3},
+        {"mib_per_s": 1000.0, "cpu_s_per_gib": 0.2},
+        {"mib_per_s": 2000.0, "cpu_s_per_gib": 0.25},
+    ]
+    assert _medians(rounds) == {"mib_per_s": 2000.0, "cpu_s_per_gib": 0.25}
+    assert _rounded({"mib_per_s": 2000.04, "cpu_s_per_gib": 0.256, "n": 3}) == {
+        "mib_per_s": 2000.0,
+        "cpu_s_per_gib": 0.26,
+        "n": 3,
+    }
