@@ -41,11 +41,11 @@ CHUNK_SIZE = 256 * 1024
 #: producer wait for room itself (the transport holds bytes, such as a
 #: part's head): that chunk is only there so that the transport pauses this
 #: producer and resumes it once the socket has drained, and the socket's own
-#: buffer keeps the client busy meanwhile. Just
-#: over the 64 KiB Twisted's transports buffer before they pause a producer,
-#: so one chunk does it. 32 clients catching up at once from the page cache
-#: each held a chunk: at 256 KiB the heap peaked 4.5 MiB higher (bench/'s
-#: cold 256 MiB with 4 segments: 65-66 MiB of RSS, 61 with 80 KiB).
+#: buffer keeps the client busy meanwhile. Just over the 64 KiB Twisted's
+#: transports buffer before they pause a producer, so one chunk does it. 32
+#: clients catching up at once from the page cache each held a chunk: at 256
+#: KiB the heap peaked 4.5 MiB higher (bench/'s cold 256 MiB with 4
+#: segments: 65-66 MiB of RSS, 61 with 80 KiB).
 FULL_SOCKET_CHUNK = 80 * 1024
 
 #: The largest body sent through the transport, behind its headers, where
@@ -124,9 +124,8 @@ class FollowingProducer:
     producer until it has room, with nothing read into this process. It sends
     the last byte of a blob of known length only once the blob is verified, so
     a blob that fails verification never reaches a client as a complete body:
-    the connection is
-    aborted instead. It owns its reader and closes it when it stops, for
-    whatever reason.
+    the connection is aborted instead. It owns its reader and closes it when
+    it stops, for whatever reason.
     """
 
     def __init__(
