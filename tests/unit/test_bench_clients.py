@@ -57,32 +57,43 @@ def test_a_first_byte_at_the_wire_counts_the_servers_wait(kind: str) -> None:
     assert ANSWER_AFTER - 0.005 <= got.wire_first_byte <= got.done
 
 
-def test_a_first_byte_at_the_wire_is_when_it_arrived_not_when_it_was_read() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname(), timeout=10)
-    server, _ = listener.accept()
-    with listener, client, server:
-        sent = load._stamped(client)
-        server.sendall(b"x")
-        # The client's thread is kept from reading for a while, as by the
-        # CPU or the GIL on a busy machine.
-        time.sleep(ANSWER_AFTER)
-        arrived = load._arrival(client)
-        assert arrived - sent < ANSWER_AFTER / 2
-        # Only looked at: the byte is still there for the client.
-        assert client.recv(1) == b"x"
+@pytest.fixture
+def connected() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """
+    Both ends of a loopback TCP connection: the client's, then the
+    server's.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        server, _ = listener.accept()
+    with client, server:
+        yield client, server
 
 
-def test_a_request_leaves_when_the_kernel_sent_it_not_when_it_was_noted() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname(), timeout=10)
-    server, _ = listener.accept()
-    with listener, client, server:
-        sending = load._stamped(client)
-        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        # The client's thread gets back to it only a while later.
-        time.sleep(ANSWER_AFTER)
-        left = load._departure(client, otherwise=0.0)
-        assert sending <= left < sending + ANSWER_AFTER / 2
-        # Asking again finds no stamp, and waits for none.
-        assert load._departure(client, otherwise=-1.0) == -1.0
+def test_a_first_byte_at_the_wire_is_when_it_arrived_not_when_it_was_read(
+    connected: tuple[socket.socket, socket.socket],
+) -> None:
+    client, server = connected
+    sent = load._stamped(client)
+    server.sendall(b"x")
+    # The client's thread is kept from reading for a while, as by the CPU or
+    # the GIL on a busy machine.
+    time.sleep(ANSWER_AFTER)
+    arrived = load._arrival(client)
+    assert arrived - sent < ANSWER_AFTER / 2
+    # Only looked at: the byte is still there for the client.
+    assert client.recv(1) == b"x"
+
+
+def test_a_request_leaves_when_the_kernel_sent_it_not_when_it_was_noted(
+    connected: tuple[socket.socket, socket.socket],
+) -> None:
+    client, _ = connected
+    sending = load._stamped(client)
+    client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    # The client's thread gets back to it only a while later.
+    time.sleep(ANSWER_AFTER)
+    left = load._departure(client, otherwise=0.0)
+    assert sending <= left < sending + ANSWER_AFTER / 2
+    # Asking again finds no stamp, and waits for none.
+    assert load._departure(client, otherwise=-1.0) == -1.0

@@ -40,6 +40,8 @@ from fakes import (
 
 DATA = os.urandom(12800)
 DIGEST = Digest.of(DATA)
+#: These tests pin how bodies go with the sink (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("sink_for_every_body")
 #: What each response may send in one of its turns, in these tests.
 SHARE = 4000
 
@@ -150,14 +152,6 @@ def test_a_turn_that_raises_is_logged_and_keeps_no_one_waiting() -> None:
     assert [f.getErrorMessage() for f in logged.failures()] == [
         "a bug in a response's turn"
     ] * 2
-
-
-@pytest.fixture(autouse=True)
-def sink_for_every_body(monkeypatch: pytest.MonkeyPatch) -> None:
-    # These blobs are a few KiB: bodies that small go through the transport
-    # (see test_a_small_body_goes_with_its_headers_in_one_write), and these
-    # tests pin how bodies go with the sink.
-    monkeypatch.setattr("blobserve.serve.producer.SMALL_BODY", 0)
 
 
 @implementer(IZeroCopySink)

@@ -68,6 +68,8 @@ from test_producer import CountingReader, FollowingResource
 
 DATA = os.urandom(12800)
 DIGEST = Digest.of(DATA)
+#: These tests pin how bodies go with the sink (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("sink_for_every_body")
 
 
 @implementer(IZeroCopySink)
@@ -154,14 +156,6 @@ class SinkResource(FollowingResource):
         sink = ScriptedSink(transport, self.amounts, self.waits)
         self.sinks.append(sink)
         return sink
-
-
-@pytest.fixture(autouse=True)
-def sink_for_every_body(monkeypatch: pytest.MonkeyPatch) -> None:
-    # These blobs are a few KiB: bodies that small go through the transport
-    # (see test_a_small_body_goes_with_its_headers_in_one_write), and these
-    # tests pin how bodies go with the sink.
-    monkeypatch.setattr("blobserve.serve.producer.SMALL_BODY", 0)
 
 
 @pytest.fixture
