@@ -960,6 +960,28 @@ def producers_never_resumed(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return {"timeout": 0.5}
 
 
+@implementer(IZeroCopySink)
+class TakingAll:
+    """
+    A sink that says the socket took all it was asked, at once.
+    """
+
+    def send(self, reader: BlobReader, offset: int, count: int) -> int:
+        return count
+
+    def wait_for_room(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+
+def socket_never_full(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    # The wait for room is part of what the self-test checks: a socket that
+    # never fills leaves it unchecked, and sendfile off.
+    return {"sink_under": lambda transport: TakingAll()}
+
+
 def sink_raising(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     def raising(transport: object) -> IZeroCopySink:
         raise RuntimeError("unexpected")
@@ -976,6 +998,7 @@ def sink_raising(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         (socket_never_taking, "it took too long"),
         (producers_never_waiting, "cannot have a producer wait for room"),
         (producers_never_resumed, "it took too long"),
+        (socket_never_full, "the socket never filled"),
         (sink_raising, "RuntimeError: unexpected"),
     ],
 )
